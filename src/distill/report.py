@@ -1,0 +1,127 @@
+"""Run folder → REPORT.md with a comparison table, a headline computed from the numbers, and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.io import atomic_path
+
+LABELS = {
+    "teacher": "teacher",
+    "baseline": "student, hard labels only",
+    "student": "student, distilled",
+}
+COLUMNS = [
+    ("parameters", "params", "{:,}"),
+    ("file_bytes", "file", None),
+    ("test_accuracy", "accuracy", "{:.2%}"),
+    ("test_errors", "test errors", "{}"),
+    ("agreement_with_teacher", "agrees w/ teacher", "{:.2%}"),
+    ("kl_to_teacher", "KL to teacher", "{:.4f}"),
+    ("latency_ms_batch1", "latency/example (batch 1)", "{:.3f} ms"),
+    ("throughput_per_s_batch1024", "throughput (batch 1024)", "{:,.0f}/s"),
+]
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def headline(models: dict) -> str:
+    t, s = models["teacher"], models["student"]
+    text = (
+        f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), "
+        f"{t['latency_ms_batch1'] / s['latency_ms_batch1']:.1f}× faster per example, and keeps "
+        f"{100 * s['test_accuracy'] / t['test_accuracy']:.1f}% of the teacher's accuracy "
+        f"({s['test_errors']} test errors vs the teacher's {t['test_errors']}"
+    )
+    if "baseline" in models:
+        b = models["baseline"]
+        removed = 100 * (1 - s["test_errors"] / b["test_errors"]) if b["test_errors"] else 0.0
+        effect = f"removes {removed:.0f}% of them" if removed >= 0 else f"makes {-removed:.0f}% more"
+        text += f"; the same student trained without the teacher makes {b['test_errors']}: distillation {effect}"
+    return text + ")."
+
+
+def table(models: dict) -> str:
+    header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, values in models.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = values.get(key)
+            cells.append("—" if value is None else human_bytes(value) if fmt is None else fmt.format(value))
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key in ("loss", "kd", "ce"):
+            if key in entry:
+                series.setdefault((entry["stage"], key), []).append((entry["step"], entry[key]))
+    stages = sorted({stage for stage, _ in series}, key=list(LABELS).index)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        for (name, key), points in series.items():
+            if name == stage:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=key)
+        ax.set(title=LABELS.get(stage, stage), xlabel="step", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    target = run_dir / "training_curves.png"
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return target
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
+    models = metrics["models"]
+    curves = plot_curves(run_dir)
+    machine = metrics.get("machine", {})
+    parts = [
+        f"# Distillation report: {metrics.get('recipe', run_dir.name)}",
+        "",
+        headline(models),
+        "",
+        table(models),
+        "",
+        f"Latency: median of repeated batch-1 forward passes after warm-up, "
+        f"{machine.get('cpu_threads_for_latency', '?')} CPU thread(s), torch {machine.get('torch', '?')}, "
+        f"{machine.get('platform', '?')}. File size: the safetensors weights on disk.",
+        "",
+        f"Distillation: `{json.dumps(metrics.get('distill', {}))}`",
+    ]
+    if curves:
+        parts += ["", "## Training curves", "", f"![training curves]({curves.name})"]
+    target = run_dir / "REPORT.md"
+    with atomic_path(target) as tmp:
+        tmp.write_text("\n".join(parts) + "\n")
+    return target

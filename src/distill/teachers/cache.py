@@ -1,0 +1,109 @@
+"""Teacher-output cache for classifiers: logits computed once, written atomically, memory-mapped.
+
+Layout of a cache folder: ``logits.npy`` ([N, C] float32) and ``meta.json``, which records what made
+the cache (teacher identity, data fingerprint, shape, checksum). The folder is built under a temp name
+and renamed into place, so a cache that exists is complete. Raw logits are stored, so one cache serves
+every temperature and every student; the reader refuses a cache whose teacher or data differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+from distill.io import fsync_path, sha256_file
+
+FORMAT = "distill.logits/1"
+
+
+class LogitsCache:
+    def __init__(self, path: Path, meta: dict, logits: np.ndarray):
+        self.path, self.meta, self.logits = path, meta, logits
+
+    @classmethod
+    def open(cls, path: Path, *, teacher: str, data: str, verify: bool = True) -> LogitsCache:
+        """Open and validate a cache made by ``teacher`` over training data ``data``."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except FileNotFoundError:
+            raise DistillError(f"teacher cache {path} has no meta.json; delete the folder to rebuild it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DistillError(f"teacher cache {path}/meta.json is corrupt; delete the folder to rebuild it") from None
+        if meta.get("format") != FORMAT:
+            raise DistillError(f"teacher cache {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        for key, want in (("teacher", teacher), ("data", data)):
+            if meta.get(key) != want:
+                raise DistillError(
+                    f"teacher cache {path} was made for {key} {meta.get(key)!r} but this run has {want!r}; "
+                    "delete it or set distill.cache_dir to another folder"
+                )
+        file = path / "logits.npy"
+        if verify and (not file.is_file() or sha256_file(file) != meta.get("sha256")):
+            raise DistillError(f"teacher cache {file} is missing or corrupt (checksum mismatch); delete {path}")
+        try:
+            logits = np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise DistillError(f"teacher cache {file} is unreadable ({exc}); delete {path}") from None
+        if list(logits.shape) != [meta["num_examples"], meta["num_classes"]]:
+            raise DistillError(f"teacher cache {file} has shape {logits.shape}, meta.json says otherwise")
+        return cls(path, meta, logits)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __call__(self, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits for the training examples at ``indices``."""
+        rows = np.sort(indices.cpu().numpy())
+        order = np.argsort(np.argsort(indices.cpu().numpy()))
+        # Reading sorted rows is sequential on disk; then put them back in batch order.
+        return torch.from_numpy(np.ascontiguousarray(self.logits[rows][order])).to(x.device if x is not None else "cpu")
+
+
+def build_logits_cache(
+    path: Path, teacher, x: np.ndarray, *, teacher_id: str, data_id: str, batch_size: int = 2048
+) -> LogitsCache:
+    """Run ``teacher`` over every row of ``x`` once and store its logits at ``path`` (atomically)."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return LogitsCache.open(path, teacher=teacher_id, data=data_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        file = staging / "logits.npy"
+        out = None
+        for start in range(0, len(x), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+            logits = teacher(torch.arange(start, start + len(chunk)), chunk).numpy()
+            if out is None:
+                out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(len(x), logits.shape[1]))
+            out[start : start + len(chunk)] = logits
+        out.flush()
+        del out
+        fsync_path(file)
+        meta = {
+            "format": FORMAT,
+            "teacher": teacher_id,
+            "data": data_id,
+            "num_examples": int(len(x)),
+            "num_classes": int(logits.shape[1]),
+            "dtype": "float32",
+            "temperature": "any: raw logits are stored, the temperature is applied when read",
+            "sha256": sha256_file(file),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        fsync_path(staging / "meta.json")
+        if path.exists():
+            shutil.rmtree(path)  # an incomplete leftover without meta.json
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return LogitsCache.open(path, teacher=teacher_id, data=data_id, verify=False)

@@ -1,0 +1,237 @@
+"""The training loop: one readable function for teachers, hard-label baselines and distilled students.
+
+Runs on ``accelerate`` (device placement, mixed precision, data-parallel processes). A step consumes
+``batch_size`` examples in ``grad_accum`` micro-batches; every micro-batch loss is weighted by its share
+of the global batch, so the gradient is the mean over the global batch whatever the split. Checkpoints
+(model, optimizer, scheduler, RNG, position in the epoch) are written atomically and a resumed run
+reaches exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from distill.errors import DistillError
+from distill.io import atomic_path
+from distill.losses import IGNORE_INDEX, distillation_loss
+from distill.recipe import DistillSpec, TrainSpec
+
+TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """One model to train: hard labels only when ``teacher`` is None, else distillation."""
+
+    name: str
+    model: nn.Module
+    train: TrainSpec
+    teacher: TeacherSignal | None = None
+    distill: DistillSpec | None = None
+
+
+def jitter(x: torch.Tensor, shape: tuple[int, ...], max_shift: int) -> torch.Tensor:
+    """Shift each image by a random whole number of pixels in [-max_shift, max_shift], zero-filled."""
+    channels, height, width = shape
+    images = F.pad(x.view(-1, channels, height, width), (max_shift,) * 4)
+    n = images.shape[0]
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1))
+    rows = (torch.arange(height) + dy)[:, :, None]
+    cols = (torch.arange(width) + dx)[:, None, :]
+    batch = torch.arange(n)[:, None, None]
+    shifted = images.permute(0, 2, 3, 1)[batch, rows, cols]  # [n, H, W, C]
+    return shifted.permute(0, 3, 1, 2).reshape(n, -1)
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def make_schedule(optimizer, spec: TrainSpec, total_steps: int):
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "constant":
+            return 1.0
+        progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+    if stage.teacher is None:
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        return {"loss": loss, "ce": loss.detach()}
+    d = stage.distill
+    return distillation_loss(
+        logits, targets, labels, divergence_name=d.loss, temperature=d.temperature, alpha=d.alpha,
+        t2_scaling=d.t2_scaling, **d.divergence_kwargs(),
+    )
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "position": position,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a cut-short file
+        raise DistillError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it to restart this stage"
+        ) from None
+
+
+def _trim_log(log_path: Path, stage: str, last_step: int) -> None:
+    """Drop log lines of ``stage`` after ``last_step``: they will be logged again on resume."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if entry.get("stage") != stage or entry.get("step", 0) <= last_step:
+            kept.append(line)
+    with atomic_path(log_path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
+def train_stage(
+    stage: Stage,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    run_dir: Path,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    input_shape: tuple[int, ...],
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Train ``stage.model`` in place and return it (unwrapped)."""
+    spec = stage.train
+    # Hard labels only: unlabeled examples carry no signal. ``example_ids`` index the teacher cache.
+    keep = train_y != IGNORE_INDEX if stage.teacher is None else np.ones(len(train_y), dtype=bool)
+    example_ids = torch.from_numpy(np.flatnonzero(keep))
+    if not keep.all():
+        train_x, train_y = train_x[keep], train_y[keep]
+    if len(train_x) == 0:
+        raise DistillError(f"{stage.name}: no training examples (no labeled ones for a hard-label stage)")
+    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    steps_per_epoch = math.ceil(len(x_all) / spec.batch_size)
+    total_steps = spec.epochs * steps_per_epoch
+
+    optimizer = make_optimizer(stage.model, spec)
+    scheduler = make_schedule(optimizer, spec, total_steps)
+    checkpoint = run_dir / stage.name / "checkpoint.pt"
+    log_path = run_dir / "log.jsonl"
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    if resume and checkpoint.exists():
+        state = _load_checkpoint(checkpoint)
+        stage.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        position = state["position"]
+        _trim_log(log_path, stage.name, position["step"])
+    elif log_path.exists():
+        _trim_log(log_path, stage.name, 0)
+    model, optimizer = accelerator.prepare(stage.model, optimizer)
+    model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, position)
+
+    step = position["step"]
+    started, seen = time.perf_counter(), 0
+    progress = Progress(
+        TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), disable=not accelerator.is_main_process, transient=False,
+    )
+    with progress, (run_dir / "log.jsonl").open("a") as log:
+        task = progress.add_task(stage.name, total=total_steps, completed=step, info="")
+        for epoch in range(position["epoch"], spec.epochs):
+            order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            first = position["batch"] if epoch == position["epoch"] else 0
+            for batch in range(first, steps_per_epoch):
+                rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
+                global_count = len(rows)
+                chunks = [c for c in torch.tensor_split(rows[rank::world], spec.grad_accum) if len(c)]
+                terms_sum: dict[str, float] = {}
+                for part, chunk in enumerate(chunks):
+                    x = x_all[chunk]
+                    if spec.jitter:
+                        x = jitter(x, input_shape, spec.jitter)
+                    x, y = x.to(accelerator.device), y_all[chunk].to(accelerator.device)
+                    targets = stage.teacher(example_ids[chunk], x) if stage.teacher is not None else None
+                    # Gradients are all-reduced only once, after the last micro-batch.
+                    sync = nullcontext() if part == len(chunks) - 1 else accelerator.no_sync(model)
+                    with sync:
+                        terms = stage_loss(stage, model(x), y, targets)
+                        loss = terms["loss"]
+                        if not torch.isfinite(loss):
+                            raise DistillError(
+                                f"{stage.name}: loss became {loss.item()} at step {step + 1}; the last good "
+                                f"checkpoint ({checkpoint}) is intact — lower {stage.name}.train.lr or check "
+                                "the data, then rerun with --resume"
+                            )
+                        # Weight by this micro-batch's share of the global batch (DDP averages over world).
+                        share = len(chunk) * world / global_count
+                        accelerator.backward(loss * share)
+                    for key, value in terms.items():
+                        terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
+                if spec.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seen += global_count
+                position = {"step": step, "epoch": epoch + (batch + 1) // steps_per_epoch,
+                            "batch": (batch + 1) % steps_per_epoch}
+                if step % spec.log_every == 0 or step == total_steps:
+                    entry = {"stage": stage.name, "step": step, "epoch": round(step / steps_per_epoch, 4),
+                             **{k: round(v, 6) for k, v in terms_sum.items()},
+                             "lr": scheduler.get_last_lr()[0],
+                             "examples_per_s": round(seen / (time.perf_counter() - started), 1)}
+                    if accelerator.is_main_process:
+                        log.write(json.dumps(entry) + "\n")
+                        log.flush()
+                    progress.update(task, info=f"loss {terms_sum['loss']:.4f}")
+                progress.update(task, completed=step)
+                if step % spec.checkpoint_every == 0 or position["batch"] == 0:
+                    save()
+                if on_step is not None:
+                    on_step(step)
+    return accelerator.unwrap_model(model)
+
