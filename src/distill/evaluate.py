@@ -18,8 +18,9 @@ from distill.models.classifiers import count_parameters
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
-    parts = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu()
-             for i in range(0, len(x), batch_size)]
+    parts = [
+        model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -55,8 +56,14 @@ def cpu_latency(model: nn.Module, x: np.ndarray, *, threads: int, runs: int, lar
 
 
 def classifier_metrics(
-    model: nn.Module, weights: Path, test_x: np.ndarray, test_y: np.ndarray,
-    teacher_logits: torch.Tensor | None, *, threads: int, runs: int,
+    model: nn.Module,
+    weights: Path,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    teacher_logits: torch.Tensor | None,
+    *,
+    threads: int,
+    runs: int,
 ) -> dict:
     logits = predict_logits(model, test_x)
     predictions = logits.argmax(-1).numpy()
@@ -69,6 +76,8 @@ def classifier_metrics(
         "test_examples": len(test_y),
     }
     if teacher_logits is not None:
-        metrics["agreement_with_teacher"] = round(float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()), 6)
+        metrics["agreement_with_teacher"] = round(
+            float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()), 6
+        )
         metrics["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
     return metrics | cpu_latency(model, test_x, threads=threads, runs=runs)

@@ -137,9 +137,7 @@ def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None)
 
 def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None) -> Tensor:
     """KL(teacher || alpha·teacher + (1-alpha)·student)."""
-    return divergence(
-        "skew_kl", student_logits, teacher_logits, temperature=temperature, mask=mask, alpha=alpha
-    )
+    return divergence("skew_kl", student_logits, teacher_logits, temperature=temperature, mask=mask, alpha=alpha)
 
 
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None) -> Tensor:

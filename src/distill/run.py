@@ -31,7 +31,9 @@ def prepare_run_dir(recipe: Recipe, out: Path, *, resume: bool, force: bool) -> 
         if force:
             shutil.rmtree(out)
         elif not resume:
-            raise DistillError(f"run folder {out} already exists; pass --resume to continue it or --force to replace it")
+            raise DistillError(
+                f"run folder {out} already exists; pass --resume to continue it or --force to replace it"
+            )
         elif saved.exists() and load_recipe(saved) != recipe:
             raise DistillError(
                 f"--resume: the recipe differs from the one {out} was started with ({saved}); "
@@ -43,8 +45,16 @@ def prepare_run_dir(recipe: Recipe, out: Path, *, resume: bool, force: bool) -> 
 
 
 def _train_or_load(
-    name: str, spec: ModelSpec, stage_kwargs: dict, data: ArrayData, out: Path, accelerator: Accelerator,
-    *, seed: int, resume: bool, on_step,
+    name: str,
+    spec: ModelSpec,
+    stage_kwargs: dict,
+    data: ArrayData,
+    out: Path,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    resume: bool,
+    on_step,
 ) -> tuple[torch.nn.Module, Path]:
     """Build the model (seeded), train it unless its final weights exist, save it."""
     torch.manual_seed(seed)
@@ -55,8 +65,15 @@ def _train_or_load(
     torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
     stage = Stage(name=name, model=model, **stage_kwargs)
     model = train_stage(
-        stage, data.train_x, data.train_y, out, accelerator, seed=seed, input_shape=data.input_shape,
-        resume=resume, on_step=(lambda step: on_step(name, step)) if on_step else None,
+        stage,
+        data.train_x,
+        data.train_y,
+        out,
+        accelerator,
+        seed=seed,
+        input_shape=data.input_shape,
+        resume=resume,
+        on_step=(lambda step: on_step(name, step)) if on_step else None,
     )
     save_classifier(model, out / name, spec, data.input_shape, data.num_classes)
     (out / name / "checkpoint.pt").unlink(missing_ok=True)
@@ -64,7 +81,11 @@ def _train_or_load(
 
 
 def run(
-    recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
     on_step: Callable[[str, int], None] | None = None,
 ) -> dict:
     out = Path(out)
@@ -86,8 +107,9 @@ def run(
     teacher_id = f"{sha256_file(teacher_weights)[:16]}"
     if recipe.distill.signal == "cache":
         cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
-        signal = build_logits_cache(cache_dir / f"teacher-{teacher_id}", live, data.train_x,
-                                    teacher_id=teacher_id, data_id=data.fingerprint())
+        signal = build_logits_cache(
+            cache_dir / f"teacher-{teacher_id}", live, data.train_x, teacher_id=teacher_id, data_id=data.fingerprint()
+        )
     else:
         signal = live
 
@@ -95,13 +117,22 @@ def run(
     models = {"teacher": (teacher, teacher_weights)}
     if recipe.baseline:
         models["baseline"] = _train_or_load(
-            "baseline", recipe.student.model, {"train": recipe.student.train}, data, out, accelerator,
+            "baseline",
+            recipe.student.model,
+            {"train": recipe.student.train},
+            data,
+            out,
+            accelerator,
             **common | {"seed": student_seed},
         )
     models["student"] = _train_or_load(
-        "student", recipe.student.model,
+        "student",
+        recipe.student.model,
         {"train": recipe.student.train, "teacher": signal, "distill": recipe.distill},
-        data, out, accelerator, **common | {"seed": student_seed},
+        data,
+        out,
+        accelerator,
+        **common | {"seed": student_seed},
     )
     metrics = evaluate_models(recipe, models, data)
     write_json(out / "metrics.json", metrics)
@@ -113,8 +144,13 @@ def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:
     teacher_logits = predict_logits(models["teacher"][0], data.test_x)
     results = {
         name: classifier_metrics(
-            model, weights, data.test_x, data.test_y, None if name == "teacher" else teacher_logits,
-            threads=recipe.eval.threads, runs=recipe.eval.latency_runs,
+            model,
+            weights,
+            data.test_x,
+            data.test_y,
+            None if name == "teacher" else teacher_logits,
+            threads=recipe.eval.threads,
+            runs=recipe.eval.latency_runs,
         )
         for name, (model, weights) in models.items()
     }
@@ -123,6 +159,10 @@ def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:
         "task": "classification",
         "models": results,
         "distill": recipe.distill.model_dump(mode="json"),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "torch": torch.__version__, "cpu_threads_for_latency": recipe.eval.threads},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "torch": torch.__version__,
+            "cpu_threads_for_latency": recipe.eval.threads,
+        },
     }

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +58,7 @@ def jitter(x: torch.Tensor, shape: tuple[int, ...], max_shift: int) -> torch.Ten
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 
@@ -81,8 +80,14 @@ def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets
         return {"loss": loss, "ce": loss.detach()}
     d = stage.distill
     return distillation_loss(
-        logits, targets, labels, divergence_name=d.loss, temperature=d.temperature, alpha=d.alpha,
-        t2_scaling=d.t2_scaling, **d.divergence_kwargs(),
+        logits,
+        targets,
+        labels,
+        divergence_name=d.loss,
+        temperature=d.temperature,
+        alpha=d.alpha,
+        t2_scaling=d.t2_scaling,
+        **d.divergence_kwargs(),
     )
 
 
@@ -175,10 +180,16 @@ def train_stage(
     step = position["step"]
     started, seen = time.perf_counter(), 0
     progress = Progress(
-        TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), disable=not accelerator.is_main_process, transient=False,
+        TextColumn(f"[bold]{stage.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not accelerator.is_main_process,
+        transient=False,
     )
-    with progress, (run_dir / "log.jsonl").open("a") as log:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with progress, log_path.open("a") as log:
         task = progress.add_task(stage.name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], spec.epochs):
             order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -217,13 +228,20 @@ def train_stage(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 seen += global_count
-                position = {"step": step, "epoch": epoch + (batch + 1) // steps_per_epoch,
-                            "batch": (batch + 1) % steps_per_epoch}
+                position = {
+                    "step": step,
+                    "epoch": epoch + (batch + 1) // steps_per_epoch,
+                    "batch": (batch + 1) % steps_per_epoch,
+                }
                 if step % spec.log_every == 0 or step == total_steps:
-                    entry = {"stage": stage.name, "step": step, "epoch": round(step / steps_per_epoch, 4),
-                             **{k: round(v, 6) for k, v in terms_sum.items()},
-                             "lr": scheduler.get_last_lr()[0],
-                             "examples_per_s": round(seen / (time.perf_counter() - started), 1)}
+                    entry = {
+                        "stage": stage.name,
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 4),
+                        **{k: round(v, 6) for k, v in terms_sum.items()},
+                        "lr": scheduler.get_last_lr()[0],
+                        "examples_per_s": round(seen / (time.perf_counter() - started), 1),
+                    }
                     if accelerator.is_main_process:
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
@@ -234,4 +252,3 @@ def train_stage(
                 if on_step is not None:
                     on_step(step)
     return accelerator.unwrap_model(model)
-

@@ -98,6 +98,7 @@ def load_classifier(path: Path, spec: ModelSpec, input_shape, num_classes: int) 
     except RuntimeError as exc:
         head = [v for k, v in state.items() if k.endswith("weight")][-1:]
         classes = f" (it outputs {head[0].shape[0]} classes, the data has {num_classes})" if head else ""
-        raise DistillError(f"weights in {path} do not fit the model in the recipe{classes}: "
-                           f"{str(exc).splitlines()[0]}") from None
+        raise DistillError(
+            f"weights in {path} do not fit the model in the recipe{classes}: {str(exc).splitlines()[0]}"
+        ) from None
     return model

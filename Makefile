@@ -1,0 +1,27 @@
+# Set-up is part of both targets: a fresh machine needs nothing but python3, make and npm.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test data lint clean
+
+demo: $(STAMP) data
+	$(BIN)/distill run recipes/mnist.yaml --out runs/mnist --force
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+data: $(STAMP)
+	$(BIN)/distill fetch mnist
+
+# torch first, pinned: pip takes the local CPU wheel instead of letting a dependency pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs

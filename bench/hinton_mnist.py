@@ -1,0 +1,110 @@
+"""Hinton, Vinyals & Dean 2015, §3 on MNIST, through the real `distill run` pipeline.
+
+Teacher 784-1200-1200-10 with dropout and ±2 px jitter (paper: 67 test errors); student 784-800-800-10
+on hard labels (paper: 146); the same student distilled at T=20 (paper: 74). Several seeds.
+Bar: distilled student ≤ 90 test errors and ≥ 35% fewer errors than the hard-label student with the
+same budget (mean over seeds). Ends with one JSON line; exits 1 when the bar is missed.
+
+    python bench/hinton_mnist.py --seeds 0 1 [--teacher-epochs 60 --student-epochs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from distill.recipe import parse_recipe
+from distill.run import run
+
+
+def recipe(seed: int, teacher_epochs: int, student_epochs: int):
+    return parse_recipe(
+        {
+            "name": f"hinton-mnist-seed{seed}",
+            "seed": seed,
+            "data": {"source": "mnist"},
+            "teacher": {
+                "model": {"arch": "mlp", "hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2},
+                "train": {
+                    "epochs": teacher_epochs,
+                    "batch_size": 128,
+                    "lr": 0.1,
+                    "momentum": 0.9,
+                    "jitter": 2,
+                    "checkpoint_every": 1000,
+                    "log_every": 100,
+                },
+            },
+            "student": {
+                "model": {"arch": "mlp", "hidden": [800, 800]},
+                "train": {
+                    "epochs": student_epochs,
+                    "batch_size": 128,
+                    "lr": 0.1,
+                    "momentum": 0.9,
+                    "checkpoint_every": 1000,
+                    "log_every": 100,
+                },
+            },
+            "distill": {"loss": "forward_kl", "temperature": 20.0, "alpha": 0.0, "t2_scaling": True, "signal": "cache"},
+            "eval": {"threads": 1, "latency_runs": 100},
+        }
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--teacher-epochs", type=int, default=60)
+    parser.add_argument("--student-epochs", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/hinton"))
+    args = parser.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        out = args.out / f"seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}"
+        models = run(recipe(seed, args.teacher_epochs, args.student_epochs), out, resume=True)["models"]
+        row = {
+            "seed": seed,
+            **{f"{k}_errors": models[k]["test_errors"] for k in ("teacher", "baseline", "student")},
+            "minutes": round((time.perf_counter() - start) / 60, 1),
+        }
+        rows.append(row)
+        print(
+            f"seed {seed}: teacher {row['teacher_errors']}  hard-label student {row['baseline_errors']}  "
+            f"distilled student {row['student_errors']}  (paper: 67 / 146 / 74)",
+            flush=True,
+        )
+
+    mean = {k: statistics.mean(r[f"{k}_errors"] for r in rows) for k in ("teacher", "baseline", "student")}
+    reduction = 1 - mean["student"] / mean["baseline"]
+    passed = mean["student"] <= 90 and reduction >= 0.35
+    print(
+        f"mean over {len(rows)} seeds: teacher {mean['teacher']:.1f}, hard-label {mean['baseline']:.1f}, "
+        f"distilled {mean['student']:.1f}; distillation removes {reduction:.1%} of the errors "
+        f"(bar: ≤ 90 and ≥ 35%): {'PASS' if passed else 'FAIL'}"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "hinton_mnist",
+                "seeds": args.seeds,
+                "teacher_epochs": args.teacher_epochs,
+                "student_epochs": args.student_epochs,
+                "runs": rows,
+                "mean_errors": mean,
+                "error_reduction": round(reduction, 4),
+                "pass": passed,
+            }
+        )
+    )
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

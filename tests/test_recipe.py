@@ -1,0 +1,64 @@
+import pytest
+
+from distill.errors import DistillError
+from distill.recipe import apply_overrides, load_recipe, parse_recipe
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_and_allowed_keys(tmp_path):
+    with pytest.raises(DistillError) as err:
+        load_recipe(write(tmp_path, "train:\n  epochs: 3\n"))
+    assert "train: unknown key" in str(err.value)
+    assert "allowed: name, seed" in str(err.value)
+    with pytest.raises(DistillError) as err:
+        load_recipe(write(tmp_path, "student:\n  train:\n    epocs: 3\n"))
+    assert "student.train.epocs: unknown key" in str(err.value)
+    assert "epochs" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("distill:\n  temperature: 0\n", "distill.temperature = 0: Input should be greater than 0"),
+        ("distill:\n  temperature: hot\n", "distill.temperature = 'hot'"),
+        ("distill:\n  loss: kl\n", "unknown loss 'kl'; allowed: forward_kl, jsd, reverse_kl, skew_kl, tvd"),
+        ("data:\n  source: imagenet\n", "data.source = 'imagenet': Input should be 'mnist', 'digits', 'npy' or 'csv'"),
+        ("student:\n  train:\n    batch_size: 10\n    grad_accum: 3\n", "must be divisible by grad_accum 3"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_line(tmp_path, text, expected):
+    with pytest.raises(DistillError) as err:
+        load_recipe(write(tmp_path, text))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(DistillError, match=r"invalid YAML at line 2"):
+        load_recipe(write(tmp_path, "a: 1\n  b: [\n"))
+    with pytest.raises(DistillError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_parsed_and_validated(tmp_path):
+    path = write(tmp_path, "student:\n  train:\n    epochs: 2\n")
+    recipe = load_recipe(path, ["student.train.epochs=7", "distill.loss=jsd", "distill.beta=0.25"])
+    assert recipe.student.train.epochs == 7 and recipe.distill.loss == "jsd"
+    assert recipe.distill.divergence_kwargs() == {"beta": 0.25}
+    with pytest.raises(DistillError, match="student.train.epochs = -1"):
+        load_recipe(path, ["student.train.epochs=-1"])
+    with pytest.raises(DistillError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["student.train.epochs"])
+    with pytest.raises(DistillError, match="is a value, not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_defaults_are_a_valid_recipe():
+    recipe = parse_recipe({})
+    assert recipe.distill.loss == "forward_kl" and recipe.baseline

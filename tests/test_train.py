@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from distill.data.arrays import load_digits_data
+from distill.errors import DistillError
+from distill.models.classifiers import mlp
+from distill.recipe import DistillSpec, TrainSpec, parse_recipe
+from distill.run import run
+from distill.train import Stage, jitter, train_stage
+
+
+def weights(run_dir, stage):
+    return load_file(str(run_dir / stage / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_recipe):
+    recipe = parse_recipe(tiny_recipe)
+    run(recipe, tmp_path / "straight")
+
+    class Interrupted(Exception):
+        pass
+
+    pending = [("teacher", 10), ("student", 30)]  # killed in the teacher stage, then in the student stage
+
+    def interrupt(stage, step):
+        if pending and (stage, step) == pending[0]:
+            pending.pop(0)
+            raise Interrupted
+
+    for _ in range(2):
+        with pytest.raises(Interrupted):
+            run(recipe, tmp_path / "resumed", resume=True, on_step=interrupt)
+    assert not pending
+    assert (tmp_path / "resumed" / "student" / "checkpoint.pt").exists()
+    run(recipe, tmp_path / "resumed", resume=True)
+    for stage in ("teacher", "baseline", "student"):
+        assert_same_weights(weights(tmp_path / "straight", stage), weights(tmp_path / "resumed", stage))
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["models"]
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["models"]
+    assert straight["student"]["test_errors"] == resumed["student"]["test_errors"]
+
+    # The log has each step once, as in the uninterrupted run.
+    def steps(path):
+        return [(e["stage"], e["step"]) for e in map(json.loads, (path / "log.jsonl").read_text().splitlines())]
+
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "straight")
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path, tiny_recipe):
+    tiny_recipe["baseline"] = False
+    run(parse_recipe(tiny_recipe), tmp_path / "a")
+    run(parse_recipe(tiny_recipe), tmp_path / "b")
+    run(parse_recipe(tiny_recipe | {"seed": 4}), tmp_path / "c")
+    assert_same_weights(weights(tmp_path / "a", "student"), weights(tmp_path / "b", "student"))
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(tmp_path / "a", "student"), weights(tmp_path / "c", "student"))
+
+
+def _train(tmp_path, name, train_spec, teacher=None, distill=None, x=None, y=None):
+    data = load_digits_data()
+    torch.manual_seed(0)
+    model = mlp(64, [32], 10)
+    stage = Stage(name, model, train_spec, teacher, distill)
+    x = data.train_x[:200] if x is None else x
+    y = data.train_y[:200] if y is None else y
+    return train_stage(stage, x, y, tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, distilled):
+    torch.manual_seed(1)
+    teacher_model = mlp(64, [32], 10).eval()
+
+    def teacher(ids, x):
+        with torch.no_grad():
+            return teacher_model(x)
+
+    kwargs = {"teacher": teacher, "distill": DistillSpec(temperature=2.0, alpha=0.3)} if distilled else {}
+    base = {"epochs": 2, "batch_size": 48, "lr": 0.1, "checkpoint_every": 1000}
+    # 200 examples in batches of 48: the last batch has 8, split unevenly across micro-batches.
+    one = _train(tmp_path / "one", "s", TrainSpec(**base), **kwargs)
+    four = _train(tmp_path / "four", "s", TrainSpec(**base, grad_accum=4), **kwargs)
+    assert_same_weights(one.state_dict(), four.state_dict(), atol=1e-6)
+
+
+def test_unlabeled_examples_learn_from_teacher_only(tmp_path):
+    data = load_digits_data()
+    x, y = data.train_x[:128], data.train_y[:128].copy()
+    y[:] = -100
+    with pytest.raises(DistillError, match="no training examples"):
+        _train(tmp_path / "hard", "baseline", TrainSpec(epochs=1, batch_size=32), x=x, y=y)
+    torch.manual_seed(5)
+    teacher_model = mlp(64, [32], 10).eval()
+
+    def teacher(ids, xb):  # sharpened: a random net's outputs are nearly flat
+        with torch.no_grad():
+            return 30 * teacher_model(xb)
+
+    spec = TrainSpec(epochs=60, batch_size=32, lr=0.01, optimizer="adamw")
+    student = _train(tmp_path / "soft", "student", spec, teacher, DistillSpec(temperature=1.0, alpha=0.5), x=x, y=y)
+    with torch.no_grad():
+        agree = (student(torch.from_numpy(x)).argmax(-1) == teacher(None, torch.from_numpy(x)).argmax(-1)).float()
+    assert agree.mean() > 0.8  # from no labels at all; a random student agrees on ~10%
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path):
+    data = load_digits_data()
+    x = data.train_x[:256].copy()
+    spec = TrainSpec(epochs=3, batch_size=32, lr=0.05, checkpoint_every=4)
+    seen = {"n": 0}
+
+    class PoisonAfter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(64, [16], 10)
+
+        def forward(self, xb):
+            seen["n"] += 1
+            out = self.net(xb)
+            return out * float("nan") if seen["n"] > 10 else out
+
+    stage = Stage("student", PoisonAfter(), spec)
+    with pytest.raises(DistillError, match=r"loss became nan at step 11; the last good checkpoint .* is intact"):
+        train_stage(stage, x, data.train_y[:256], tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8))
+    state = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=True)
+    assert state["position"]["step"] == 8
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    data = load_digits_data()
+    stage = Stage("s", mlp(64, [8], 10), TrainSpec(epochs=1))
+    with pytest.raises(DistillError, match="checkpoint .* is corrupt or truncated"):
+        train_stage(
+            stage, data.train_x, data.train_y, tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8), resume=True
+        )
+
+
+def test_jitter_shifts_each_image_within_range():
+    torch.manual_seed(0)
+    images = torch.rand(20, 1, 8, 8)
+    out = jitter(images.reshape(20, -1), (1, 8, 8), 2).reshape(20, 1, 8, 8)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    shifts = set()
+    for i in range(20):
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
+        ]
+        assert matches, "output is not a shifted copy"
+        shifts.add(matches[0])
+    assert len(shifts) > 3
+
+
+def test_teacher_class_count_mismatch_is_reported(tmp_path, tiny_recipe):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    wrong = mlp(64, [64], 7)
+    save_file(wrong.state_dict(), str(tmp_path / "t.safetensors"))
+    tiny_recipe["teacher"]["checkpoint"] = str(tmp_path / "t.safetensors")
+    with pytest.raises(DistillError, match="it outputs 7 classes, the data has 10"):
+        run(parse_recipe(tiny_recipe), tmp_path / "run")
