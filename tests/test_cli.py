@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -74,3 +75,26 @@ def test_bad_inputs_fail_with_one_line(tmp_path, tiny_recipe):
     assert_one_line_error(distill("run", typo, "--set", "oops"), "expected KEY=VALUE")
     assert_one_line_error(distill("report", tmp_path), "no metrics.json")
     assert_one_line_error(distill("fetch", "imagenet"), "unknown data set")
+
+
+def test_cnn_teacher_python_student_bf16_and_live_teacher(tmp_path, tiny_recipe):
+    import os
+
+    tiny_recipe["teacher"]["model"] = {"arch": "cnn", "channels": [8, 16]}
+    tiny_recipe["student"]["model"] = {"arch": "python", "factory": "custom_model:build", "kwargs": {"width": 12}}
+    tiny_recipe["distill"]["signal"] = "live"
+    tiny_recipe["mixed_precision"] = "bf16"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe))
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([*CLI, "run", recipe, "--out", tmp_path / "run"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]
+    assert metrics["student"]["parameters"] == 64 * 12 + 12 + 12 * 10 + 10
+    assert not (tmp_path / "run" / "cache").exists(), "live signal writes no cache"
+    bad = tmp_path / "bad.yaml"
+    tiny_recipe["student"]["model"] = {"arch": "python", "factory": "custom_model:not_a_model"}
+    bad.write_text(yaml.safe_dump(tiny_recipe))
+    result = subprocess.run([*CLI, "run", bad, "--out", tmp_path / "bad"], capture_output=True, text=True, env=env)
+    assert_one_line_error(result, "returned str, not an nn.Module")
+    assert not (tmp_path / "bad").exists()

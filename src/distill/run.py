@@ -92,6 +92,8 @@ def run(
     data = load_data(recipe.data, recipe.seed)
     if recipe.distill.signal == "cache" and recipe.student.train.jitter:
         raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
+    for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
+        build_classifier(spec, data.input_shape, data.num_classes)
     prepare_run_dir(recipe, out, resume=resume, force=force)
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
