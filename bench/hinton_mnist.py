@@ -59,16 +59,19 @@ def recipe(seed: int, teacher_epochs: int, student_epochs: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="mlp")
     parser.add_argument("--teacher-epochs", type=int, default=60)
     parser.add_argument("--student-epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/hinton"))
+    parser.add_argument("--teacher-checkpoint", type=Path, help="reuse a trained teacher (safetensors)")
     args = parser.parse_args()
 
     rows = []
     for seed in args.seeds:
         start = time.perf_counter()
-        out = args.out / f"seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}"
-        models = run(recipe(seed, args.teacher_epochs, args.student_epochs), out, resume=True)["models"]
+        out = args.out / f"{args.teacher}-seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}"
+        spec = recipe(seed, args.teacher, args.teacher_epochs, args.student_epochs, args.teacher_checkpoint)
+        models = run(spec, out, resume=True)["models"]
         row = {
             "seed": seed,
             **{f"{k}_errors": models[k]["test_errors"] for k in ("teacher", "baseline", "student")},

@@ -1,0 +1,220 @@
+"""Token-level distillation loss from hidden states in bounded memory (the "fused linear" trick).
+
+Computing logits first costs [N, V] per copy — for 4096 tokens and a 152k vocabulary that is 2.5 GB
+in float32, and the loss keeps several copies (teacher and student logits, log-probabilities and
+their gradients). Here only the distilled positions are gathered and processed ``chunk_size`` at a
+time: for each chunk we compute both logits, the divergence and its gradient w.r.t. the student
+logits, and fold that gradient straight into the gradients of the hidden states and of the LM head,
+as Liger-Kernel does for cross-entropy. Only those gradients live on until backward, so memory is
+O(chunk_size·V + V·H) instead of O(N·V), and the matmuls are the same ones autograd would do.
+
+``full_logits_distillation_loss`` is the plain version (materialised logits + ``losses.divergence``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill import losses
+from distill.losses import PER_POSITION, log_probs
+
+# Positions per chunk. Live memory is about 4 float32 [chunk, V] buffers (~1.2 GB at V=152k) on top of
+# the head's gradient; on CPU, smaller chunks cost time (the [V, H] gradient is re-read per chunk).
+# Measured with bench/lm_memory.py.
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _chunk_divergence(student_logits: Tensor, log_t: Tensor, name: str, temperature: float, kwargs: dict, want_grad):
+    """Summed divergence of a chunk and its gradient w.r.t. the student logits (None unless ``want_grad``).
+
+    ``student_logits`` must be the only reference to that tensor, so that it can be freed early.
+    """
+    if name == "forward_kl":
+        # Written out, in place where possible: about 4 [chunk, V] buffers live instead of 8.
+        log_q = log_probs(student_logits, temperature)
+        del student_logits
+        p = log_t.exp()
+        terms = (log_t - log_q).mul_(p)
+        value = terms.masked_fill_(p == 0, 0.0).sum()  # 0·log 0 = 0, as in losses._kl_terms
+        del terms
+        # d/dz Σ p·(log p − log q) = (q − p)/T
+        return value, log_q.exp_().sub_(p).div_(temperature) if want_grad else None
+    if not want_grad:
+        return PER_POSITION[name](log_probs(student_logits, temperature), log_t, **kwargs).sum(), None
+    # Every other divergence: a local graph over this chunk only, so any PER_POSITION entry works.
+    with torch.enable_grad():
+        z = student_logits.requires_grad_()
+        value = PER_POSITION[name](log_probs(z, temperature), log_t, **kwargs).sum()
+        (grad,) = torch.autograd.grad(value, z)
+    return value.detach(), grad
+
+
+def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:  # low-precision matmul, float32 accumulation across chunks
+        out += a @ b
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Forward computes the loss and all gradients chunk by chunk; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, scale, name, temperature, vocab_size, chunk_size, needs, kwargs):
+        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        need_h, need_w, need_b = needs
+        # Padded vocab: the extra head rows never produce logits, so their gradient stays 0.
+        ws, wt = w_s[:vocab_size], w_t[:vocab_size]
+        bs = None if b_s is None else b_s[:vocab_size]
+        bt = None if b_t is None else b_t[:vocab_size]
+        grad_h = torch.empty_like(h_s) if need_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
+        grad_b = torch.zeros(b_s.shape, dtype=acc, device=b_s.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=h_s.device)
+        for start in range(0, h_s.shape[0], chunk_size):
+            hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
+            with torch.no_grad():  # teacher is a constant (forward already runs without grad; say so)
+                log_t = log_probs(F.linear(ht_c, wt, bt).to(acc), temperature)
+            value, g = _chunk_divergence(
+                F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, need_h or need_w or need_b
+            )
+            total += value
+            if g is None:
+                continue
+            g = g.mul_(scale)
+            g_in = g.to(h_s.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
+            if need_h:
+                grad_h[start : start + chunk_size] = g_in @ ws
+            if need_w:
+                _add_matmul(grad_w[:vocab_size], g_in.T, hs_c)
+            if need_b:
+                grad_b[:vocab_size] += g.sum(0)
+        if grad_w is not None:
+            grad_w = grad_w.to(w_s.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(b_s.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # usual case is 1: skip a [V, H] copy
+            grads = [None if g is None else g * grad_out for g in grads]
+        grad_h, grad_w, grad_b = grads
+        return grad_h, grad_w, grad_b, *([None] * 10)
+
+
+def _check(student_hidden, student_head, teacher_hidden, teacher_head, divergence, mask, vocab_size) -> int:
+    if divergence not in PER_POSITION:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(PER_POSITION)}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+            "differ in leading dims"
+        )
+    if mask is not None and mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(student_hidden.shape[:-1])}")
+    if vocab_size is None:
+        if student_head.shape[0] != teacher_head.shape[0]:
+            raise ValueError(
+                f"student head has {student_head.shape[0]} rows and teacher head {teacher_head.shape[0]}; "
+                "pass vocab_size"
+            )
+        return student_head.shape[0]
+    if not 0 < vocab_size <= min(student_head.shape[0], teacher_head.shape[0]):
+        raise ValueError(f"vocab_size {vocab_size} must be in 1..{min(student_head.shape[0], teacher_head.shape[0])}")
+    return vocab_size
+
+
+def chunked_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    **divergence_kwargs: float,
+) -> Tensor:
+    """``losses.divergence`` of ``student_hidden @ student_head.T`` from the teacher's, without the logits.
+
+    Hidden states are [..., H] with matching leading dims; heads are [V, H] (rows past ``vocab_size``
+    are padding and get no probability). The per-position divergences of the positions where ``mask``
+    is true are summed and divided by ``normalizer`` (default: how many there are, at least 1 — give
+    the global count when accumulating over micro-batches or processes). Peak extra memory is about
+    ``chunk_size × V`` floats times a few, plus the head's gradient.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = _check(student_hidden, student_head, teacher_hidden, teacher_head, divergence, mask, vocab_size)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    if mask is not None:  # gather the distilled positions; the others cost nothing
+        keep = mask.reshape(-1).to(device=h_s.device, dtype=torch.bool)
+        h_s, h_t = h_s[keep], h_t[keep]
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    if normalizer is None:
+        normalizer = max(h_s.shape[0], 1)
+    scale = torch.as_tensor(normalizer, dtype=acc, device=h_s.device).detach().reciprocal()
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and h_s.requires_grad,
+        grad_on and student_head.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    return _FusedLinearDivergence.apply(
+        h_s,
+        student_head,
+        student_bias,
+        h_t,
+        teacher_head.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        scale,
+        divergence,
+        temperature,
+        vocab_size,
+        chunk_size,
+        needs,
+        divergence_kwargs,
+    )
+
+
+def full_logits_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    **divergence_kwargs: float,
+) -> Tensor:
+    """The plain reference: materialise both [..., V] logits and call ``losses.divergence``."""
+    vocab_size = _check(student_hidden, student_head, teacher_hidden, teacher_head, divergence, mask, vocab_size)
+    student = F.linear(
+        student_hidden, student_head[:vocab_size], None if student_bias is None else student_bias[:vocab_size]
+    )
+    with torch.no_grad():
+        teacher = F.linear(
+            teacher_hidden, teacher_head[:vocab_size], None if teacher_bias is None else teacher_bias[:vocab_size]
+        )
+    loss = losses.divergence(divergence, student, teacher, temperature=temperature, mask=mask, **divergence_kwargs)
+    if normalizer is None:
+        return loss
+    count = student_hidden.shape[:-1].numel() if mask is None else mask.sum().clamp(min=1)
+    return loss * count / normalizer
