@@ -20,7 +20,6 @@ from pathlib import Path
 from distill.recipe import parse_recipe
 from distill.run import run
 
-
 TEACHERS = {
     # The paper's teacher: 784-1200-1200-10, dropout on inputs and hidden units, trained with jitter.
     "mlp": {"arch": "mlp", "hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2},
