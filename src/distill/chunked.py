@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from distill import losses
 from distill.losses import PER_POSITION, log_probs
@@ -26,7 +27,9 @@ from distill.losses import PER_POSITION, log_probs
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _chunk_divergence(student_logits: Tensor, log_t: Tensor, name: str, temperature: float, kwargs: dict, want_grad):
+def _chunk_divergence(
+    student_logits: Tensor, log_t: Tensor, name: str, temperature: float, kwargs: dict, want_grad: bool
+):
     """Summed divergence of a chunk and its gradient w.r.t. the student logits (None unless ``want_grad``).
 
     ``student_logits`` must be the only reference to that tensor, so that it can be freed early.
@@ -76,7 +79,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h_s.device)
         for start in range(0, h_s.shape[0], chunk_size):
             hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
-            with torch.no_grad():  # teacher is a constant (forward already runs without grad; say so)
+            with torch.no_grad():  # the teacher is a constant (forward runs without grad anyway; be explicit)
                 log_t = log_probs(F.linear(ht_c, wt, bt).to(acc), temperature)
             value, g = _chunk_divergence(
                 F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, need_h or need_w or need_b
@@ -100,6 +103,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         return total * scale
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
         if not torch.equal(grad_out, torch.ones_like(grad_out)):  # usual case is 1: skip a [V, H] copy
