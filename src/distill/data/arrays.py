@@ -122,8 +122,12 @@ def load_npy(folder: Path) -> ArrayData:
     arrays = {k: _load_npy(folder / f"{k}.npy", "data") for k in ("train_x", "train_y", "test_x", "test_y")}
     shape = arrays["train_x"].shape[1:]
     return _assemble(
-        arrays["train_x"], _labels(arrays["train_y"], folder / "train_y.npy"),
-        arrays["test_x"], _labels(arrays["test_y"], folder / "test_y.npy"), shape, folder,
+        arrays["train_x"],
+        _labels(arrays["train_y"], folder / "train_y.npy"),
+        arrays["test_x"],
+        _labels(arrays["test_y"], folder / "test_y.npy"),
+        shape,
+        folder,
     )
 
 
@@ -143,7 +147,9 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         x = np.array([[float(v) for i, v in enumerate(r) if i != col] for r in body], dtype=np.float32)
         y = np.array([int(r[col]) if r[col].strip() else IGNORE_INDEX for r in body], dtype=np.int64)
     except (ValueError, IndexError) as exc:
-        raise DistillError(f"CSV file {path}: every feature must be a number and every label an integer ({exc})")
+        raise DistillError(
+            f"CSV file {path}: every feature must be a number and every label an integer ({exc})"
+        ) from None
     return x, y
 
 
@@ -165,9 +171,12 @@ def _assemble(train_x, train_y, test_x, test_y, shape, where: Path) -> ArrayData
         raise DistillError(f"data in {where}: labels must be integers 0..C-1 (unlabeled rows: empty or NaN)")
     image_shape = tuple(int(s) for s in shape) if len(shape) == 3 else (int(np.prod(shape)),)
     return ArrayData(
-        train_x.reshape(len(train_x), -1).astype(np.float32), train_y,
-        test_x.reshape(len(test_x), -1).astype(np.float32), test_y.astype(np.int64),
-        int(known.max()) + 1, image_shape,
+        train_x.reshape(len(train_x), -1).astype(np.float32),
+        train_y,
+        test_x.reshape(len(test_x), -1).astype(np.float32),
+        test_y.astype(np.int64),
+        int(known.max()) + 1,
+        image_shape,
     )
 
 

