@@ -57,11 +57,11 @@ def _train_or_load(
     on_step,
 ) -> tuple[torch.nn.Module, Path]:
     """Build the model (seeded), train it unless its final weights exist, save it."""
-    torch.manual_seed(seed)
-    model = build_classifier(spec, data.input_shape, data.num_classes)
     weights = out / name / "model.safetensors"
     if resume and weights.exists():
         return load_classifier(weights, spec, data.input_shape, data.num_classes), weights
+    torch.manual_seed(seed)
+    model = build_classifier(spec, data.input_shape, data.num_classes)
     torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
     stage = Stage(name=name, model=model, **stage_kwargs)
     model = train_stage(
@@ -106,7 +106,7 @@ def run(
             "teacher", recipe.teacher.model, {"train": recipe.teacher.train}, data, out, accelerator, **common
         )
     live = LiveTeacher(teacher, accelerator.device)
-    teacher_id = f"{sha256_file(teacher_weights)[:16]}"
+    teacher_id = sha256_file(teacher_weights)[:16]
     if recipe.distill.signal == "cache":
         cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
         signal = build_logits_cache(

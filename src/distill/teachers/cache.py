@@ -60,10 +60,11 @@ class LogitsCache:
 
     def __call__(self, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits for the training examples at ``indices``."""
-        rows = np.sort(indices.cpu().numpy())
-        order = np.argsort(np.argsort(indices.cpu().numpy()))
-        # Reading sorted rows is sequential on disk; then put them back in batch order.
-        return torch.from_numpy(np.ascontiguousarray(self.logits[rows][order])).to(x.device if x is not None else "cpu")
+        ids = indices.cpu().numpy()
+        by_row = np.argsort(ids)
+        picked = np.empty((len(ids), self.logits.shape[1]), dtype=self.logits.dtype)
+        picked[by_row] = self.logits[ids[by_row]]  # read rows in disk order, store them in batch order
+        return torch.from_numpy(picked).to(x.device if x is not None else "cpu")
 
 
 def build_logits_cache(
