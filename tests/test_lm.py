@@ -1,0 +1,194 @@
+"""The causal-LM recipe: token-weighted losses against independent references, and whole runs on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
+
+from distill.data.text import TokenData
+from distill.errors import DistillError
+from distill.lm import LMBatches, run_lm
+from distill.recipe import LMDistillSpec, TrainSpec, load_recipe
+from distill.train import train_loop
+
+TEXT = " ".join(
+    f"the {a} {b} of the {c} is {d} and {e}."
+    for a, b, c, d, e in zip(
+        ["quick", "lazy", "old", "young", "wise"] * 40,
+        ["fox", "dog", "king", "queen", "fool"] * 40,
+        ["realm", "house", "field", "sea", "sky"] * 40,
+        ["bright", "dark", "calm", "loud", "still"] * 40,
+        ["free", "bound", "kind", "cruel", "true"] * 40,
+        strict=True,
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def token_data(tok, blocks: int = 6, seq: int = 12, seed: int = 0) -> TokenData:
+    """Blocks with prompts and padding masked: each block trains on a different number of tokens."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, len(tok), size=(blocks, seq)).astype(np.int32)
+    labels = ids.astype(np.int64)
+    attention = np.ones_like(ids, dtype=np.int8)
+    for b in range(blocks):
+        prompt, pad = b % 4, (2 * b) % 5
+        labels[b, :prompt] = -100
+        if pad:
+            labels[b, seq - pad :] = -100
+            attention[b, seq - pad :] = 0
+            ids[b, seq - pad :] = tok.pad_token_id
+    return TokenData(input_ids=ids, labels=labels, attention_mask=attention)
+
+
+def reference_kl(student, teacher, data: TokenData, vocab: int) -> float:
+    """Float64 forward KL per distilled token from materialised logits (the plain computation)."""
+    ids = torch.from_numpy(data.input_ids).long()
+    attention = torch.from_numpy(data.attention_mask).long()
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab].double()
+        t = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab].double()
+    mask = torch.from_numpy(data.labels[:, 1:] != -100)
+    log_s, log_t = s.log_softmax(-1)[mask], t.log_softmax(-1)[mask]
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+
+
+def test_hard_label_loss_equals_transformers_cross_entropy(tok):
+    model = tiny_llama(tok, layers=2, seed=0)
+    data = token_data(tok)
+    batches = LMBatches(data, vocab_size=len(tok), chunk_size=5)
+    terms = batches.loss(model, torch.arange(len(data)), torch.device("cpu"))
+    ids = torch.from_numpy(data.input_ids).long()
+    expected = model(
+        input_ids=ids,
+        attention_mask=torch.from_numpy(data.attention_mask).long(),
+        labels=torch.from_numpy(data.labels),
+    ).loss
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_live_distillation_loss_matches_float64_reference(tok):
+    teacher, student = tiny_llama(tok, layers=3, seed=1), tiny_llama(tok, layers=2, seed=2)
+    data = token_data(tok)
+    spec = LMDistillSpec(temperature=1.0, signal="live")
+    batches = LMBatches(data, vocab_size=len(tok), chunk_size=7, distill=spec, teacher=teacher)
+    terms = batches.loss(student, torch.arange(len(data)), torch.device("cpu"))
+    assert terms["loss"].item() == pytest.approx(reference_kl(student, teacher, data, len(tok)), rel=1e-4)
+    assert "ce" not in terms  # alpha = 0: no hard-label pass
+
+
+def test_gradient_is_token_weighted_whatever_the_accumulation(tok, tmp_path):
+    """One step over a global batch gives the same weights with grad_accum 1 and 3 (blocks weigh differently)."""
+    data = token_data(tok, blocks=6)
+    results = []
+    for accum in (1, 3):
+        model = tiny_llama(tok, layers=2, seed=3)
+        spec = TrainSpec(epochs=1, batch_size=6, grad_accum=accum, optimizer="sgd", lr=0.5, momentum=0.0)
+        batches = LMBatches(data, vocab_size=len(tok), chunk_size=4)
+        trained = train_loop(f"a{accum}", model, spec, batches, tmp_path, Accelerator(), seed=0)
+        results.append(torch.cat([p.detach().flatten() for p in trained.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
+
+
+def write_recipe(tmp_path, tok, signal: str, **extra) -> tuple:
+    teacher_dir = tmp_path / "teacher"
+    save_tiny(tiny_llama(tok, layers=4, seed=0), tok, teacher_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT)
+    raw = {
+        "task": "causal_lm",
+        "name": "tiny",
+        "data": {"source": "text", "path": str(text), "block_size": 16, "heldout_fraction": 0.2},
+        "teacher": {"path": str(teacher_dir)},
+        "student": {
+            "from_teacher": {"keep": 2},
+            "train": {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3, "log_every": 1},
+        },
+        "distill": {"signal": signal, "cache_k": 8, "chunk_size": 32},
+        "eval": {"batch_size": 4, "threads": 1},
+        **extra,
+    }
+    path = tmp_path / f"{signal}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+@pytest.mark.parametrize("signal", ["cache", "live"])
+def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path, signal):
+    path, _ = write_recipe(tmp_path, tok, signal)
+    metrics = run_lm(load_recipe(path), tmp_path / "run")
+    models = metrics["models"]
+    assert list(models) == ["teacher", "student_init", "baseline", "student"]
+    teacher = models["teacher"]
+    assert teacher["agreement_with_teacher"] is None and teacher["parameters"] > models["student"]["parameters"]
+    for name in ("student_init", "baseline", "student"):
+        assert 0.0 <= models[name]["agreement_with_teacher"] <= 1.0 and models[name]["kl_to_teacher"] >= 0.0
+    # Training on soft labels moves the student towards the teacher.
+    assert models["student"]["kl_to_teacher"] < models["student_init"]["kl_to_teacher"]
+    assert (tmp_path / "run" / "student" / "model.safetensors").exists()
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "perplexity" in report and "student before training" in report
+    if signal == "cache":
+        caches = list((tmp_path / "run" / "cache").iterdir())
+        assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+
+
+def test_resume_reuses_finished_students(tok, tmp_path):
+    path, _ = write_recipe(tmp_path, tok, "cache", baseline=False)
+    first = run_lm(load_recipe(path), tmp_path / "run")
+    before = (tmp_path / "run" / "student" / "model.safetensors").stat().st_mtime_ns
+    again = run_lm(load_recipe(path), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "student" / "model.safetensors").stat().st_mtime_ns == before
+    assert again["models"]["student"]["perplexity"] == pytest.approx(first["models"]["student"]["perplexity"])
+
+
+def test_cache_refuses_other_divergences(tok, tmp_path):
+    path, raw = write_recipe(tmp_path, tok, "cache")
+    raw["distill"]["loss"] = "reverse_kl"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DistillError, match="forward_kl only"):
+        run_lm(load_recipe(path), tmp_path / "run")
+
+
+def cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_cli_cache_then_mismatched_student_tokenizer(tok, tmp_path):
+    path, raw = write_recipe(tmp_path, tok, "cache")
+    done = cli("cache", str(path), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "bytes per token" in done.stdout
+    # A student whose tokenizer has another vocabulary: one line naming both sizes.
+    other = tiny_tokenizer(extra_words=["zebra", "quokka", "narwhal"])
+    save_tiny(tiny_llama(other, layers=1, seed=5), other, tmp_path / "other")
+    raw["student"] = {"path": str(tmp_path / "other")}
+    path.write_text(yaml.safe_dump(raw))
+    done = cli("run", str(path), "--out", str(tmp_path / "run2"), cwd=tmp_path)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert "\n" not in line and str(len(tok)) in line and str(len(other)) in line
+
+
+def test_metrics_json_is_complete(tok, tmp_path):
+    path, _ = write_recipe(tmp_path, tok, "live", baseline=False)
+    run_lm(load_recipe(path), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    student = metrics["models"]["student"]
+    for key in ("parameters", "file_bytes", "perplexity", "agreement_with_teacher", "kl_to_teacher", "tokens_per_s"):
+        assert student[key] is not None
+    assert metrics["task"] == "causal_lm" and metrics["data"]["block_size"] == 16
