@@ -71,11 +71,12 @@ def test_hard_label_loss_equals_transformers_cross_entropy(tok):
     batches = LMBatches(data, vocab_size=len(tok), chunk_size=5)
     terms = batches.loss(model, torch.arange(len(data)), torch.device("cpu"))
     ids = torch.from_numpy(data.input_ids).long()
-    expected = model(
-        input_ids=ids,
-        attention_mask=torch.from_numpy(data.attention_mask).long(),
-        labels=torch.from_numpy(data.labels),
-    ).loss
+    with torch.no_grad():  # float64 reference; padded vocab rows (304 > 300 tokens) get no probability
+        logits = model(input_ids=ids, attention_mask=torch.from_numpy(data.attention_mask).long()).logits
+    log_p = logits[:, :-1, : len(tok)].double().log_softmax(-1)
+    targets = torch.from_numpy(data.labels[:, 1:])
+    mask = targets != -100
+    expected = -log_p[mask].gather(-1, targets[mask][:, None]).mean().float()
     torch.testing.assert_close(terms["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -135,8 +136,9 @@ def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path,
     assert teacher["agreement_with_teacher"] is None and teacher["parameters"] > models["student"]["parameters"]
     for name in ("student_init", "baseline", "student"):
         assert 0.0 <= models[name]["agreement_with_teacher"] <= 1.0 and models[name]["kl_to_teacher"] >= 0.0
-    # Training on soft labels moves the student towards the teacher.
-    assert models["student"]["kl_to_teacher"] < models["student_init"]["kl_to_teacher"]
+    # Soft labels keep the student near the teacher; plain cross-entropy pulls it towards the text instead.
+    assert models["student"]["kl_to_teacher"] < models["baseline"]["kl_to_teacher"]
+    assert models["baseline"]["perplexity"] < models["student_init"]["perplexity"]
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "perplexity" in report and "student before training" in report
@@ -174,14 +176,14 @@ def test_cli_cache_then_mismatched_student_tokenizer(tok, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "bytes per token" in done.stdout
     # A student whose tokenizer has another vocabulary: one line naming both sizes.
-    other = tiny_tokenizer(extra_words=["zebra", "quokka", "narwhal"])
+    other = tiny_tokenizer(vocab_size=280)
     save_tiny(tiny_llama(other, layers=1, seed=5), other, tmp_path / "other")
     raw["student"] = {"path": str(tmp_path / "other")}
     path.write_text(yaml.safe_dump(raw))
     done = cli("run", str(path), "--out", str(tmp_path / "run2"), cwd=tmp_path)
     assert done.returncode == 2
     line = done.stderr.strip()
-    assert "\n" not in line and str(len(tok)) in line and str(len(other)) in line
+    assert "\n" not in line and line.startswith("error:") and str(len(tok)) in line and str(len(other)) in line
 
 
 def test_metrics_json_is_complete(tok, tmp_path):

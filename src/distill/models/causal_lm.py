@@ -1,0 +1,240 @@
+"""Causal language models for logit distillation: load a teacher (HF folder or GGUF), cut a student
+from its layers, check both share one vocabulary, and save the result.
+
+GGUF files are dequantised once into an HF folder in the cache, because transformers' GGUF loader
+takes tens of seconds per load while the cached safetensors folder reloads in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from distill.errors import DistillError
+from distill.io import sha256_file
+
+# transformers draws a progress bar for every load and save; our CLI has its own progress and one-line errors.
+hf_logging.disable_progress_bar()
+
+# Config attributes holding one entry per decoder layer; a student keeps the entries of its kept layers.
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", str(Path.home() / ".cache" / "distill")))
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise DistillError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+    return resolved
+
+
+def load_causal_lm(
+    path: str | Path, *, dtype: torch.dtype | str = "float32", cache_dir: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local HF folder or a ``.gguf`` file, in eval mode."""
+    path = Path(path).expanduser()
+    dtype = _torch_dtype(dtype)
+    if not path.exists():
+        raise DistillError(f"model path {path} does not exist")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        path = _gguf_to_hf_folder(path, Path(cache_dir) if cache_dir else default_cache_dir())
+    elif not (path / "config.json").is_file():
+        raise DistillError(f"{path} is not a model folder (no config.json) nor a .gguf file")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = _load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(f"cannot load a causal LM from {path}: {message}") from None
+    return model.eval(), tokenizer
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    config_file = folder / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    # AutoTokenizer swaps a generic tokenizer for the model type's own class for some types (qwen2 adds an
+    # <|endoftext|> token), which would change len(tokenizer) between a save and a load; trust the folder instead.
+    if declared == "TokenizersBackend":
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _gguf_architecture(gguf_path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(gguf_path).get_field("general.architecture")
+    except Exception as exc:  # the gguf package raises ValueError/struct errors for truncated or foreign files
+        raise DistillError(f"{gguf_path} is not a readable GGUF file: {exc}") from None
+    if field is None:
+        raise DistillError(f"{gguf_path} has no general.architecture; it is not a model GGUF file")
+    return field.contents()
+
+
+# llama.cpp spells some architectures differently from transformers' GGUF loader, which renames them the same way.
+GGUF_ARCHITECTURE_ALIASES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
+
+
+def _check_gguf_architecture(architecture: str, gguf_path: Path) -> None:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if GGUF_ARCHITECTURE_ALIASES.get(architecture, architecture) not in supported:
+        raise DistillError(
+            f"GGUF architecture {architecture!r} of {gguf_path.name} is not supported; "
+            f"supported: {', '.join(supported)}"
+        )
+
+
+def _gguf_to_hf_folder(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantise ``gguf_path`` once into ``cache_dir/gguf/<sha16>`` and return that folder."""
+    target = cache_dir / "gguf" / sha256_file(gguf_path)[:16]
+    if (target / "config.json").is_file():
+        return target
+    architecture = _gguf_architecture(gguf_path)
+    _check_gguf_architecture(architecture, gguf_path)
+    kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(f"cannot load GGUF {gguf_path} (architecture {architecture!r}): {message}") from None
+    # save_pretrained refuses GGUF-loaded models, so rebuild a plain model and copy the dequantised weights.
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    del quantized
+    save_causal_lm(model, tokenizer, target)
+    return target
+
+
+def save_causal_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer into ``folder``, written to a temp folder then renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters: ``parameters()`` yields a tied embedding/head weight once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _decoder_layers_name(model: PreTrainedModel, num_layers: int) -> str:
+    """Dotted name of the ModuleList holding the decoder layers (``model.layers`` for Llama/Qwen2)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] == "layers":
+            return name
+    raise DistillError(f"cannot find the decoder layers of {type(model).__name__} (expected a 'layers' ModuleList)")
+
+
+def _chosen_layers(num_layers: int, layers: list[int] | None, every: int | None, keep: int | None) -> list[int]:
+    if sum(option is not None for option in (layers, every, keep)) != 1:
+        raise DistillError("choose the student's layers with exactly one of layers, every or keep")
+    if every is not None:
+        if every < 1:
+            raise DistillError(f"every must be a positive integer, got {every}")
+        return list(range(0, num_layers, every))
+    if keep is not None:
+        if not 1 <= keep <= num_layers:
+            raise DistillError(f"keep must be between 1 and the teacher's {num_layers} layers, got {keep}")
+        if keep == 1:
+            return [num_layers - 1] if num_layers > 1 else [0]
+        # Evenly spaced with a step of at least one, so the rounded indices are distinct and hit both ends.
+        return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
+    if not layers or any(not 0 <= i < num_layers for i in layers) or list(layers) != sorted(set(layers)):
+        raise DistillError(f"layers must be increasing, distinct indices in 0..{num_layers - 1}, got {layers}")
+    return list(layers)
+
+
+def student_from_teacher(
+    teacher: PreTrainedModel, *, layers: list[int] | None = None, every: int | None = None, keep: int | None = None
+) -> PreTrainedModel:
+    """A shallower copy of ``teacher`` keeping some of its decoder layers (DistilBERT-style initialisation).
+
+    Embeddings, final norm and LM head are copied; student layer ``j`` gets the weights of teacher layer ``kept[j]``.
+    """
+    teacher_text = teacher.config.get_text_config()
+    num_layers = teacher_text.num_hidden_layers
+    kept = _chosen_layers(num_layers, layers, every, keep)
+    prefix = _decoder_layers_name(teacher, num_layers) + "."
+
+    config = copy.deepcopy(teacher.config)
+    text = config.get_text_config()
+    text.num_hidden_layers = len(kept)
+    for key in PER_LAYER_CONFIG_KEYS:
+        values = getattr(text, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == num_layers:
+            setattr(text, key, [values[i] for i in kept])
+
+    student = type(teacher)(config).to(teacher.dtype)
+    source = teacher.state_dict()
+    layer_key = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.*)$")
+    state = {}
+    for key in student.state_dict():
+        match = layer_key.match(key)
+        state[key] = source[f"{prefix}{kept[int(match[1])]}.{match[2]}" if match else key]
+    # strict: a key the student has and the teacher lacks means the shapes of the two models diverged.
+    student.load_state_dict(state, strict=True)
+    return student.eval()
+
+
+def check_vocab(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> int:
+    """Return the number of real vocabulary rows, after checking teacher and student share one vocabulary.
+
+    Logit distillation compares distributions token by token, so both tokenizers must map the same strings to
+    the same ids. Embedding rows beyond ``len(tokenizer)`` are padding the losses mask out.
+    """
+    n_teacher, n_student = len(teacher_tokenizer), len(student_tokenizer)
+    if n_teacher != n_student or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        same = " (same size, different token ids)" if n_teacher == n_student else ""
+        raise DistillError(
+            f"teacher tokenizer has {n_teacher} tokens and student tokenizer {n_student}{same}; "
+            "logit distillation needs both to use the same tokenizer"
+        )
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        rows = config.get_text_config().vocab_size
+        if rows < n_teacher:
+            raise DistillError(f"{role} model has {rows} vocabulary rows but its tokenizer has {n_teacher} tokens")
+    return n_teacher

@@ -1,0 +1,287 @@
+"""Distillation from a sparse per-token teacher signal: k sampled tokens or the top-k log-probabilities.
+
+Storing a teacher's full distribution for LM pre-training is out of the question ([tokens, V] floats), so
+an offline cache keeps k entries per token. Two ways to pick them:
+
+- ``sampled``: k tokens drawn *with replacement* from the teacher at temperature T (random-sampling KD,
+  Anshumann et al. 2025, "Sparse Logit Sampling"). Each draw weighs 1/k, so the empirical distribution is
+  an unbiased estimate of the teacher's, and cross-entropy against it has in expectation exactly the
+  gradient of full forward KL: E[(p − counts/k)/T] = (p − q)/T.
+- ``topk``: the k largest teacher log-probs plus the log of the remaining mass; the loss is the exact KL
+  over k+1 buckets (the k tokens and "everything else"). Deterministic, but biased: inside the tail the
+  student is only asked to match the total, not its shape.
+
+``sparse_kd_loss`` works on materialised logits; ``chunked_sparse_kd_loss`` goes from hidden states and
+the LM head chunk by chunk, as ``distill.chunked`` does, so [N, V] logits never exist. Neither applies
+T² scaling: the caller does, as for the dense losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from distill.chunked import DEFAULT_CHUNK_SIZE, _add_matmul
+from distill.losses import log_probs
+
+MODES = ("sampled", "topk")
+
+
+@dataclass
+class SparseTargets:
+    """Per-position teacher signal: ``ids`` [..., k]; for top-k also ``logp`` [..., k] and ``tail`` [...].
+
+    ``logp`` are teacher log-probs at the distillation temperature, ``tail`` is log(1 − Σ exp(logp)).
+    """
+
+    ids: Tensor
+    logp: Tensor | None = None
+    tail: Tensor | None = None
+
+    def __post_init__(self):
+        if (self.logp is None) != (self.tail is None):
+            raise ValueError("top-k targets need both logp and tail; sampled targets neither")
+        if self.logp is not None and (self.logp.shape != self.ids.shape or self.tail.shape != self.ids.shape[:-1]):
+            raise ValueError(
+                f"ids {tuple(self.ids.shape)}, logp {tuple(self.logp.shape)} and tail {tuple(self.tail.shape)} "
+                "do not line up"
+            )
+
+    @property
+    def mode(self) -> str:
+        return "sampled" if self.logp is None else "topk"
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def to(self, device) -> SparseTargets:
+        return SparseTargets(*(None if t is None else t.to(device) for t in (self.ids, self.logp, self.tail)))
+
+    def _flat(self, keep: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """[n, k] ids, [n, k] logp, [n] tail of the kept positions (all when ``keep`` is None)."""
+        ids = self.ids.reshape(-1, self.k)
+        logp = None if self.logp is None else self.logp.reshape(-1, self.k)
+        tail = None if self.tail is None else self.tail.reshape(-1)
+        if keep is None:
+            return ids, logp, tail
+        return ids[keep], None if logp is None else logp[keep], None if tail is None else tail[keep]
+
+
+def _vocab(rows: int, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        return rows
+    if not 0 < vocab_size <= rows:
+        raise ValueError(f"vocab_size {vocab_size} must be in 1..{rows}")
+    return vocab_size
+
+
+@torch.no_grad()
+def sparse_targets_from_logits(
+    teacher_logits: Tensor,
+    *,
+    mode: str = "sampled",
+    k: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> SparseTargets:
+    """Sparse targets from teacher logits [..., V]; rows past ``vocab_size`` (padding) get no probability."""
+    if mode not in MODES:
+        raise ValueError(f"unknown sparse KD mode {mode!r}; choose one of {list(MODES)}")
+    vocab_size = _vocab(teacher_logits.shape[-1], vocab_size)
+    if k < 1 or (mode == "topk" and k > vocab_size):
+        raise ValueError(f"k must be in 1..{vocab_size if mode == 'topk' else 'any'} for {mode}, got {k}")
+    lead = teacher_logits.shape[:-1]
+    log_t = log_probs(teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :vocab_size], temperature)
+    if mode == "sampled":
+        if log_t.shape[0] == 0:
+            return SparseTargets(torch.zeros(*lead, k, dtype=torch.long, device=log_t.device))
+        ids = torch.multinomial(log_t.exp(), k, replacement=True, generator=generator)
+        return SparseTargets(ids.reshape(*lead, k))
+    logp, ids = log_t.topk(k, dim=-1)
+    # The tail straight from the other tokens' log-probs: no 1 − Σp cancellation when the top-k hold ~all mass.
+    tail = torch.logsumexp(log_t.scatter(-1, ids, float("-inf")), dim=-1)
+    return SparseTargets(ids.reshape(*lead, k), logp.reshape(*lead, k), tail.reshape(lead))
+
+
+def _student_tail(log_p: Tensor, ids: Tensor) -> Tensor:
+    """log Σ_{i∉ids} p_i per row. The ids are filled with the most negative finite value, not −inf, so
+    that k = V gives a finite tail (and no NaN gradient through logsumexp) instead of −inf."""
+    return torch.logsumexp(log_p.scatter(-1, ids, torch.finfo(log_p.dtype).min), dim=-1)
+
+
+def _per_position(log_p: Tensor, ids: Tensor, logp: Tensor | None, tail: Tensor | None) -> Tensor:
+    """Loss per row of student log-probs ``log_p`` [n, V] against flat sparse targets."""
+    picked = log_p.gather(-1, ids)
+    if logp is None:  # cross-entropy against the empirical distribution of the k draws
+        return -picked.mean(-1)
+    log_q, log_qt = logp.to(log_p.dtype), tail.to(log_p.dtype)
+    q, qt = log_q.exp(), log_qt.exp()
+    zero = log_p.new_zeros(())
+    kl = torch.where(q > 0, q * (log_q - picked), zero).sum(-1)  # 0·log 0 = 0
+    return kl + torch.where(qt > 0, qt * (log_qt - _student_tail(log_p, ids)), zero)
+
+
+def _check(positions: torch.Size, targets: SparseTargets, mask: Tensor | None) -> Tensor | None:
+    """Validate shapes; return the flat boolean mask of kept positions (None keeps all)."""
+    if targets.ids.shape[:-1] != positions:
+        raise ValueError(f"targets {tuple(targets.ids.shape)} do not match positions {tuple(positions)}")
+    if mask is None:
+        return None
+    if mask.shape != positions:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(positions)}")
+    return mask.reshape(-1).to(torch.bool)
+
+
+def _scale(normalizer, count: int, dtype, device) -> Tensor:
+    if normalizer is None:
+        normalizer = max(count, 1)
+    return torch.as_tensor(normalizer, dtype=dtype, device=device).detach().reciprocal()
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Sparse KD loss of ``student_logits`` [..., V] at ``temperature``, summed over masked positions / normalizer.
+
+    sampled: mean over the k draws of −log p_student(id); top-k: KL over the k tokens plus the tail bucket.
+    ``normalizer`` defaults to the number of kept positions (at least 1); pass the global count when
+    accumulating gradients. Logit rows past ``vocab_size`` are padding and get no probability.
+    """
+    vocab_size = _vocab(student_logits.shape[-1], vocab_size)
+    keep = _check(student_logits.shape[:-1], targets, mask)
+    z = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab_size]
+    if keep is not None:
+        keep = keep.to(z.device)
+        z = z[keep]
+    ids, logp, tail = targets.to(z.device)._flat(keep)
+    log_p = log_probs(z, temperature)
+    total = _per_position(log_p, ids, logp, tail).sum()
+    return total * _scale(normalizer, z.shape[0], total.dtype, total.device)
+
+
+def _chunk_value_and_grad(log_p: Tensor, ids, logp, tail, temperature: float, want_grad: bool):
+    """Summed loss of a chunk and its gradient w.r.t. the student logits; ``log_p`` is consumed (in place)."""
+    value = _per_position(log_p, ids, logp, tail).sum()
+    if not want_grad:
+        return value, None
+    p = log_p.exp()
+    if logp is None:  # d/dz −(1/k)Σ log p_id = (p − counts/k)/T
+        grad = p.scatter_add_(-1, ids, p.new_full(ids.shape, -1.0 / ids.shape[-1]))
+        return value, grad.div_(temperature)
+    # d/dz of Σq_j(log q_j − log p_j) + q_t(log q_t − log p_t), with s = Σq_j + q_t (≈1, not exactly in fp16):
+    #   (s·p_i − q_i·[i∈K] − q_t·p_i/p_t·[i∉K]) / T, where p_i/p_t = exp(log p_i − log p_t) ≤ 1.
+    q, qt = logp.to(p.dtype).exp(), tail.to(p.dtype).exp()
+    tail_s = _student_tail(log_p, ids)
+    in_tail = log_p.sub_(tail_s[:, None]).exp_().mul_(qt[:, None]).scatter_(-1, ids, 0.0)
+    grad = p.mul_((q.sum(-1) + qt)[:, None]).sub_(in_tail)
+    del in_tail
+    return value, grad.scatter_add_(-1, ids, -q).div_(temperature)
+
+
+class _FusedLinearSparseKD(torch.autograd.Function):
+    """Forward computes the loss and all gradients chunk by chunk; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, ids, logp, tail, scale, temperature, vocab_size, chunk_size, needs):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        need_h, need_w, need_b = needs
+        ws = w[:vocab_size]  # padded head rows never produce logits, so their gradient stays 0
+        bs = None if b is None else b[:vocab_size]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h_c = h[rows]
+            value, g = _chunk_value_and_grad(
+                log_probs(F.linear(h_c, ws, bs).to(acc), temperature),
+                ids[rows],
+                None if logp is None else logp[rows],
+                None if tail is None else tail[rows],
+                temperature,
+                need_h or need_w or need_b,
+            )
+            total += value
+            if g is None:
+                continue
+            g = g.mul_(scale)
+            g_in = g.to(h.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
+            if need_h:
+                grad_h[rows] = g_in @ ws
+            if need_w:
+                _add_matmul(grad_w[:vocab_size], g_in.T, h_c)
+            if need_b:
+                grad_b[:vocab_size] += g.sum(0)
+        ctx.save_for_backward(
+            grad_h, None if grad_w is None else grad_w.to(w.dtype), None if grad_b is None else grad_b.to(b.dtype)
+        )
+        return total * scale
+
+    @staticmethod
+    @once_differentiable  # the saved gradients are constants: no double backward
+    def backward(ctx, grad_out):
+        grads = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # usual case is 1: skip a [V, H] copy
+            grads = [None if g is None else g * grad_out for g in grads]
+        return *grads, *([None] * 8)
+
+
+def chunked_sparse_kd_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+) -> Tensor:
+    """``sparse_kd_loss(student_hidden @ student_head.T + bias, ...)`` without the [N, V] logits.
+
+    Only the masked positions are gathered, then processed ``chunk_size`` at a time; gradients w.r.t. the
+    hidden states, the head and the bias are folded in during the forward (see ``distill.chunked``).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = _vocab(student_head.shape[0], vocab_size)
+    keep = _check(student_hidden.shape[:-1], targets, mask)
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if keep is not None:
+        keep = keep.to(h.device)
+        h = h[keep]
+    ids, logp, tail = targets.to(h.device)._flat(keep)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and h.requires_grad,
+        grad_on and student_head.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    return _FusedLinearSparseKD.apply(
+        h,
+        student_head,
+        student_bias,
+        ids,
+        logp,
+        tail,
+        _scale(normalizer, h.shape[0], acc, h.device),
+        temperature,
+        vocab_size,
+        chunk_size,
+        needs,
+    )

@@ -1,0 +1,275 @@
+"""Offline LM teacher cache: k sparse targets per token (see ``distill.sparse_kd``), sharded and memory-mapped.
+
+Layout of a cache folder: ``shard-00000.npy`` … (one per ``shard_blocks`` blocks of ``seq_len`` tokens, a
+structured array [blocks, seq_len] with fields ``ids`` [k] — uint16 when the vocabulary fits, else uint32 —
+and, for top-k, ``logp`` [k] and ``tail`` in float16), and ``meta.json``, written last, so a cache with a
+meta.json is complete. While building, ``progress.json`` holds the same parameters and the shards done so
+far; every shard is written atomically, so an interrupted build resumes at the first missing shard. Draws
+are seeded per block from (seed, block index), so a resumed build writes the same bytes as an uninterrupted
+one, whatever the batch or shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+from distill.io import atomic_path, sha256_file, write_json
+from distill.sparse_kd import MODES, SparseTargets, sparse_targets_from_logits
+
+FORMAT = "distill.lm_sparse/1"
+FIX = "rebuild it with `distill cache RECIPE`"
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def record_dtype(mode: str, k: int, vocab_size: int) -> np.dtype:
+    """What one token costs on disk: k ids, plus k float16 log-probs and a float16 log-tail for top-k."""
+    fields = [("ids", ids_dtype(vocab_size), (k,))]
+    if mode == "topk":
+        fields += [("logp", np.float16, (k,)), ("tail", np.float16)]
+    return np.dtype(fields)
+
+
+def block_generator(seed: int, block: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator that draws block ``block``'s samples. (seed, block) is hashed rather than added so that
+    neighbouring seeds do not share streams; 32 bits because torch's CPU generator keeps only those."""
+    state = int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a torn state file counts as none: those shards are recomputed
+    return data if isinstance(data, dict) else None
+
+
+def _intact(path: Path, entry: dict) -> bool:
+    # Shards are renamed into place whole, so a size check catches the only damage a build can leave.
+    return path.is_file() and path.stat().st_size == entry.get("bytes")
+
+
+def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, batch_size) -> dict:
+    mode, k, vocab_size = params["mode"], params["k"], params["vocab_size"]
+    shard = np.empty((hi - lo, params["seq_len"]), dtype=record)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        logits = teacher_logits_fn(torch.from_numpy(input_ids[start:stop].astype(np.int64)))
+        if logits.ndim != 3 or logits.shape[:2] != (stop - start, params["seq_len"]) or logits.shape[2] < vocab_size:
+            raise DistillError(
+                f"teacher returned logits of shape {tuple(logits.shape)} for {stop - start} blocks of "
+                f"{params['seq_len']} tokens; expected [{stop - start}, {params['seq_len']}, >= {vocab_size}]"
+            )
+        for b in range(stop - start):
+            gen = block_generator(params["seed"], start + b, logits.device) if mode == "sampled" else None
+            t = sparse_targets_from_logits(
+                logits[b], mode=mode, k=k, temperature=params["temperature"], generator=gen, vocab_size=vocab_size
+            )
+            row = start - lo + b
+            shard["ids"][row] = t.ids.cpu().numpy()
+            if mode == "topk":
+                shard["logp"][row] = t.logp.cpu().numpy()
+                shard["tail"][row] = t.tail.cpu().numpy()
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:  # np.save(path) would append ".npy" to the name
+        np.save(handle, shard)
+    return {"file": path.name, "blocks": hi - lo, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def build_lm_cache(
+    teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: np.ndarray,
+    out_dir: Path,
+    *,
+    mode: str = "sampled",
+    k: int = 16,
+    temperature: float = 1.0,
+    teacher_id: str,
+    data_id: str,
+    vocab_size: int,
+    batch_size: int = 8,
+    shard_blocks: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Run the teacher over ``input_ids`` [N, S] once and store k sparse targets per token in ``out_dir``.
+
+    ``teacher_logits_fn(LongTensor [B, S]) -> [B, S, V]`` is called ``batch_size`` blocks at a time (run it
+    under inference_mode). Rerunning with the same parameters resumes an interrupted build; a finished cache
+    is left as it is. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):
+        raise DistillError(
+            f"input_ids must be an integer array [blocks, seq_len], got {input_ids.dtype}{input_ids.shape}"
+        )
+    if mode not in MODES:
+        raise DistillError(f"unknown LM cache mode {mode!r}; choose one of {list(MODES)}")
+    if k < 1 or (mode == "topk" and k > vocab_size) or batch_size < 1 or shard_blocks < 1 or temperature <= 0:
+        raise DistillError(
+            f"bad LM cache settings k={k}, batch_size={batch_size}, shard_blocks={shard_blocks}, "
+            f"temperature={temperature}: all must be positive (and k <= vocab_size {vocab_size} for topk)"
+        )
+    record = record_dtype(mode, k, vocab_size)
+    n_blocks, seq_len = (int(n) for n in input_ids.shape)
+    params = {
+        "format": FORMAT,
+        "teacher_id": teacher_id,
+        "data_id": data_id,
+        "mode": mode,
+        "k": k,
+        "temperature": float(temperature),
+        "vocab_size": vocab_size,
+        "n_blocks": n_blocks,
+        "seq_len": seq_len,
+        "shard_blocks": shard_blocks,
+        "seed": seed,
+        "dtypes": {name: str(record.fields[name][0].base) for name in record.names},
+        "bytes_per_token": record.itemsize,
+    }
+    meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
+    state = _read_json(meta_path) or _read_json(progress_path)
+    if state is not None:
+        changed = [key for key in params if state.get(key) != params[key]]
+        if changed:
+            key = changed[0]
+            raise DistillError(
+                f"{out_dir} holds an LM cache built with {key}={state.get(key)!r}, but this build has "
+                f"{params[key]!r}; delete the folder or choose another cache_dir"
+            )
+    done = {e["file"]: e for e in (state or {}).get("shards", []) if _intact(out_dir / e["file"], e)}
+    n_shards = math.ceil(n_blocks / shard_blocks)
+    names = [f"shard-{s:05d}.npy" for s in range(n_shards)]
+    if not (meta_path.is_file() and all(name in done for name in names)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp-*"):  # left by a killed build (atomic_path cleans up otherwise)
+            stale.unlink()
+        write_json(progress_path, {**params, "shards": list(done.values())})
+        meta_path.unlink(missing_ok=True)  # from here until the end the cache is incomplete
+        for s, name in enumerate(names):
+            if name in done:
+                continue
+            lo, hi = s * shard_blocks, min((s + 1) * shard_blocks, n_blocks)
+            done[name] = _write_shard(out_dir / name, teacher_logits_fn, input_ids, lo, hi, record, params, batch_size)
+            write_json(progress_path, {**params, "shards": list(done.values())})
+            if progress:
+                print(f"LM cache {out_dir}: shard {s + 1}/{n_shards} ({hi}/{n_blocks} blocks)", flush=True)
+        write_json(meta_path, {**params, "shards": [done[name] for name in names]})
+        progress_path.unlink(missing_ok=True)
+    if progress:
+        total = sum(done[name]["bytes"] for name in names)
+        print(
+            f"LM cache {out_dir}: {n_blocks * seq_len} tokens, {record.itemsize} bytes/token "
+            f"({total / 1e6:.1f} MB with headers)",
+            flush=True,
+        )
+    return out_dir
+
+
+class LMCache:
+    """A finished LM cache, memory-mapped; ``cache[block_indices]`` gives ``SparseTargets`` [B, S, k]."""
+
+    def __init__(self, path: Path, meta: dict, shards: list[np.ndarray]):
+        self.path, self.meta, self.shards = path, meta, shards
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        teacher_id: str,
+        data_id: str,
+        temperature: float | None = None,
+        mode: str | None = None,
+        verify: bool = False,
+    ) -> LMCache:
+        """Open and validate a cache of ``teacher_id`` over ``data_id``; ``verify`` also checks each sha256."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise DistillError(f"LM teacher cache {path} has no meta.json (missing or unfinished); {FIX}")
+        meta = _read_json(meta_path)
+        try:
+            if meta is None or meta["format"] != FORMAT:
+                raise ValueError
+            record = record_dtype(meta["mode"], meta["k"], meta["vocab_size"])
+            seq_len, shard_blocks, entries = meta["seq_len"], meta["shard_blocks"], meta["shards"]
+            files = [(path / e["file"], e["blocks"], e["bytes"], e.get("sha256")) for e in entries]
+            if sum(f[1] for f in files) != meta["n_blocks"]:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise DistillError(f"LM teacher cache {meta_path} is corrupt; {FIX}") from None
+        wanted = {"teacher_id": teacher_id, "data_id": data_id, "temperature": temperature, "mode": mode}
+        for key, want in wanted.items():
+            if want is not None and meta.get(key) != want:
+                raise DistillError(
+                    f"LM teacher cache {path} was made with {key} {meta.get(key)!r} but this run has {want!r}; "
+                    f"{FIX}, or point the recipe at a cache made with {want!r}"
+                )
+        shards = []
+        for i, (file, blocks, size, sha256) in enumerate(files):
+            if not file.is_file():
+                raise DistillError(f"LM teacher cache shard {file} is missing; {FIX} (it redoes only that shard)")
+            if file.stat().st_size != size:
+                raise DistillError(
+                    f"LM teacher cache shard {file} has {file.stat().st_size} bytes, expected {size} (cut short?); "
+                    f"{FIX} (it redoes only that shard)"
+                )
+            if verify and sha256_file(file) != sha256:
+                raise DistillError(f"LM teacher cache shard {file} fails its checksum; delete it and {FIX}")
+            try:
+                shard = np.load(file, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise DistillError(
+                    f"LM teacher cache shard {file} is unreadable ({exc}); delete it and {FIX}"
+                ) from None
+            full = i < len(files) - 1
+            if shard.dtype != record or shard.shape != (blocks, seq_len) or (full and blocks != shard_blocks):
+                raise DistillError(f"LM teacher cache shard {file} does not match meta.json; delete it and {FIX}")
+            shards.append(shard)
+        return cls(path, meta, shards)
+
+    def __len__(self) -> int:
+        return self.meta["n_blocks"]
+
+    @property
+    def mode(self) -> str:
+        return self.meta["mode"]
+
+    @property
+    def temperature(self) -> float:
+        return self.meta["temperature"]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.meta["bytes_per_token"]
+
+    def __getitem__(self, block_indices) -> SparseTargets:
+        """Targets of the blocks at ``block_indices`` (a LongTensor, any shape): [*shape, seq_len, k]."""
+        idx = torch.as_tensor(block_indices).cpu().numpy().astype(np.int64)
+        flat = idx.reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"block index out of range 0..{len(self) - 1}")
+        out = np.empty((flat.size, self.meta["seq_len"]), dtype=self.shards[0].dtype)
+        which = flat // self.meta["shard_blocks"]
+        for s in np.unique(which):
+            rows = np.nonzero(which == s)[0]
+            out[rows] = self.shards[s][flat[rows] - s * self.meta["shard_blocks"]]
+        shape = (*idx.shape, self.meta["seq_len"])
+        ids = torch.from_numpy(out["ids"].astype(np.int64)).reshape(*shape, -1)
+        if self.mode == "sampled":
+            return SparseTargets(ids)
+        logp = torch.from_numpy(out["logp"].astype(np.float32)).reshape(*shape, -1)
+        return SparseTargets(ids, logp, torch.from_numpy(out["tail"].astype(np.float32)).reshape(shape))
