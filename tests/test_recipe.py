@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from distill.errors import DistillError
@@ -14,7 +16,7 @@ def test_unknown_key_names_key_and_allowed_keys(tmp_path):
     with pytest.raises(DistillError) as err:
         load_recipe(write(tmp_path, "train:\n  epochs: 3\n"))
     assert "train: unknown key" in str(err.value)
-    assert "allowed: name, seed" in str(err.value)
+    assert "allowed: task, name, seed" in str(err.value)
     with pytest.raises(DistillError) as err:
         load_recipe(write(tmp_path, "student:\n  train:\n    epocs: 3\n"))
     assert "student.train.epocs: unknown key" in str(err.value)
@@ -62,3 +64,21 @@ def test_set_overrides_are_parsed_and_validated(tmp_path):
 def test_defaults_are_a_valid_recipe():
     recipe = parse_recipe({})
     assert recipe.distill.loss == "forward_kl" and recipe.baseline
+
+
+def test_causal_lm_recipes_validate_their_own_sections():
+    recipe = parse_recipe({"task": "causal_lm", "student": {"from_teacher": {"every": 2}}})
+    assert recipe.student.from_teacher.every == 2 and recipe.distill.temperature == 1.0
+    with pytest.raises(DistillError, match="exactly one of layers, every, keep"):
+        parse_recipe({"task": "causal_lm", "student": {"from_teacher": {"every": 2, "keep": 3}}})
+    with pytest.raises(DistillError, match="exactly one of from_teacher"):
+        parse_recipe({"task": "causal_lm", "student": {"from_teacher": {"keep": 3}, "path": "x"}})
+    with pytest.raises(DistillError, match=r"data.blocks: unknown key \(allowed: source, path, block_size"):
+        parse_recipe({"task": "causal_lm", "data": {"blocks": 3}})
+    with pytest.raises(DistillError, match="task = 'vision': choose classification or causal_lm"):
+        parse_recipe({"task": "vision"})
+
+
+def test_shipped_lm_recipe_is_valid():
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-shakespeare.yaml")
+    assert recipe.teacher.path == "smollm2" and recipe.student.from_teacher.keep == 6

@@ -246,7 +246,10 @@ def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
         raw = {}
     if not isinstance(raw, dict):
         raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
-    schema = LMRecipe if raw.get("task") == "causal_lm" else Recipe
+    task = raw.get("task", "classification")
+    if task not in {"classification", "causal_lm"}:
+        raise DistillError(f"{source}: task = {task!r}: choose classification or causal_lm")
+    schema = LMRecipe if task == "causal_lm" else Recipe
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
