@@ -54,6 +54,19 @@ def _chunk_divergence(
     return value.detach(), grad
 
 
+def grad_needs(hidden: Tensor, head: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of hidden states, head and bias the fused backward must produce gradients for."""
+    on = torch.is_grad_enabled()
+    return on and hidden.requires_grad, on and head.requires_grad, on and bias is not None and bias.requires_grad
+
+
+def normalizer_scale(normalizer, count: int, dtype: torch.dtype, device) -> Tensor:
+    """1 / normalizer (default: the number of distilled positions, at least 1), kept out of autograd."""
+    if normalizer is None:
+        normalizer = max(count, 1)
+    return torch.as_tensor(normalizer, dtype=dtype, device=device).detach().reciprocal()
+
+
 def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
     if out.dtype == a.dtype:
@@ -167,15 +180,8 @@ def chunked_distillation_loss(
         keep = mask.reshape(-1).to(device=h_s.device, dtype=torch.bool)
         h_s, h_t = h_s[keep], h_t[keep]
     acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    if normalizer is None:
-        normalizer = max(h_s.shape[0], 1)
-    scale = torch.as_tensor(normalizer, dtype=acc, device=h_s.device).detach().reciprocal()
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and h_s.requires_grad,
-        grad_on and student_head.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad,
-    )
+    scale = normalizer_scale(normalizer, h_s.shape[0], acc, h_s.device)
+    needs = grad_needs(h_s, student_head, student_bias)
     return _FusedLinearDivergence.apply(
         h_s,
         student_head,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.chunked import DEFAULT_CHUNK_SIZE, _add_matmul
+from distill.chunked import DEFAULT_CHUNK_SIZE, _add_matmul, grad_needs, normalizer_scale
 from distill.losses import log_probs
 
 MODES = ("sampled", "topk")
@@ -138,12 +138,6 @@ def _check(positions: torch.Size, targets: SparseTargets, mask: Tensor | None) -
     return mask.reshape(-1).to(torch.bool)
 
 
-def _scale(normalizer, count: int, dtype, device) -> Tensor:
-    if normalizer is None:
-        normalizer = max(count, 1)
-    return torch.as_tensor(normalizer, dtype=dtype, device=device).detach().reciprocal()
-
-
 def sparse_kd_loss(
     student_logits: Tensor,
     targets: SparseTargets,
@@ -168,7 +162,7 @@ def sparse_kd_loss(
     ids, logp, tail = targets.to(z.device)._flat(keep)
     log_p = log_probs(z, temperature)
     total = _per_position(log_p, ids, logp, tail).sum()
-    return total * _scale(normalizer, z.shape[0], total.dtype, total.device)
+    return total * normalizer_scale(normalizer, z.shape[0], total.dtype, total.device)
 
 
 def _chunk_value_and_grad(log_p: Tensor, ids, logp, tail, temperature: float, want_grad: bool):
@@ -266,12 +260,7 @@ def chunked_sparse_kd_loss(
         h = h[keep]
     ids, logp, tail = targets.to(h.device)._flat(keep)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and h.requires_grad,
-        grad_on and student_head.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad,
-    )
+    needs = grad_needs(h, student_head, student_bias)
     return _FusedLinearSparseKD.apply(
         h,
         student_head,
@@ -279,7 +268,7 @@ def chunked_sparse_kd_loss(
         ids,
         logp,
         tail,
-        _scale(normalizer, h.shape[0], acc, h.device),
+        normalizer_scale(normalizer, h.shape[0], acc, h.device),
         temperature,
         vocab_size,
         chunk_size,

