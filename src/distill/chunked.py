@@ -67,6 +67,19 @@ def normalizer_scale(normalizer, count: int, dtype: torch.dtype, device) -> Tens
     return torch.as_tensor(normalizer, dtype=dtype, device=device).detach().reciprocal()
 
 
+def fold_chunk_gradient(g: Tensor, scale: Tensor, h_c: Tensor, ws: Tensor, rows: slice, grads: list, vocab: int):
+    """Fold a chunk's loss gradient w.r.t. its logits into the gradients of hidden states, head and bias."""
+    grad_h, grad_w, grad_b = grads
+    g = g.mul_(scale)
+    g_in = g.to(h_c.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
+    if grad_h is not None:
+        grad_h[rows] = g_in @ ws
+    if grad_w is not None:
+        _add_matmul(grad_w[:vocab], g_in.T, h_c)
+    if grad_b is not None:
+        grad_b[:vocab] += g.sum(0)
+
+
 def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
     if out.dtype == a.dtype:
@@ -89,6 +102,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
         grad_b = torch.zeros(b_s.shape, dtype=acc, device=b_s.device) if need_b else None
+        grads = [grad_h, grad_w, grad_b]
         total = torch.zeros((), dtype=acc, device=h_s.device)
         for start in range(0, h_s.shape[0], chunk_size):
             hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
@@ -98,16 +112,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, need_h or need_w or need_b
             )
             total += value
-            if g is None:
-                continue
-            g = g.mul_(scale)
-            g_in = g.to(h_s.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
-            if need_h:
-                grad_h[start : start + chunk_size] = g_in @ ws
-            if need_w:
-                _add_matmul(grad_w[:vocab_size], g_in.T, hs_c)
-            if need_b:
-                grad_b[:vocab_size] += g.sum(0)
+            if g is not None:
+                fold_chunk_gradient(g, scale, hs_c, ws, slice(start, start + chunk_size), grads, vocab_size)
         if grad_w is not None:
             grad_w = grad_w.to(w_s.dtype)
         if grad_b is not None:

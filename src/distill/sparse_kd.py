@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.chunked import DEFAULT_CHUNK_SIZE, _add_matmul, grad_needs, normalizer_scale
+from distill.chunked import DEFAULT_CHUNK_SIZE, fold_chunk_gradient, grad_needs, normalizer_scale
 from distill.losses import log_probs
 
 MODES = ("sampled", "topk")
@@ -196,6 +196,7 @@ class _FusedLinearSparseKD(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+        grads = [grad_h, grad_w, grad_b]
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -209,16 +210,8 @@ class _FusedLinearSparseKD(torch.autograd.Function):
                 need_h or need_w or need_b,
             )
             total += value
-            if g is None:
-                continue
-            g = g.mul_(scale)
-            g_in = g.to(h.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
-            if need_h:
-                grad_h[rows] = g_in @ ws
-            if need_w:
-                _add_matmul(grad_w[:vocab_size], g_in.T, h_c)
-            if need_b:
-                grad_b[:vocab_size] += g.sum(0)
+            if g is not None:
+                fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
         ctx.save_for_backward(
             grad_h, None if grad_w is None else grad_w.to(w.dtype), None if grad_b is None else grad_b.to(b.dtype)
         )
