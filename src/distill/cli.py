@@ -75,6 +75,21 @@ def fetch(what: Annotated[str, typer.Argument(help="data set to fetch: mnist, sh
     print(available[what]())
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder with a finished student")],
+    format_: Annotated[
+        str, typer.Option("--format", help="safetensors, int8, onnx, onnx-int8, gguf-f16 or gguf-q8_0")
+    ] = "safetensors",
+    out: Annotated[Path | None, typer.Option("--out", help="target folder (default RUN/exports/FORMAT)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing export")] = False,
+) -> None:
+    """Export the student, reload it and check it against the student on held-out data."""
+    from distill.export.run_export import export_run, summary
+
+    print(summary(export_run(run_dir, format_, out, force=force)))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
