@@ -94,11 +94,14 @@ def load_lm_data(spec: LMDataSpec, tokenizer, seed: int) -> tuple[TokenData, Tok
             )
         data = encode_pairs(pairs, tokenizer, spec.block_size, chat_template=spec.chat_template)
     train, heldout = split_holdout(data, spec.heldout_fraction, seed)
-    if spec.limit_train_blocks:
-        train = train.subset(np.arange(min(len(train), spec.limit_train_blocks)))
-    if spec.limit_heldout_blocks:
-        heldout = heldout.subset(np.arange(min(len(heldout), spec.limit_heldout_blocks)))
-    return train, heldout
+    return _sample(train, spec.limit_train_blocks, seed), _sample(heldout, spec.limit_heldout_blocks, seed)
+
+
+def _sample(data: TokenData, limit: int | None, seed: int) -> TokenData:
+    """At most ``limit`` blocks drawn across the whole corpus (not its first works), in corpus order."""
+    if not limit or limit >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[:limit]))
 
 
 def _shakespeare_dir() -> str:
