@@ -131,7 +131,7 @@ def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path,
     path, _ = write_recipe(tmp_path, tok, signal)
     metrics = run_lm(load_recipe(path), tmp_path / "run")
     models = metrics["models"]
-    assert list(models) == ["teacher", "student_init", "baseline", "student"]
+    assert list(models) == ["teacher", "student_init", "baseline", "student", "student_int8"]
     teacher = models["teacher"]
     assert teacher["agreement_with_teacher"] is None and teacher["parameters"] > models["student"]["parameters"]
     for name in ("student_init", "baseline", "student"):

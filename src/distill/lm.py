@@ -306,12 +306,16 @@ def run_lm(
     models["student"] = _train_or_load(
         "student", s, LMBatches(**common, distill=d, **signal), recipe, out, accelerator, resume=resume, on_step=on_step
     )
+    from distill.run import int8_student
+
+    models["student_int8"], int8_file = int8_student(out)
     results = lm_metrics(
         models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
     )
     for name in ("baseline", "student"):
         if name in results:
             results[name]["file_bytes"] = (out / name / "model.safetensors").stat().st_size
+    results["student_int8"] |= {"parameters": results["student"]["parameters"], "file_bytes": int8_file.stat().st_size}
     metrics = {
         "recipe": recipe.name,
         "task": "causal_lm",

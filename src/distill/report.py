@@ -13,6 +13,7 @@ LABELS = {
     "student_init": "student before training",
     "baseline": "student, hard labels only",
     "student": "student, distilled",
+    "student_int8": "student, distilled, int8",
 }
 COLUMNS = [
     ("parameters", "params", "{:,}"),
@@ -57,7 +58,16 @@ def headline(models: dict) -> str:
         removed = 100 * (1 - s["test_errors"] / b["test_errors"]) if b["test_errors"] else 0.0
         effect = f"removes {removed:.0f}% of them" if removed >= 0 else f"makes {-removed:.0f}% more"
         text += f"; the same student trained without the teacher makes {b['test_errors']}: distillation {effect}"
-    return text + ")."
+    text += ")."
+    if "student_int8" in models:
+        q = models["student_int8"]
+        text += (
+            f" Quantized to int8 it is a {human_bytes(q['file_bytes'])} file ({t['file_bytes'] / q['file_bytes']:.1f}× "
+            f"smaller than the teacher), {t['latency_ms_batch1'] / q['latency_ms_batch1']:.1f}× faster per example "
+            f"and keeps {100 * q['test_accuracy'] / t['test_accuracy']:.1f}% of its accuracy "
+            f"({q['test_errors']} errors)."
+        )
+    return text
 
 
 def lm_headline(models: dict) -> str:
@@ -79,7 +89,15 @@ def lm_headline(models: dict) -> str:
             f"(agreement {b['agreement_with_teacher']:.1%}): distillation closes {closed:.0f}% of its perplexity "
             "gap to the teacher"
         )
-    return text + "."
+    text += "."
+    if "student_int8" in models:
+        q = models["student_int8"]
+        text += (
+            f" Quantized to int8 it is a {human_bytes(q['file_bytes'])} file ({t['file_bytes'] / q['file_bytes']:.1f}× "
+            f"smaller than the teacher), {q['tokens_per_s'] / t['tokens_per_s']:.1f}× faster, with perplexity "
+            f"{q['perplexity']:.2f}."
+        )
+    return text
 
 
 def table(models: dict, columns: list = COLUMNS) -> str:

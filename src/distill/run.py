@@ -136,10 +136,21 @@ def run(
         accelerator,
         **common | {"seed": student_seed},
     )
+    models["student_int8"] = int8_student(out)
     metrics = evaluate_models(recipe, models, data)
+    metrics["models"]["student_int8"]["parameters"] = metrics["models"]["student"]["parameters"]
     write_json(out / "metrics.json", metrics)
     write_report(out)
     return metrics
+
+
+def int8_student(out: Path) -> tuple[torch.nn.Module, Path]:
+    """The distilled student as dynamic int8 (``distill export RUN --format int8``, checked on reload)."""
+    from distill.export.quantize import WEIGHTS, load_int8
+    from distill.export.run_export import export_run
+
+    folder = Path(export_run(out, "int8", force=True)["path"])
+    return load_int8(folder), folder / WEIGHTS
 
 
 def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:

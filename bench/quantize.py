@@ -1,0 +1,155 @@
+"""Distilled students → quantized files: what the small file keeps and what it costs, measured.
+
+1. MNIST (`recipes/mnist.yaml`, the demo): distilled student fp32 vs dynamic int8. Bar: int8 file ≤ 0.3× the
+   fp32 file, test accuracy down by ≤ 0.5 points.
+2. SmolLM2 → 6-layer student (`recipes/smollm2-shakespeare.yaml`, the lm_quality run): fp32 vs int8 vs
+   GGUF q8_0. Bar: held-out perplexity up by ≤ 2% and batch-1 CPU latency ≥ 1.3× faster than fp32 (int8;
+   the GGUF's speed belongs to llama.cpp, which is not installed here: its perplexity is measured through
+   transformers' GGUF loader, its size on disk).
+3. The chain as one table: teacher → distilled student → int8 student, size and speed ratios, quality kept.
+
+Runs resume finished stages, so on a machine that already ran `make demo` and bench/lm_quality.py this
+only evaluates and exports. Ends with one JSON line; exits 1 when a bar is missed.
+
+    python bench/quantize.py [--mnist-run runs/mnist --lm-run runs/bench/lm_quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distill.evaluate import _target_log_probs
+from distill.export.run_export import export_run
+from distill.lm import run_lm, setup
+from distill.losses import IGNORE_INDEX
+from distill.models.causal_lm import load_causal_lm
+from distill.recipe import load_recipe
+from distill.run import run
+
+
+@torch.inference_mode()
+def perplexity(model, heldout, vocab_size: int, batch_size: int = 8) -> float:
+    nll, tokens = 0.0, 0
+    for start in range(0, len(heldout), batch_size):
+        rows = slice(start, start + batch_size)
+        ids = torch.from_numpy(heldout.input_ids[rows]).long()
+        attention = torch.from_numpy(heldout.attention_mask[rows]).long()
+        targets = torch.from_numpy(heldout.labels[rows][:, 1:])
+        mask = targets != IGNORE_INDEX
+        logp = _target_log_probs(model.eval(), ids, attention, mask, vocab_size)
+        nll -= logp.gather(-1, targets[mask][:, None]).sum().item()
+        tokens += int(mask.sum())
+    return math.exp(nll / tokens)
+
+
+@torch.inference_mode()
+def batch1_latency_ms(model, ids: torch.Tensor, *, threads: int = 1, runs: int = 10) -> float:
+    """Median time of one forward pass over one block (batch 1), after a warm-up, ``threads`` CPU threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.eval()(input_ids=ids)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 1000 * statistics.median(times)
+
+
+def mnist(run_dir: Path) -> dict:
+    models = run(load_recipe("recipes/mnist.yaml"), run_dir, resume=True)["models"]
+    fp32, int8 = models["student"], models["student_int8"]
+    figures = {
+        "fp32_bytes": fp32["file_bytes"],
+        "int8_bytes": int8["file_bytes"],
+        "size_ratio": round(int8["file_bytes"] / fp32["file_bytes"], 4),
+        "fp32_accuracy": fp32["test_accuracy"],
+        "int8_accuracy": int8["test_accuracy"],
+        "accuracy_drop_points": round(100 * (fp32["test_accuracy"] - int8["test_accuracy"]), 3),
+        "latency_speedup_batch1": round(fp32["latency_ms_batch1"] / int8["latency_ms_batch1"], 3),
+    }
+    figures["pass"] = figures["size_ratio"] <= 0.3 and figures["accuracy_drop_points"] <= 0.5
+    return figures
+
+
+def lm(run_dir: Path) -> dict:
+    recipe = load_recipe("recipes/smollm2-shakespeare.yaml")
+    metrics = run_lm(recipe, run_dir, resume=True)
+    models = metrics["models"]
+    s = setup(recipe)
+    student = load_causal_lm(run_dir / "student")[0]
+    from distill.export.quantize import load_int8
+
+    int8 = load_int8(run_dir / "exports" / "int8")
+    block = torch.from_numpy(s.heldout.input_ids[:1]).long()
+    latency = {"fp32": batch1_latency_ms(student, block), "int8": batch1_latency_ms(int8, block)}
+    gguf = export_run(run_dir, "gguf-q8_0", force=True)
+    with tempfile.TemporaryDirectory() as cache:
+        q8 = load_causal_lm(Path(gguf["path"]) / "model.gguf", cache_dir=Path(cache))[0]
+        q8_perplexity = perplexity(q8, s.heldout, s.vocab_size)
+    fp32_ppl, int8_ppl = models["student"]["perplexity"], models["student_int8"]["perplexity"]
+    figures = {
+        "fp32_bytes": models["student"]["file_bytes"],
+        "int8_bytes": models["student_int8"]["file_bytes"],
+        "gguf_q8_0_bytes": gguf["file_bytes"],
+        "perplexity": {"fp32": round(fp32_ppl, 3), "int8": round(int8_ppl, 3), "gguf_q8_0": round(q8_perplexity, 3)},
+        "perplexity_increase": {
+            "int8": round(int8_ppl / fp32_ppl - 1, 4),
+            "gguf_q8_0": round(q8_perplexity / fp32_ppl - 1, 4),
+        },
+        "batch1_latency_ms_1thread": {k: round(v, 1) for k, v in latency.items()},
+        "int8_speedup_batch1": round(latency["fp32"] / latency["int8"], 3),
+        "chain": chain(models),
+    }
+    figures["pass"] = max(figures["perplexity_increase"].values()) <= 0.02 and figures["int8_speedup_batch1"] >= 1.3
+    return figures
+
+
+def chain(models: dict) -> list[dict]:
+    """Teacher → distilled student → int8 student: size, speed and quality relative to the teacher."""
+    t = models["teacher"]
+    return [
+        {
+            "model": name,
+            "bytes": models[name]["file_bytes"],
+            "smaller_than_teacher": round(t["file_bytes"] / models[name]["file_bytes"], 2),
+            "faster_than_teacher": round(models[name]["tokens_per_s"] / t["tokens_per_s"], 2),
+            "perplexity": round(models[name]["perplexity"], 3),
+            "agreement_with_teacher": models[name]["agreement_with_teacher"],
+        }
+        for name in ("teacher", "student", "student_int8")
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist-run", type=Path, default=Path("runs/mnist"))
+    parser.add_argument("--lm-run", type=Path, default=Path("runs/bench/lm_quality"))
+    parser.add_argument("--skip-lm", action="store_true")
+    args = parser.parse_args()
+    results = {"bench": "quantize", "mnist": mnist(args.mnist_run)}
+    print("MNIST:", json.dumps(results["mnist"]))
+    if not args.skip_lm:
+        results["lm"] = lm(args.lm_run)
+        for row in results["lm"]["chain"]:
+            print(row)
+        print("LM:", json.dumps({k: v for k, v in results["lm"].items() if k != "chain"}))
+    results["pass"] = all(part["pass"] for part in results.values() if isinstance(part, dict))
+    print(json.dumps(results))
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
