@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
@@ -106,8 +108,7 @@ def table(models: dict, columns: list = COLUMNS) -> str:
     for name, values in models.items():
         cells = []
         for key, _, fmt in columns:
-            value = values.get(key)
-            cells.append("—" if value is None else human_bytes(value) if fmt is None else fmt.format(value))
+            cells.append(_cell(values.get(key), fmt))
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -147,53 +148,111 @@ def plot_curves(run_dir: Path) -> Path | None:
     return target
 
 
+def plot_models(run_dir: Path, models: dict, lm: bool) -> Path:
+    """Quality per model, and size vs quality (the trade a user is buying)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, title = ("perplexity", "held-out perplexity (lower is better)") if lm else ("test_errors", "test errors")
+    names = [n for n in models if models[n].get(key) is not None]
+    labels = [LABELS.get(n, n) for n in names]
+    values = [models[n][key] for n in names]
+    sizes = [models[n]["file_bytes"] / 2**20 for n in names]
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 3.8))
+    bars.barh(labels, values, color="#4c72b0")
+    bars.set(title=title, xscale="log" if lm else "linear")
+    bars.invert_yaxis()
+    scatter.scatter(sizes, values, color="#dd8452")
+    for x, y, label in zip(sizes, values, labels, strict=True):
+        scatter.annotate(label, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    scatter.set(
+        title="size vs quality",
+        xlabel="weights on disk (MB)",
+        ylabel=key,
+        xscale="log",
+        yscale="log" if lm else "linear",
+    )
+    fig.tight_layout()
+    target = run_dir / "models.png"
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return target
+
+
 def write_report(run_dir: Path) -> Path:
+    """REPORT.md and a self-contained report.html (images embedded) from metrics.json and log.jsonl."""
     run_dir = Path(run_dir)
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except FileNotFoundError:
         raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
     models = metrics["models"]
-    curves = plot_curves(run_dir)
     machine = metrics.get("machine", {})
-    if metrics.get("task") == "causal_lm":
+    lm = metrics.get("task") == "causal_lm"
+    if lm:
         data = metrics.get("data", {})
-        parts = [
-            f"# Distillation report: {metrics.get('recipe', run_dir.name)}",
-            "",
-            lm_headline(models),
-            "",
-            table(models, LM_COLUMNS),
-            "",
+        note = (
             f"Held-out: {data.get('heldout_blocks', '?')} blocks of {data.get('block_size', '?')} tokens "
             f"({next(iter(models.values())).get('heldout_tokens', '?')} predicted tokens); training: "
             f"{data.get('train_blocks', '?')} blocks. Weights: float32 bytes of the unique parameters "
-            f"(the saved safetensors for trained students). Tokens/s: median forward pass, "
-            f"{machine.get('cpu_threads', '?')} CPU thread(s), torch {machine.get('torch', '?')}.",
-            "",
-            f"Distillation: `{json.dumps(metrics.get('distill', {}))}`",
-        ]
-        return _finish(run_dir, parts, curves)
-    parts = [
-        f"# Distillation report: {metrics.get('recipe', run_dir.name)}",
-        "",
-        headline(models),
-        "",
-        table(models),
-        "",
-        f"Latency: median of repeated batch-1 forward passes after warm-up, "
-        f"{machine.get('cpu_threads_for_latency', '?')} CPU thread(s), torch {machine.get('torch', '?')}, "
-        f"{machine.get('platform', '?')}. File size: the safetensors weights on disk.",
-        "",
-        f"Distillation: `{json.dumps(metrics.get('distill', {}))}`",
-    ]
-    return _finish(run_dir, parts, curves)
-
-
-def _finish(run_dir: Path, parts: list[str], curves: Path | None) -> Path:
+            f"(the saved files for trained students). Tokens/s: median forward pass, "
+            f"{machine.get('cpu_threads', '?')} CPU thread(s), torch {machine.get('torch', '?')}."
+        )
+    else:
+        note = (
+            f"Latency: median of repeated batch-1 forward passes after warm-up, "
+            f"{machine.get('cpu_threads_for_latency', '?')} CPU thread(s), torch {machine.get('torch', '?')}, "
+            f"{machine.get('platform', '?')}. File size: the weights file on disk."
+        )
+    title = f"Distillation report: {metrics.get('recipe', run_dir.name)}"
+    summary = lm_headline(models) if lm else headline(models)
+    columns = LM_COLUMNS if lm else COLUMNS
+    distill = f"Distillation: `{json.dumps(metrics.get('distill', {}))}`"
+    plots = [("Quality and size per model", plot_models(run_dir, models, lm))]
+    curves = plot_curves(run_dir)
     if curves:
-        parts += ["", "## Training curves", "", f"![training curves]({curves.name})"]
+        plots.append(("Training curves (every loss term)", curves))
+    parts = [f"# {title}", "", summary, "", table(models, columns), "", note, "", distill]
+    for heading, image in plots:
+        parts += ["", f"## {heading}", "", f"![{heading}]({image.name})"]
     target = run_dir / "REPORT.md"
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(parts) + "\n")
+    with atomic_path(run_dir / "report.html") as tmp:
+        tmp.write_text(html_report(title, summary, models, columns, [note, distill], plots))
     return target
+
+
+def html_report(title: str, summary: str, models: dict, columns: list, notes: list[str], plots: list) -> str:
+    """One file, no external resources: the images are embedded as data: URIs."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(t)}</th>" for _, t, _ in columns)
+    rows = "".join(
+        f"<tr><td>{esc(LABELS.get(name, name))}</td>"
+        + "".join(f"<td>{esc(_cell(values.get(key), fmt))}</td>" for key, _, fmt in columns)
+        + "</tr>"
+        for name, values in models.items()
+    )
+    figures = "".join(
+        f'<h2>{esc(heading)}</h2><img alt="{esc(heading)}" src="data:image/png;base64,'
+        f'{base64.b64encode(image.read_bytes()).decode()}">'
+        for heading, image in plots
+    )
+    notes_html = "".join(f"<p class=note>{esc(n)}</p>" for n in notes)
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child{text-align:left}.headline{font-size:1.15em}.note{color:#555;font-size:.9em}"
+        "img{max-width:100%}</style></head><body>"
+        f"<h1>{esc(title)}</h1><p class=headline>{esc(summary)}</p>"
+        f"<table><thead><tr><th>model</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        f"{notes_html}{figures}</body></html>\n"
+    )
+
+
+def _cell(value, fmt) -> str:
+    return "—" if value is None else human_bytes(value) if fmt is None else fmt.format(value)
