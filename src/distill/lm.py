@@ -306,16 +306,19 @@ def run_lm(
     models["student"] = _train_or_load(
         "student", s, LMBatches(**common, distill=d, **signal), recipe, out, accelerator, resume=resume, on_step=on_step
     )
-    from distill.run import int8_student
+    from distill.run import with_int8_student
 
-    models["student_int8"], int8_file = int8_student(out)
+    files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}
+    if int8 := with_int8_student(out, {}).get("student_int8"):
+        models["student_int8"], files["student_int8"] = int8
     results = lm_metrics(
         models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
     )
-    for name in ("baseline", "student"):
+    for name, file in files.items():
         if name in results:
-            results[name]["file_bytes"] = (out / name / "model.safetensors").stat().st_size
-    results["student_int8"] |= {"parameters": results["student"]["parameters"], "file_bytes": int8_file.stat().st_size}
+            results[name]["file_bytes"] = file.stat().st_size
+    if "student_int8" in results:  # dynamic int8 modules hide their packed weights from .parameters()
+        results["student_int8"]["parameters"] = results["student"]["parameters"]
     metrics = {
         "recipe": recipe.name,
         "task": "causal_lm",

@@ -24,6 +24,9 @@ GGUF = ("gguf-f16", "gguf-q8_0")
 # largest |logit|. f16 weights round at ~5e-4 relative, so gguf-f16 gets a looser bound than fp32 re-encodings.
 MIN_AGREEMENT = {"safetensors": 0.99, "onnx": 0.99, "gguf-f16": 0.99}  # lossy formats (int8): 0.90
 MIN_AGREEMENT_LOSSY = 0.90
+# An LM's top-1 flips wherever its two best tokens are close, which a small student's flat distributions often
+# are: its lossy exports are checked at 0.8 (perplexity, the quality that counts, is measured by bench/quantize.py).
+MIN_AGREEMENT_LOSSY_LM = 0.80
 MAX_RELATIVE_DIFF = {"safetensors": 1e-3, "onnx": 1e-3, "gguf-f16": 1e-2}
 MODEL_FILES = (".safetensors", ".int8.pt", ".onnx", ".onnx.data", ".gguf")  # counted in file_bytes (not tokenizers)
 CLASSIFIER_EXAMPLES = 2000
@@ -210,10 +213,11 @@ def check_export(fmt: str, s: Student, folder: Path) -> dict:
         "compared_unit": unit,
     }
     where = f"on {len(reference)} held-out {unit}; nothing was written"
-    if not agreement >= MIN_AGREEMENT.get(fmt, MIN_AGREEMENT_LOSSY):
+    lossy = MIN_AGREEMENT_LOSSY_LM if s.kind == "causal_lm" else MIN_AGREEMENT_LOSSY
+    minimum = MIN_AGREEMENT.get(fmt, lossy)
+    if not agreement >= minimum:
         raise DistillError(
-            f"{fmt} export failed its check: top-1 agreement with the student {agreement:.4f} < "
-            f"{MIN_AGREEMENT.get(fmt, MIN_AGREEMENT_LOSSY)} {where}"
+            f"{fmt} export failed its check: top-1 agreement with the student {agreement:.4f} < {minimum} {where}"
         )
     tolerance = MAX_RELATIVE_DIFF.get(fmt)
     if tolerance is not None and not diff <= tolerance * scale:
