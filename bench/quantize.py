@@ -68,8 +68,14 @@ def batch1_latency_ms(model, ids: torch.Tensor, *, threads: int = 1, runs: int =
     return 1000 * statistics.median(times)
 
 
+def run_recipe(run_dir: Path, default: str):
+    """The run's own resolved recipe when it exists (so a finished run is resumed, not retrained)."""
+    saved = run_dir / "recipe.yaml"
+    return load_recipe(saved if saved.exists() else default)
+
+
 def mnist(run_dir: Path) -> dict:
-    models = run(load_recipe("recipes/mnist.yaml"), run_dir, resume=True)["models"]
+    models = run(run_recipe(run_dir, "recipes/mnist.yaml"), run_dir, resume=True)["models"]
     fp32, int8 = models["student"], models["student_int8"]
     figures = {
         "fp32_bytes": fp32["file_bytes"],
@@ -85,7 +91,7 @@ def mnist(run_dir: Path) -> dict:
 
 
 def lm(run_dir: Path) -> dict:
-    recipe = load_recipe("recipes/smollm2-shakespeare.yaml")
+    recipe = run_recipe(run_dir, "recipes/smollm2-shakespeare.yaml")
     metrics = run_lm(recipe, run_dir, resume=True)
     models = metrics["models"]
     s = setup(recipe)
@@ -136,7 +142,7 @@ def chain(models: dict) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist-run", type=Path, default=Path("runs/mnist"))
-    parser.add_argument("--lm-run", type=Path, default=Path("runs/bench/lm_quality"))
+    parser.add_argument("--lm-run", type=Path, default=Path("runs/bench/lm_quality_a05"))
     parser.add_argument("--skip-lm", action="store_true")
     args = parser.parse_args()
     results = {"bench": "quantize", "mnist": mnist(args.mnist_run)}
