@@ -34,7 +34,11 @@ def test_full_run_writes_the_run_folder(tmp_path, tiny_recipe):
         "recipe.yaml",
         "metrics.json",
         "REPORT.md",
+        "report.html",
         "training_curves.png",
+        "models.png",
+        "exports/int8/model.int8.pt",
+        "exports/int8.json",
         "log.jsonl",
         "teacher/model.safetensors",
         "baseline/model.safetensors",
@@ -43,7 +47,7 @@ def test_full_run_writes_the_run_folder(tmp_path, tiny_recipe):
         assert (out / name).is_file(), name
     assert yaml.safe_load((out / "recipe.yaml").read_text())["student"]["train"]["epochs"] == 3
     metrics = json.loads((out / "metrics.json").read_text())["models"]
-    assert set(metrics) == {"teacher", "baseline", "student"}
+    assert set(metrics) == {"teacher", "baseline", "student", "student_int8"}
     for values in metrics.values():
         assert values["test_examples"] == 360 and 0 <= values["test_errors"] <= 360
         assert values["parameters"] > 0 and values["file_bytes"] > 0 and values["latency_ms_batch1"] > 0

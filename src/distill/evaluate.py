@@ -19,7 +19,8 @@ from distill.models.classifiers import count_parameters
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
     model.eval()
-    device = next(model.parameters()).device
+    # An int8 MLP has no float parameters left: it runs on the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
     parts = [
         model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)
     ]
