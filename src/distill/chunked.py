@@ -80,6 +80,14 @@ def fold_chunk_gradient(g: Tensor, scale: Tensor, h_c: Tensor, ws: Tensor, rows:
         grad_b[:vocab] += g.sum(0)
 
 
+def saved_gradients(ctx, grad_out: Tensor) -> list:
+    """The gradients folded in during forward, times the incoming gradient (usually 1: no [V, H] copy)."""
+    grads = list(ctx.saved_tensors)
+    if not torch.equal(grad_out, torch.ones_like(grad_out)):
+        grads = [None if g is None else g * grad_out for g in grads]
+    return grads
+
+
 def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
     if out.dtype == a.dtype:
@@ -124,11 +132,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad_out):
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # usual case is 1: skip a [V, H] copy
-            grads = [None if g is None else g * grad_out for g in grads]
-        grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, grad_b, *([None] * 10)
+        return *saved_gradients(ctx, grad_out), *([None] * 10)
 
 
 def _check(student_hidden, student_head, teacher_hidden, teacher_head, divergence, mask, vocab_size) -> int:

@@ -93,8 +93,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def lm_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, *, threads: int, runs: int = 3) -> float:
-    """Forward (scoring) throughput on the CPU with ``threads`` threads: median of ``runs`` after a warm-up."""
+def lm_forward_seconds(model: nn.Module, input_ids: torch.Tensor, *, threads: int, runs: int = 3) -> float:
+    """Median time of one CPU forward pass over ``input_ids`` with ``threads`` threads, after a warm-up."""
     model = model.eval().to("cpu")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -107,7 +107,12 @@ def lm_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, *, threads: 
             times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    return input_ids.numel() / statistics.median(times)
+    return statistics.median(times)
+
+
+def lm_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, *, threads: int) -> float:
+    """Forward (scoring) throughput on the CPU."""
+    return input_ids.numel() / lm_forward_seconds(model, input_ids, threads=threads)
 
 
 def _target_log_probs(model: nn.Module, ids, attention, mask, vocab_size: int) -> torch.Tensor:

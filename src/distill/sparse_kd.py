@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.chunked import DEFAULT_CHUNK_SIZE, fold_chunk_gradient, grad_needs, normalizer_scale
+from distill.chunked import DEFAULT_CHUNK_SIZE, fold_chunk_gradient, grad_needs, normalizer_scale, saved_gradients
 from distill.losses import log_probs
 
 MODES = ("sampled", "topk")
@@ -220,10 +220,7 @@ class _FusedLinearSparseKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad_out):
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # usual case is 1: skip a [V, H] copy
-            grads = [None if g is None else g * grad_out for g in grads]
-        return *grads, *([None] * 8)
+        return *saved_gradients(ctx, grad_out), *([None] * 8)
 
 
 def chunked_sparse_kd_loss(
