@@ -30,7 +30,16 @@ TEACHERS = {
 }
 
 
-def recipe(seed: int, teacher: str, teacher_epochs: int, student_epochs: int, alpha: float, checkpoint: Path | None):
+def recipe(
+    seed: int,
+    teacher: str,
+    teacher_epochs: int,
+    student_epochs: int,
+    alpha: float,
+    checkpoint: Path | None,
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+):
     every = {"checkpoint_every": 1000, "log_every": 100}
     raw = {
         "name": f"hinton-mnist-{teacher}-seed{seed}",
@@ -51,7 +60,7 @@ def recipe(seed: int, teacher: str, teacher_epochs: int, student_epochs: int, al
             "model": {"arch": "mlp", "hidden": [800, 800]},
             # AdamW, not SGD(0.1): at T=20 the T²-scaled soft-target gradient is up to T× a hard-label
             # one and SGD at lr 0.1 diverged (9,026 test errors after 8 epochs; see BENCHMARKS.md).
-            "train": {"epochs": student_epochs, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3, **every},
+            "train": {"epochs": student_epochs, "batch_size": 128, "optimizer": optimizer, "lr": lr, **every},
         },
         "distill": {"loss": "forward_kl", "temperature": 20.0, "alpha": alpha, "t2_scaling": True, "signal": "cache"},
         "eval": {"threads": 1, "latency_runs": 100},
@@ -70,14 +79,28 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/hinton"))
     parser.add_argument("--teacher-checkpoint", help="reuse trained teachers: a safetensors path, {seed} filled in")
     parser.add_argument("--alpha", type=float, default=0.0, help="weight of hard labels in the distilled loss")
+    parser.add_argument("--student-optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--student-lr", type=float, default=1e-3)
     args = parser.parse_args()
 
     rows = []
     for seed in args.seeds:
         start = time.perf_counter()
-        out = args.out / f"{args.teacher}-seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}-a{args.alpha}"
+        name = f"{args.teacher}-seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}-a{args.alpha}"
+        if (args.student_optimizer, args.student_lr) != ("adamw", 1e-3):
+            name += f"-{args.student_optimizer}{args.student_lr:g}"
+        out = args.out / name
         checkpoint = Path(args.teacher_checkpoint.format(seed=seed)) if args.teacher_checkpoint else None
-        spec = recipe(seed, args.teacher, args.teacher_epochs, args.student_epochs, args.alpha, checkpoint)
+        spec = recipe(
+            seed,
+            args.teacher,
+            args.teacher_epochs,
+            args.student_epochs,
+            args.alpha,
+            checkpoint,
+            args.student_optimizer,
+            args.student_lr,
+        )
         models = run(spec, out, resume=True)["models"]
         row = {
             "seed": seed,
