@@ -60,6 +60,16 @@ def grad_needs(hidden: Tensor, head: Tensor, bias: Tensor | None) -> tuple[bool,
     return on and hidden.requires_grad, on and head.requires_grad, on and bias is not None and bias.requires_grad
 
 
+def gradient_buffers(h: Tensor, w: Tensor, b: Tensor | None, needs, acc: torch.dtype) -> list:
+    """Where the fused forward accumulates the gradients of hidden states, head (in ``acc``) and bias."""
+    need_h, need_w, need_b = needs
+    return [
+        torch.empty_like(h) if need_h else None,
+        torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None,
+        torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None,
+    ]
+
+
 def normalizer_scale(normalizer, count: int, dtype: torch.dtype, device) -> Tensor:
     """1 / normalizer (default: the number of distilled positions, at least 1), kept out of autograd."""
     if normalizer is None:
@@ -78,6 +88,14 @@ def fold_chunk_gradient(g: Tensor, scale: Tensor, h_c: Tensor, ws: Tensor, rows:
         _add_matmul(grad_w[:vocab], g_in.T, h_c)
     if grad_b is not None:
         grad_b[:vocab] += g.sum(0)
+
+
+def save_gradients(ctx, grads: list, w: Tensor, b: Tensor | None) -> None:
+    """Keep the accumulated gradients for backward, head and bias back in their parameters' dtype."""
+    grad_h, grad_w, grad_b = grads
+    ctx.save_for_backward(
+        grad_h, None if grad_w is None else grad_w.to(w.dtype), None if grad_b is None else grad_b.to(b.dtype)
+    )
 
 
 def saved_gradients(ctx, grad_out: Tensor) -> list:
@@ -102,31 +120,23 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, scale, name, temperature, vocab_size, chunk_size, needs, kwargs):
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-        need_h, need_w, need_b = needs
         # Padded vocab: the extra head rows never produce logits, so their gradient stays 0.
         ws, wt = w_s[:vocab_size], w_t[:vocab_size]
         bs = None if b_s is None else b_s[:vocab_size]
         bt = None if b_t is None else b_t[:vocab_size]
-        grad_h = torch.empty_like(h_s) if need_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
-        grad_b = torch.zeros(b_s.shape, dtype=acc, device=b_s.device) if need_b else None
-        grads = [grad_h, grad_w, grad_b]
+        grads = gradient_buffers(h_s, w_s, b_s, needs, acc)
         total = torch.zeros((), dtype=acc, device=h_s.device)
         for start in range(0, h_s.shape[0], chunk_size):
             hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
             with torch.no_grad():  # the teacher is a constant (forward runs without grad anyway; be explicit)
                 log_t = log_probs(F.linear(ht_c, wt, bt).to(acc), temperature)
             value, g = _chunk_divergence(
-                F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, need_h or need_w or need_b
+                F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, any(needs)
             )
             total += value
             if g is not None:
                 fold_chunk_gradient(g, scale, hs_c, ws, slice(start, start + chunk_size), grads, vocab_size)
-        if grad_w is not None:
-            grad_w = grad_w.to(w_s.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(b_s.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        save_gradients(ctx, grads, w_s, b_s)
         return total * scale
 
     @staticmethod

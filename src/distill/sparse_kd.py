@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.chunked import DEFAULT_CHUNK_SIZE, fold_chunk_gradient, grad_needs, normalizer_scale, saved_gradients
+from distill.chunked import (
+    DEFAULT_CHUNK_SIZE,
+    fold_chunk_gradient,
+    grad_needs,
+    gradient_buffers,
+    normalizer_scale,
+    save_gradients,
+    saved_gradients,
+)
 from distill.losses import log_probs
 
 MODES = ("sampled", "topk")
@@ -190,13 +198,9 @@ class _FusedLinearSparseKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, ids, logp, tail, scale, temperature, vocab_size, chunk_size, needs):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        need_h, need_w, need_b = needs
         ws = w[:vocab_size]  # padded head rows never produce logits, so their gradient stays 0
         bs = None if b is None else b[:vocab_size]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-        grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
-        grads = [grad_h, grad_w, grad_b]
+        grads = gradient_buffers(h, w, b, needs, acc)
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -207,14 +211,12 @@ class _FusedLinearSparseKD(torch.autograd.Function):
                 None if logp is None else logp[rows],
                 None if tail is None else tail[rows],
                 temperature,
-                need_h or need_w or need_b,
+                any(needs),
             )
             total += value
             if g is not None:
                 fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
-        ctx.save_for_backward(
-            grad_h, None if grad_w is None else grad_w.to(w.dtype), None if grad_b is None else grad_b.to(b.dtype)
-        )
+        save_gradients(ctx, grads, w, b)
         return total * scale
 
     @staticmethod

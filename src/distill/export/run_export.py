@@ -5,7 +5,6 @@ against the student on held-out data before calling it done. A failed check leav
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.io import write_json
+from distill.io import atomic_dir, write_json
 
 FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "gguf-f16", "gguf-q8_0")
 GGUF = ("gguf-f16", "gguf-q8_0")
@@ -71,19 +70,9 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool 
         raise DistillError(f"export target {target} already exists; pass --force to replace it")
 
     student = load_student(run_dir, recipe, kind)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:  # a failed check raises: the temp folder goes, the target stays as it was
         write_export(fmt, student, tmp)
         figures = check_export(fmt, student, tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     result = {"format": fmt, "path": str(target), **figures}
     write_json(run_dir / "exports" / f"{fmt}.json", result)
     return result

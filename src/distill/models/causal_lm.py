@@ -11,8 +11,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from distill.errors import DistillError
-from distill.io import sha256_file
+from distill.io import atomic_dir, sha256_file
 
 # transformers draws a progress bar for every load and save; our CLI has its own progress and one-line errors.
 hf_logging.disable_progress_bar()
@@ -140,19 +138,10 @@ def _gguf_to_hf_folder(gguf_path: Path, cache_dir: Path) -> Path:
 def save_causal_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> Path:
     """Save model (safetensors) and tokenizer into ``folder``, written to a temp folder then renamed."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
