@@ -18,35 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from distill.evaluate import _target_log_probs, lm_forward_seconds
+from distill.evaluate import lm_forward_seconds, lm_perplexity
 from distill.export.run_export import export_run
 from distill.lm import run_lm, setup
-from distill.losses import IGNORE_INDEX
 from distill.models.causal_lm import load_causal_lm
 from distill.recipe import load_recipe
 from distill.run import run
-
-
-@torch.inference_mode()
-def perplexity(model, heldout, vocab_size: int, batch_size: int = 8) -> float:
-    nll, tokens = 0.0, 0
-    for start in range(0, len(heldout), batch_size):
-        rows = slice(start, start + batch_size)
-        ids = torch.from_numpy(heldout.input_ids[rows]).long()
-        attention = torch.from_numpy(heldout.attention_mask[rows]).long()
-        targets = torch.from_numpy(heldout.labels[rows][:, 1:])
-        mask = targets != IGNORE_INDEX
-        logp = _target_log_probs(model.eval(), ids, attention, mask, vocab_size)
-        nll -= logp.gather(-1, targets[mask][:, None]).sum().item()
-        tokens += int(mask.sum())
-    return math.exp(nll / tokens)
 
 
 def batch1_latency_ms(model, ids: torch.Tensor) -> float:
@@ -90,7 +73,7 @@ def lm(run_dir: Path) -> dict:
     gguf = export_run(run_dir, "gguf-q8_0", force=True)
     with tempfile.TemporaryDirectory() as cache:
         q8 = load_causal_lm(Path(gguf["path"]) / "model.gguf", cache_dir=Path(cache))[0]
-        q8_perplexity = perplexity(q8, s.heldout, s.vocab_size)
+        q8_perplexity = lm_perplexity(q8, s.heldout, vocab_size=s.vocab_size)
     fp32_ppl, int8_ppl = models["student"]["perplexity"], models["student_int8"]["perplexity"]
     figures = {
         "fp32_bytes": models["student"]["file_bytes"],

@@ -121,6 +121,27 @@ def _target_log_probs(model: nn.Module, ids, attention, mask, vocab_size: int) -
     return torch.log_softmax(logits[mask].float(), dim=-1)
 
 
+def heldout_batches(heldout, batch_size: int):
+    """(input ids, attention mask, target mask, target tokens) per batch: targets are the next tokens that count."""
+    for start in range(0, len(heldout), batch_size):
+        rows = slice(start, start + batch_size)
+        next_tokens = torch.from_numpy(heldout.labels[rows][:, 1:])
+        mask = next_tokens != IGNORE_INDEX
+        ids = torch.from_numpy(heldout.input_ids[rows]).long()
+        yield ids, torch.from_numpy(heldout.attention_mask[rows]).long(), mask, next_tokens[mask]
+
+
+@torch.inference_mode()
+def lm_perplexity(model: nn.Module, heldout, *, vocab_size: int, batch_size: int = 8) -> float:
+    """Held-out perplexity of one model (``lm_metrics`` compares several against a teacher)."""
+    nll, tokens = 0.0, 0
+    for ids, attention, mask, targets in heldout_batches(heldout, batch_size):
+        logp = _target_log_probs(model.eval(), ids, attention, mask, vocab_size)
+        nll -= logp.gather(-1, targets[:, None]).sum().item()
+        tokens += len(targets)
+    return math.exp(nll / tokens)
+
+
 @torch.inference_mode()
 def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_size: int, threads: int) -> dict:
     """Held-out perplexity, top-1 agreement with and KL from ``models["teacher"]``, size and tokens/s.
@@ -133,13 +154,7 @@ def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_
     tokens = 0
     for model in models.values():
         model.eval().to("cpu")
-    for start in range(0, len(heldout), batch_size):
-        rows = slice(start, start + batch_size)
-        ids = torch.from_numpy(heldout.input_ids[rows]).long()
-        attention = torch.from_numpy(heldout.attention_mask[rows]).long()
-        next_tokens = torch.from_numpy(heldout.labels[rows][:, 1:])
-        mask = next_tokens != IGNORE_INDEX
-        targets = next_tokens[mask]
+    for ids, attention, mask, targets in heldout_batches(heldout, batch_size):
         tokens += len(targets)
         teacher_logp = _target_log_probs(teacher, ids, attention, mask, vocab_size)
         teacher_top = teacher_logp.argmax(-1)
