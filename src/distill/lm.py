@@ -78,12 +78,12 @@ def load_lm_data(spec: LMDataSpec, tokenizer, seed: int) -> tuple[TokenData, Tok
     if spec.source in {"shakespeare", "text", "hf_dataset"}:
         if spec.source == "hf_dataset":
             texts = read_hf_dataset(_need_path(spec), split=spec.split, text_field=spec.text_field)
-        else:
-            texts = read_text_files(spec.path or _shakespeare_dir()) if spec.source == "text" or spec.path else None
-            if texts is None:
-                from distill.data.fetch import fetch_shakespeare
+        elif spec.source == "text":
+            texts = read_text_files(_need_path(spec))
+        else:  # shakespeare: a folder given, else the corpus fetched (and checksummed) into the cache
+            from distill.data.fetch import fetch_shakespeare
 
-                texts = read_text_files(fetch_shakespeare())
+            texts = read_text_files(spec.path or fetch_shakespeare())
         data = pack_text(texts, tokenizer, spec.block_size)
     else:
         if spec.source == "jsonl":
@@ -102,12 +102,6 @@ def _sample(data: TokenData, limit: int | None, seed: int) -> TokenData:
     if not limit or limit >= len(data):
         return data
     return data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[:limit]))
-
-
-def _shakespeare_dir() -> str:
-    from distill.data.fetch import default_shakespeare_dir
-
-    return str(default_shakespeare_dir())
 
 
 def _need_path(spec: LMDataSpec) -> str:
