@@ -112,6 +112,8 @@ def test_lm_formats_round_trip(lm_run, fmt):
     if fmt in ("safetensors", "onnx"):
         assert result["max_abs_logit_diff"] < 1e-3
     assert (lm_run / "exports" / fmt / "tokenizer.json").exists()
+    if fmt == "int8":  # smoothed (or knowingly not) before quantizing; the reload above went through load_int8
+        assert "smoothquant_alpha" in json.loads((lm_run / "exports" / "int8" / "int8.json").read_text())
 
 
 @needs_gguf

@@ -75,7 +75,7 @@ def test_causal_lm_recipes_validate_their_own_sections():
         parse_recipe({"task": "causal_lm", "student": {"from_teacher": {"keep": 3}, "path": "x"}})
     with pytest.raises(DistillError, match=r"data.blocks: unknown key \(allowed: source, path, block_size"):
         parse_recipe({"task": "causal_lm", "data": {"blocks": 3}})
-    with pytest.raises(DistillError, match="task = 'vision': choose classification or causal_lm"):
+    with pytest.raises(DistillError, match="task = 'vision': choose classification, causal_lm, generate"):
         parse_recipe({"task": "vision"})
 
 

@@ -41,6 +41,7 @@ class Student:
     mask: np.ndarray | None = None  # causal_lm: real (non-padding) positions
     info: dict | None = None  # classifier: model.json (what rebuilds it)
     tokenizer: object = None
+    calibration: np.ndarray | None = None  # causal_lm: training blocks that int8 smoothing is calibrated on
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool = False) -> dict:
@@ -96,11 +97,14 @@ def load_student(run_dir: Path, recipe, kind: str) -> Student:
         from distill.lm import load_lm_data
         from distill.models.causal_lm import load_causal_lm
 
+        from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
+
         model, tokenizer = load_causal_lm(folder)
-        _, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+        train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
         blocks = heldout.subset(np.arange(min(len(heldout), LM_BLOCKS)))
         ids, mask = blocks.input_ids.astype(np.int64), blocks.attention_mask.astype(bool)
-        return Student(kind, model, folder, ids, mask, tokenizer=tokenizer)
+        calibration = train.input_ids[: CALIBRATION_BLOCKS + SCORED_BLOCKS].astype(np.int64)
+        return Student(kind, model, folder, ids, mask, tokenizer=tokenizer, calibration=calibration)
     from distill.data.arrays import load_data
     from distill.models.classifiers import load_classifier
     from distill.recipe import ModelSpec
@@ -122,7 +126,12 @@ def write_export(fmt: str, s: Student, folder: Path) -> None:
     if fmt == "int8":
         from distill.export.quantize import quantize_int8, save_int8
 
-        save_int8(quantize_int8(s.model), folder, {"kind": s.kind, "model": s.info})
+        model, meta = s.model, {"kind": s.kind, "model": s.info}
+        if s.calibration is not None:
+            from distill.export.smooth import smooth_llama
+
+            model, meta["smoothquant_alpha"] = smooth_llama(model, torch.from_numpy(s.calibration))
+        save_int8(quantize_int8(model), folder, meta)
     elif fmt in ("onnx", "onnx-int8"):
         from distill.export.onnx import export_onnx, quantize_onnx_int8
 
