@@ -6,11 +6,13 @@ from pathlib import Path
 
 import gguf
 import pytest
+import numpy as np
 import torch
 from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from distill.errors import DistillError
+from distill.export import llama_cpp
 from distill.export.gguf import export_gguf
 
 SENTENCES = [
@@ -98,7 +100,7 @@ def test_f16_file_layout_and_metadata(tok, model, exported):
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
     assert fields["llama.vocab_size"] == config.vocab_size
     assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == config.vocab_size == len(fields["tokenizer.ggml.token_type"])
     assert tokens[: len(tok)] == [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
@@ -200,3 +202,18 @@ def test_smollm2_cut_to_two_layers_exports_to_q8_0(tmp_path):
     with torch.no_grad():
         a, b = student(ids).logits, reloaded(ids).logits
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.skipif(not llama_cpp.available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_runs_the_export_like_the_student(tmp_path):
+    """The GGUF is an ordinary llama.cpp model file: llama.cpp's own logits match the student's."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, layers=2)
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", "f16")
+    ids = tokenizer("the student learns to copy the teacher")["input_ids"]
+    with torch.inference_mode():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = llama_cpp.logits(llama_cpp.load(path), ids)
+    vocab = len(tokenizer)
+    np.testing.assert_allclose(got[:, :vocab], expected[:, :vocab], atol=2e-2 * max(1.0, np.abs(expected).max()))
+    assert (got[:, :vocab].argmax(-1) == expected[:, :vocab].argmax(-1)).mean() >= 0.9

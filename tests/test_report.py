@@ -35,7 +35,7 @@ def test_report_states_measured_numbers_for_every_model(finished_run):
     assert ratio in markdown and ratio in page
     assert f"{s['test_errors']} test errors" in markdown
     # Self-contained: every image is embedded, nothing is fetched.
-    assert "src=\"data:image/png;base64," in page and not re.search(r"(src|href)=\"(https?:|//|[^d\"][^:]*\.png)", page)
+    assert 'src="data:image/png;base64,' in page and not re.search(r"(src|href)=\"(https?:|//|[^d\"][^:]*\.png)", page)
     assert page.count("<img ") == 2
 
 

@@ -56,4 +56,3 @@ def test_models_without_llama_layers_are_left_alone():
     mlp = nn.Sequential(nn.Linear(4, 4))
     assert smoothable_layers(mlp) == []
     assert smooth_llama(mlp, torch.zeros(2, 3, dtype=torch.long)) == (mlp, None)
-

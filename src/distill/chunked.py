@@ -130,9 +130,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
             with torch.no_grad():  # the teacher is a constant (forward runs without grad anyway; be explicit)
                 log_t = log_probs(F.linear(ht_c, wt, bt).to(acc), temperature)
-            value, g = _chunk_divergence(
-                F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, any(needs)
-            )
+            value, g = _chunk_divergence(F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, any(needs))
             total += value
             if g is not None:
                 fold_chunk_gradient(g, scale, hs_c, ws, slice(start, start + chunk_size), grads, vocab_size)

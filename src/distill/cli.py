@@ -24,10 +24,12 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
 ) -> None:
     """Train teacher (if needed), baseline and distilled student; evaluate; write the report."""
-    from distill.recipe import LMRecipe, load_recipe
+    from distill.recipe import GenerateRecipe, LMRecipe, load_recipe
     from distill.report import headline, lm_headline
 
     loaded = load_recipe(recipe, set_)
+    if isinstance(loaded, GenerateRecipe):
+        raise DistillError(f"{recipe} is a task: generate recipe; run it with distill generate {recipe}")
     if isinstance(loaded, LMRecipe):
         from distill.lm import run_lm
 
@@ -54,6 +56,29 @@ def cache(
     from distill.lm import build_cache
 
     build_cache(loaded, out)
+
+
+@app.command()
+def generate(
+    recipe: Annotated[Path, typer.Argument(help="a task: generate recipe YAML")],
+    out: Annotated[Path, typer.Option("--out", help="traces JSONL, appended to; a rerun skips what is done")] = Path(
+        "traces.jsonl"
+    ),
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set sampling.samples=4")] = [],  # noqa: B006
+) -> None:
+    """The teacher writes step-by-step solutions to prompts; verified ones go to OUT's .kept.jsonl."""
+    from distill.recipe import GenerateRecipe, load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    if not isinstance(loaded, GenerateRecipe):
+        raise DistillError(f"{recipe}: distill generate takes task: generate recipes")
+    from distill.teachers.generate import generate as write_traces
+
+    summary = write_traces(loaded, out)
+    print(
+        f"{summary['traces']} traces in {out}: {summary['kept']} kept, {summary['dropped']} dropped by "
+        f"{summary['verify']} verification ({summary['verifier_errors']} verifier errors); kept: {summary['kept_file']}"
+    )
 
 
 @app.command()

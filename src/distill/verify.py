@@ -53,7 +53,9 @@ def reasoning_gym_score(completion: str, record: dict) -> float:
     try:
         import reasoning_gym
     except ImportError:
-        raise DistillError("verify.method reasoning_gym needs the reasoning-gym package: pip install reasoning-gym") from None
+        raise DistillError(
+            "verify.method reasoning_gym needs the reasoning-gym package: pip install reasoning-gym"
+        ) from None
     entry = record.get("entry")
     if not isinstance(entry, dict) or "source_dataset" not in entry.get("metadata", {}):
         raise DistillError("reasoning_gym verification needs the reasoning-gym entry (with metadata) under 'entry'")
@@ -107,5 +109,9 @@ def verdict(scorer: Scorer | None, completion: str, record: dict, min_score: flo
     except DistillError:
         raise
     except Exception as exc:
-        return {"predicted": extract_answer(completion), "correct": False, "verify_error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "predicted": extract_answer(completion),
+            "correct": False,
+            "verify_error": f"{type(exc).__name__}: {exc}",
+        }
     return {"predicted": extract_answer(completion), "correct": score >= min_score, "score": score}

@@ -200,7 +200,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         )
 
     if pre is not None and byte_level(pre, regex=True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name; transformers reads an unknown name as this same byte-level default
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
     if len(steps) == 2 and byte_level(steps[1], regex=True):
         first = steps[0]

@@ -36,7 +36,9 @@ def smoothable_layers(model: nn.Module) -> list[nn.Module]:
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         parts = [(attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))]
-        if any(part is None or not all(isinstance(getattr(part, n, None), nn.Linear) for n in ns) for part, ns in parts):
+        if any(
+            part is None or not all(isinstance(getattr(part, n, None), nn.Linear) for n in ns) for part, ns in parts
+        ):
             return []
         norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
         # a norm that scales by (1 + weight), as Gemma's does, cannot absorb 1/s by dividing its weight
@@ -56,7 +58,9 @@ def _folds(layer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None, li
 
 
 @torch.inference_mode()
-def activation_ranges(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> dict[tuple[int, int], torch.Tensor]:
+def activation_ranges(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
+) -> dict[tuple[int, int], torch.Tensor]:
     """max |x_j| per input channel of each fold's activation, keyed (layer, fold), over all calibration blocks."""
     ranges: dict[tuple[int, int], torch.Tensor] = {}
 

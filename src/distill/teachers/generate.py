@@ -155,7 +155,9 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
         result = {
             "completion": tokenizer.decode(ids, skip_special_tokens=True),
             "tokens": ids,
-            "finish_reason": "stop" if length < new.shape[1] or ids[-1:] and ids[-1] in _stop_ids(model, tokenizer) else "length",
+            "finish_reason": "stop"
+            if length < new.shape[1] or ids[-1:] and ids[-1] in _stop_ids(model, tokenizer)
+            else "length",
         }
         if sampling.logprobs:
             result["logprobs"] = _top_logprobs([step[row] for step in out.logits[:length]], ids, sampling.logprobs)
@@ -176,7 +178,11 @@ def _top_logprobs(step_logits: list[torch.Tensor], ids: list[int], k: int) -> li
         logp = F.log_softmax(logits.float(), dim=-1)
         top = logp.topk(k)
         rows.append(
-            {"token": token, "logprob": float(logp[token]), "top": dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))}
+            {
+                "token": token,
+                "logprob": float(logp[token]),
+                "top": dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+            }
         )
     return rows
 
@@ -190,7 +196,9 @@ def local_completions(recipe: GenerateRecipe, jobs: list[Job]) -> Iterable[tuple
     for number, group in enumerate(batched(jobs, recipe.sampling.batch_size)):
         texts = [render_prompt(tokenizer, job.record["prompt"], recipe) for job in group]
         seed = recipe.seed * 1_000_003 + hash_key(group[0])
-        for job, text, result in zip(group, texts, generate_local(model, tokenizer, texts, recipe.sampling, seed), strict=True):
+        for job, text, result in zip(
+            group, texts, generate_local(model, tokenizer, texts, recipe.sampling, seed), strict=True
+        ):
             yield job, {"prompt": text, **result}
 
 
@@ -219,7 +227,12 @@ def generate(recipe: GenerateRecipe, out: Path) -> dict:
             completions = local_completions(recipe, jobs)
         for job, result in completions:
             checked = verdict(scorer, result["completion"], job.record, recipe.verify.min_score)
-            record = {"id": job.id, "sample": job.sample, "question": job.record["prompt"], "answer": job.record["answer"]}
+            record = {
+                "id": job.id,
+                "sample": job.sample,
+                "question": job.record["prompt"],
+                "answer": job.record["answer"],
+            }
             writer.write({**record, **result, **checked})
     finally:
         writer.close()
@@ -239,7 +252,14 @@ def summarize(out: Path, recipe: GenerateRecipe) -> dict:
     errors = [r["verify_error"] for r in records if "verify_error" in r]
     with atomic_path(kept_path(out)) as tmp:
         tmp.write_text(
-            "".join(json.dumps({"prompt": r["prompt"], "response": r["completion"], "id": r["id"], "sample": r["sample"]}, ensure_ascii=False) + "\n" for r in kept),
+            "".join(
+                json.dumps(
+                    {"prompt": r["prompt"], "response": r["completion"], "id": r["id"], "sample": r["sample"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for r in kept
+            ),
             encoding="utf-8",
         )
     summary = {
