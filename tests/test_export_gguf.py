@@ -5,8 +5,8 @@ import importlib.util
 from pathlib import Path
 
 import gguf
-import pytest
 import numpy as np
+import pytest
 import torch
 from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 from distill.errors import DistillError
 from distill.recipe import parse_recipe
 from distill.teachers.generate import finished, generate, generate_local, read_prompts
 from distill.verify import exact_match, extract_answer, verdict
-from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 
 def write_prompts(path: Path, n: int) -> Path:
@@ -199,7 +199,10 @@ def test_exact_match_normalises_numbers():
 def test_raising_verifier_drops_the_trace_and_is_reported(tmp_path, server):
     checker = tmp_path / "checker.py"
     checker.write_text(
-        "def check(text, record):\n    if record['id'] == 'p3':\n        raise ValueError('boom')\n    return record['id'] != 'p4'\n"
+        "def check(text, record):\n"
+        "    if record['id'] == 'p3':\n"
+        "        raise ValueError('boom')\n"
+        "    return record['id'] != 'p4'\n"
     )
     spec = recipe(tmp_path, served(server), verify={"method": "callable", "callable": f"{checker}:check"})
     out = tmp_path / "traces.jsonl"

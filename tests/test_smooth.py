@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 from torch import nn
 
 from distill.export.smooth import activation_ranges, int8_kl, smooth_llama, smoothable_layers, smoothed
-from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

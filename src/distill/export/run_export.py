@@ -94,10 +94,9 @@ def load_student(run_dir: Path, recipe, kind: str) -> Student:
     """The finished student and the held-out inputs its export is checked on."""
     folder = run_dir / "student"
     if kind == "causal_lm":
+        from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
         from distill.lm import load_lm_data
         from distill.models.causal_lm import load_causal_lm
-
-        from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 
         model, tokenizer = load_causal_lm(folder)
         train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)

@@ -193,7 +193,7 @@ def local_completions(recipe: GenerateRecipe, jobs: list[Job]) -> Iterable[tuple
 
     model, tokenizer = load_causal_lm(resolve_model_path(recipe.teacher.path), dtype=recipe.teacher.dtype)
     model.eval()
-    for number, group in enumerate(batched(jobs, recipe.sampling.batch_size)):
+    for group in batched(jobs, recipe.sampling.batch_size):
         texts = [render_prompt(tokenizer, job.record["prompt"], recipe) for job in group]
         seed = recipe.seed * 1_000_003 + hash_key(group[0])
         for job, text, result in zip(
@@ -239,7 +239,8 @@ def generate(recipe: GenerateRecipe, out: Path) -> dict:
     summary = summarize(out, recipe)
     if failures:
         raise DistillError(
-            f"{len(failures)} request(s) failed after {recipe.teacher.endpoint.retries} retries (last: {failures[-1]}); "
+            f"{len(failures)} request(s) failed after {recipe.teacher.endpoint.retries} retries "
+            f"(last: {failures[-1]}); "
             f"the {summary['traces']} finished traces are kept in {out}: run the same command again to retry the rest"
         )
     return summary
