@@ -314,7 +314,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
         raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
     task = raw.get("task", "classification")
     schemas = {"classification": Recipe, "causal_lm": LMRecipe, "generate": GenerateRecipe}
-    if task not in schemas:
+    if not isinstance(task, str) or task not in schemas:
         raise DistillError(f"{source}: task = {task!r}: choose {', '.join(schemas)}")
     schema = schemas[task]
     try:
@@ -342,7 +342,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DistillError(f"recipe {path}: invalid YAML at{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the error kind
+        raise DistillError(f"recipe {path}: invalid YAML{' at' + where if where else ''}: {problem}") from None
     if raw is None:
         raw = {}
     if isinstance(raw, dict):
