@@ -31,14 +31,17 @@ def run(
     if isinstance(loaded, GenerateRecipe):
         raise DistillError(f"{recipe} is a task: generate recipe; run it with distill generate {recipe}")
     if isinstance(loaded, LMRecipe):
-        from distill.lm import run_lm
+        from distill.lm import run_lm as run_recipe
 
-        print(lm_headline(run_lm(loaded, out, resume=resume, force=force)["models"]))
+        summarize = lm_headline
     else:
         from distill.run import run as run_recipe
 
-        print(headline(run_recipe(loaded, out, resume=resume, force=force)["models"]))
-    print(f"report: {out / 'REPORT.md'}")
+        summarize = headline
+    metrics = run_recipe(loaded, out, resume=resume, force=force)
+    if metrics:  # empty on the other processes of a multi-process run: the main one reports
+        print(summarize(metrics["models"]))
+        print(f"report: {out / 'REPORT.md'}")
 
 
 @app.command()

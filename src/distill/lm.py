@@ -43,7 +43,7 @@ from distill.recipe import LMDataSpec, LMDistillSpec, LMRecipe
 from distill.report import write_report
 from distill.sparse_kd import SparseTargets, chunked_sparse_kd_loss
 from distill.teachers.lm_cache import LMCache, build_lm_cache
-from distill.train import train_loop
+from distill.train import make_accelerator, train_loop
 
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the models return hidden states only
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -267,8 +267,10 @@ def _train_or_load(
         resume=resume,
         on_step=(lambda step: on_step(name, step)) if on_step else None,
     )
-    save_causal_lm(model, s.tokenizer, folder)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    if accelerator.is_main_process:  # every process holds the same weights; one writes them
+        save_causal_lm(model, s.tokenizer, folder)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     return model
 
 
@@ -284,8 +286,8 @@ def run_lm(
 
     out = Path(out)
     s = setup(recipe)
-    prepare_run_dir(recipe, out, resume=resume, force=force)
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision)
+    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     d = recipe.distill
     common = {"data": s.train, "vocab_size": s.vocab_size, "chunk_size": d.chunk_size}
     models: dict[str, nn.Module] = {"teacher": s.teacher, "student_init": s.student_init}
@@ -294,12 +296,15 @@ def run_lm(
             "baseline", s, LMBatches(**common), recipe, out, accelerator, resume=resume, on_step=on_step
         )
     if d.signal == "cache":
-        signal = {"cache": ensure_cache(recipe, cache_path(recipe, out, s), s, accelerator.device)}
+        with accelerator.main_process_first():  # the main process builds it, the others open it
+            signal = {"cache": ensure_cache(recipe, cache_path(recipe, out, s), s, accelerator.device)}
     else:
         signal = {"teacher": s.teacher.to(accelerator.device)}
     models["student"] = _train_or_load(
         "student", s, LMBatches(**common, distill=d, **signal), recipe, out, accelerator, resume=resume, on_step=on_step
     )
+    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
+        return {}
     from distill.run import with_int8_student
 
     files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}

@@ -22,10 +22,17 @@ from distill.recipe import ModelSpec, Recipe, load_recipe, recipe_to_yaml
 from distill.report import write_report
 from distill.teachers.cache import build_logits_cache
 from distill.teachers.live import LiveTeacher
-from distill.train import Stage, train_stage
+from distill.train import Stage, make_accelerator, train_stage
 
 
-def prepare_run_dir(recipe: Recipe, out: Path, *, resume: bool, force: bool) -> None:
+def prepare_run_dir(recipe: Recipe, out: Path, *, resume: bool, force: bool, accelerator=None) -> None:
+    """Check and create the run folder. Under several processes only the main one does, and the others wait for it
+    (if it refuses, the launcher stops them)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            prepare_run_dir(recipe, out, resume=resume, force=force)
+        accelerator.wait_for_everyone()
+        return
     saved = out / "recipe.yaml"
     if out.exists() and any(out.iterdir()):
         if force:
@@ -75,8 +82,10 @@ def _train_or_load(
         resume=resume,
         on_step=(lambda step: on_step(name, step)) if on_step else None,
     )
-    save_classifier(model, out / name, spec, data.input_shape, data.num_classes)
-    (out / name / "checkpoint.pt").unlink(missing_ok=True)
+    if accelerator.is_main_process:  # every process holds the same weights; one writes them
+        save_classifier(model, out / name, spec, data.input_shape, data.num_classes)
+        (out / name / "checkpoint.pt").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     return model, weights
 
 
@@ -94,8 +103,8 @@ def run(
         raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
     for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
         build_classifier(spec, data.input_shape, data.num_classes)
-    prepare_run_dir(recipe, out, resume=resume, force=force)
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision)
+    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
 
     if recipe.teacher.checkpoint:
@@ -109,9 +118,14 @@ def run(
     teacher_id = sha256_file(teacher_weights)[:16]
     if recipe.distill.signal == "cache":
         cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
-        signal = build_logits_cache(
-            cache_dir / f"teacher-{teacher_id}", live, data.train_x, teacher_id=teacher_id, data_id=data.fingerprint()
-        )
+        with accelerator.main_process_first():  # the main process builds it, the others open it
+            signal = build_logits_cache(
+                cache_dir / f"teacher-{teacher_id}",
+                live,
+                data.train_x,
+                teacher_id=teacher_id,
+                data_id=data.fingerprint(),
+            )
     else:
         signal = live
 
@@ -136,6 +150,8 @@ def run(
         accelerator,
         **common | {"seed": student_seed},
     )
+    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
+        return {}
     metrics = evaluate_models(recipe, with_int8_student(out, models), data)
     if "student_int8" in metrics["models"]:
         metrics["models"]["student_int8"]["parameters"] = metrics["models"]["student"]["parameters"]

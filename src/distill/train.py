@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,6 +32,13 @@ from distill.losses import IGNORE_INDEX, distillation_loss
 from distill.recipe import DistillSpec, TrainSpec
 
 TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The run's Accelerator. Launched as several processes (torchrun, accelerate launch) on a machine without
+    CUDA, accelerate must be told to use CPU processes (gloo); otherwise each process would train alone."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
 @dataclass
@@ -218,8 +226,9 @@ def train_loop(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         position = state["position"]
-        _trim_log(log_path, name, position["step"])
-    elif log_path.exists():
+        if accelerator.is_main_process:
+            _trim_log(log_path, name, position["step"])
+    elif log_path.exists() and accelerator.is_main_process:
         _trim_log(log_path, name, 0)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

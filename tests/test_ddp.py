@@ -1,0 +1,36 @@
+"""Data-parallel training: ``distill run`` under torchrun with 2 CPU processes (gloo) reaches the weights of one
+process with the same global batch; one process writes the run folder and the report."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import yaml
+from safetensors.torch import load_file
+from test_cli import CLI
+
+
+def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
+    tiny_recipe["teacher"]["model"]["dropout"] = 0.0  # dropout masks are drawn per process: not comparable
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*CLI, "run", recipe, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    launch = [*launcher, "-m", "distill.cli", "run", recipe, "--out", tmp_path / "two"]
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("report:") == 1  # the main process reports, once
+    for stage in ("teacher", "baseline", "student"):
+        single = load_file(tmp_path / "one" / stage / "model.safetensors")
+        parallel = load_file(tmp_path / "two" / stage / "model.safetensors")
+        for name, tensor in single.items():
+            assert (parallel[name] - tensor).abs().max() < 1e-5, (stage, name)
+    assert (tmp_path / "two" / "REPORT.md").exists()
