@@ -28,7 +28,8 @@ def extract_answer(completion: str) -> str | None:
     number; None when there is none."""
     for pattern in ANSWER_PATTERNS:
         if found := pattern.findall(completion):
-            return found[-1].strip()
+            # "The answer is 2." → "2": a scorer such as reasoning-gym's gives partial credit to "2."
+            return found[-1].strip().rstrip(".").strip("*$ ").strip()
     numbers = NUMBER.findall(completion)
     return numbers[-1] if numbers else None
 
