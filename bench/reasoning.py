@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.data.arithmetic import char_tokenizer, make_problems
@@ -28,9 +27,9 @@ from distill.data.text import encode_pairs
 from distill.lm import LMBatches
 from distill.models.causal_lm import count_parameters, load_causal_lm, save_causal_lm
 from distill.onpolicy import OnPolicyBatches
-from distill.recipe import TrainSpec, parse_recipe
+from distill.recipe import SamplingSpec, TrainSpec, parse_recipe
 from distill.teachers.generate import generate, generate_local
-from distill.train import train_loop
+from distill.train import make_accelerator, train_loop
 from distill.verify import exact_match
 
 MAX_LENGTH = 64
@@ -67,20 +66,13 @@ def train(name, model, batches, out: Path, epochs: int, lr: float, seed: int):
         checkpoint_every=500,
     )
     start = time.perf_counter()
-    model = train_loop(name, model, spec, batches, out, Accelerator(cpu=True), seed=seed, resume=True)
+    model = train_loop(name, model, spec, batches, out, make_accelerator(), seed=seed, resume=True)
     return model.eval(), time.perf_counter() - start
 
 
 def accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int) -> float:
     """Greedy, batched; the final answer extracted from whatever the model writes."""
-    sampling = parse_recipe(
-        {
-            "task": "generate",
-            "prompts": {"path": "-"},
-            "teacher": {"path": "-"},
-            "sampling": {"temperature": 0, "max_new_tokens": max_new_tokens},
-        }
-    ).sampling
+    sampling = SamplingSpec(temperature=0, max_new_tokens=max_new_tokens)
     correct = 0
     for start in range(0, len(problems), 100):
         batch = problems[start : start + 100]

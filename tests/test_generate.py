@@ -181,7 +181,8 @@ def test_recipe_needs_exactly_one_teacher():
     ("text", "answer"),
     [
         ("so 3+4=7. #### 7", "7"),
-        ("The answer is 1,234.", "1,234"), ("So, the answer is **2**.", "2"),
+        ("The answer is 1,234.", "1,234"),
+        ("So, the answer is **2**.", "2"),
         (r"thus \boxed{42}", "42"),
         ("x=5 then 6", "6"),
         ("none", None),

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,21 +134,30 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, *, ch
     return TokenData(input_ids, labels, mask, dropped=dropped)
 
 
-def read_jsonl_pairs(path, prompt_field: str = "prompt", response_field: str = "response") -> list[tuple[str, str]]:
-    """Read one JSON object per line (blank lines skipped) into (prompt, response) pairs."""
+def read_jsonl(path, what: str = "JSONL file") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; a missing or unreadable file or a line that is not
+    JSON stops with one line naming it (``what`` names the file in the message)."""
     path = Path(path).expanduser()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DistillError(f"JSONL file {path} is missing") from None
-    pairs = []
+        raise DistillError(f"{what} {path} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{what} {path} cannot be read: {exc}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DistillError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+            raise DistillError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or delete that line") from None
+
+
+def read_jsonl_pairs(path, prompt_field: str = "prompt", response_field: str = "response") -> list[tuple[str, str]]:
+    """Read one JSON object per line (blank lines skipped) into (prompt, response) pairs."""
+    path = Path(path).expanduser()
+    pairs = []
+    for number, record in read_jsonl(path):
         if not isinstance(record, dict):
             raise DistillError(
                 f"{path} line {number} must be a JSON object with {prompt_field!r} and {response_field!r}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distill.data.text import read_jsonl
 from distill.errors import DistillError
 from distill.io import atomic_path, write_json
 from distill.recipe import GenerateRecipe, SamplingSpec
@@ -37,20 +38,8 @@ def read_prompts(recipe: GenerateRecipe) -> list[dict]:
     any generation, naming the line."""
     spec = recipe.prompts
     path = Path(spec.path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DistillError(f"prompts file {path} is missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DistillError(f"prompts file {path} cannot be read: {exc}") from None
     records, seen = [], set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DistillError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or delete that line") from None
+    for number, raw in read_jsonl(path, "prompts file"):
         if not isinstance(raw, dict) or not isinstance(raw.get(spec.prompt_field), str):
             raise DistillError(f"{path} line {number} needs a JSON object with a string field {spec.prompt_field!r}")
         rid = str(raw[spec.id_field]) if spec.id_field and spec.id_field in raw else str(number)
@@ -144,20 +133,15 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
         output_logits=sampling.logprobs > 0,
     )
     new = out.sequences[:, batch["input_ids"].shape[1] :]
+    stop = _stop_ids(model, tokenizer)
     results = []
     for row, ids in enumerate(new.tolist()):
-        length = len(ids)
-        for end, token in enumerate(ids):
-            if token in _stop_ids(model, tokenizer):
-                length = end + 1
-                break
+        length = next((end + 1 for end, token in enumerate(ids) if token in stop), len(ids))
         ids = ids[:length]
         result = {
             "completion": tokenizer.decode(ids, skip_special_tokens=True),
             "tokens": ids,
-            "finish_reason": "stop"
-            if length < new.shape[1] or ids[-1:] and ids[-1] in _stop_ids(model, tokenizer)
-            else "length",
+            "finish_reason": "stop" if ids and ids[-1] in stop else "length",
         }
         if sampling.logprobs:
             result["logprobs"] = _top_logprobs([step[row] for step in out.logits[:length]], ids, sampling.logprobs)
