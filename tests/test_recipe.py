@@ -87,3 +87,10 @@ def test_shipped_lm_recipe_is_valid():
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(path):
     assert load_recipe(path).name
+
+
+def test_set_value_that_is_not_yaml_is_one_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(DistillError, match=r"--set '0=\\x1f': the value is not valid YAML: .*special characters"):
+        load_recipe(path, ["0=\x1f"])

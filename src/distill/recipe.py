@@ -270,6 +270,11 @@ class GenerateRecipe(Strict):
 AnyRecipe = Recipe | LMRecipe | GenerateRecipe
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, on one line whatever the error kind (reader errors have no ``problem``)."""
+    return " ".join(str(getattr(exc, "problem", None) or exc).split())
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -283,7 +288,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise DistillError(f"--set {item!r}: {part!r} is a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise DistillError(f"--set {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
     return raw
 
 
@@ -342,8 +350,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the error kind
-        raise DistillError(f"recipe {path}: invalid YAML{' at' + where if where else ''}: {problem}") from None
+        raise DistillError(
+            f"recipe {path}: invalid YAML{' at' + where if where else ''}: {_yaml_problem(exc)}"
+        ) from None
     if raw is None:
         raw = {}
     if isinstance(raw, dict):
