@@ -266,3 +266,12 @@ def test_local_teacher_end_to_end_with_samples(tmp_path):
     assert summary["traces"] == summary["kept"] == 24
     again = generate(spec, out)  # nothing left to do: nothing duplicated
     assert again["traces"] == 24
+
+
+def test_top_logprobs_are_cut_to_k():
+    """llama.cpp's server adds the sampled token to its top list when it is not among the top k."""
+    from distill.teachers.served import parse_choice
+
+    token = {"token": "a", "logprob": -3.0, "top_logprobs": [{"token": t, "logprob": -i} for i, t in enumerate("xyza")]}
+    answer = {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [token]}}]}
+    assert parse_choice(answer, "chat", 3)["logprobs"][0]["top"] == {"x": 0, "y": -1, "z": -2}

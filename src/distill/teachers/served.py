@@ -76,8 +76,15 @@ def post(endpoint: EndpointSpec, body: dict) -> dict:
         raise Retryable(f"malformed JSON from {endpoint.url}{path}: {raw[:80]!r}") from None
 
 
-def parse_choice(answer: dict, api: str) -> dict:
-    """Completion text, finish reason and (when returned) per-token log-probabilities of the first choice."""
+def top_k(logprobs: dict, k: int) -> dict:
+    """The ``k`` most likely entries: llama.cpp's server adds the sampled token to the top list when it is not
+    among the top k, so a reply can hold k + 1."""
+    return dict(sorted(logprobs.items(), key=lambda item: item[1], reverse=True)[:k])
+
+
+def parse_choice(answer: dict, api: str, k: int) -> dict:
+    """Completion text, finish reason and (when returned) per-token log-probabilities of the first choice, at most
+    ``k`` alternatives per token."""
     try:
         choice = answer["choices"][0]
         text = choice["message"]["content"] if api == "chat" else choice["text"]
@@ -92,25 +99,25 @@ def parse_choice(answer: dict, api: str) -> dict:
             {
                 "token": t["token"],
                 "logprob": t["logprob"],
-                "top": {x["token"]: x["logprob"] for x in t.get("top_logprobs", [])},
+                "top": top_k({x["token"]: x["logprob"] for x in t.get("top_logprobs", [])}, k),
             }
             for t in logprobs["content"]
         ]
     elif api == "completions" and logprobs and logprobs.get("tokens"):
         tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])
         result["logprobs"] = [
-            {"token": t, "logprob": lp, "top": top or {}}
+            {"token": t, "logprob": lp, "top": top_k(top or {}, k)}
             for t, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
         ]
     return result
 
 
-def complete(endpoint: EndpointSpec, body: dict, sleep=time.sleep) -> dict:
+def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep) -> dict:
     """``post`` + ``parse_choice`` with up to ``endpoint.retries`` retries, back-off doubling each time."""
     delay = endpoint.backoff
     for attempt in range(endpoint.retries + 1):
         try:
-            return parse_choice(post(endpoint, body), endpoint.api)
+            return parse_choice(post(endpoint, body), endpoint.api, k)
         except Retryable as exc:
             if attempt == endpoint.retries:
                 raise
@@ -131,7 +138,7 @@ def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) 
         def submit(job) -> None:
             seed = recipe.seed * 1_000_003 + job.sample
             body = request_body(endpoint, sampling, job.record["prompt"], system, seed)
-            running[pool.submit(complete, endpoint, body)] = job
+            running[pool.submit(complete, endpoint, body, sampling.logprobs)] = job
 
         for job in queue:  # fill the window, then refill one for each that finishes
             submit(job)
