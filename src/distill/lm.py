@@ -38,7 +38,8 @@ from distill.errors import DistillError
 from distill.evaluate import lm_metrics
 from distill.io import sha256_file, write_json
 from distill.losses import IGNORE_INDEX
-from distill.models.causal_lm import check_vocab, load_causal_lm, save_causal_lm, student_from_teacher
+from distill.models.causal_lm import check_vocab, load_causal_lm, save_causal_lm
+from distill.models.cut import student_from_teacher
 from distill.recipe import LMDataSpec, LMDistillSpec, LMRecipe
 from distill.report import write_report
 from distill.sparse_kd import SparseTargets, chunked_sparse_kd_loss

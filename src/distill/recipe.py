@@ -267,7 +267,95 @@ class GenerateRecipe(Strict):
     verify: VerifySpec = Field(default_factory=VerifySpec)
 
 
-AnyRecipe = Recipe | LMRecipe | GenerateRecipe
+# ---- text encoders (task: text_classification, task: embedding) ----
+
+
+class TextDataSpec(Strict):
+    source: Literal["20newsgroups", "rotten_tomatoes", "csv", "jsonl"] = "20newsgroups"
+    path: str | None = Field(
+        default=None,
+        description="20newsgroups / rotten_tomatoes: default the fetched copy in ~/.cache/distill; csv / jsonl: a "
+        "folder with train.csv and test.csv (or train.jsonl and test.jsonl); an empty label = unlabeled",
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    labeled_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified part that keeps labels")
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="rotten_tomatoes: held-out share")
+    limit_train: int | None = Field(default=None, gt=0)
+    limit_test: int | None = Field(default=None, gt=0)
+    max_length: int = Field(default=128, ge=2, description="tokens per text, special tokens included")
+
+
+class EncoderTeacherSpec(Strict):
+    path: str = Field(default="~/.cache/distill/all-mpnet-base-v2", description="HF / sentence-transformers folder")
+    probe_c: float = Field(default=1.0, gt=0.0, description="inverse L2 strength of the logistic-regression head")
+
+
+class StaticSpec(Strict):
+    pca_dims: int | None = Field(default=256, gt=0, description="PCA width of the token vectors; null keeps all")
+    sif: float = Field(default=1e-3, gt=0.0, description="SIF weight a/(a+p(token)) from training-text counts")
+
+
+class EncoderStudentSpec(Strict):
+    path: str | None = Field(default=None, description="HF / sentence-transformers folder of the starting weights")
+    from_teacher: FromTeacher | None = None
+    static: StaticSpec | None = Field(default=None, description="embedding task: one vector per token, no transformer")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(optimizer="adamw", lr=1e-4, batch_size=32))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncoderStudentSpec:
+        given = [k for k in ("path", "from_teacher", "static") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, from_teacher, static (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TextEvalSpec(Strict):
+    threads: int = Field(default=1, gt=0, description="CPU threads for latency and throughput")
+    batch_size: int = Field(default=32, gt=0, description="texts per batch for the throughput figure")
+
+
+class TextClassificationRecipe(Strict):
+    task: Literal["text_classification"]
+    name: str = "run"
+    seed: int = 0
+    data: TextDataSpec = Field(default_factory=lambda: TextDataSpec(labeled_fraction=0.1))
+    teacher: EncoderTeacherSpec = Field(default_factory=EncoderTeacherSpec)
+    student: EncoderStudentSpec = Field(
+        default_factory=lambda: EncoderStudentSpec(path="~/.cache/distill/all-minilm-l6-v2")
+    )
+    distill: DistillSpec = Field(default_factory=lambda: DistillSpec(temperature=2.0))
+    baseline: bool = Field(default=True, description="also train the student on the labeled part, same step count")
+    eval: TextEvalSpec = Field(default_factory=TextEvalSpec)
+
+    @model_validator(mode="after")
+    def _no_static(self) -> TextClassificationRecipe:
+        if self.student.static is not None:
+            raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
+        return self
+
+
+class EmbedDistillSpec(Strict):
+    loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    cache_dir: str | None = Field(default=None, description="teacher embeddings; default RUN/cache")
+
+
+class EmbeddingRecipe(Strict):
+    task: Literal["embedding"]
+    name: str = "run"
+    seed: int = 0
+    data: list[TextDataSpec] = Field(
+        default_factory=lambda: [TextDataSpec(source="rotten_tomatoes")],
+        description="training texts (train split) and held-out texts (test split); the labels feed linear probes",
+    )
+    teacher: EncoderTeacherSpec = Field(default_factory=EncoderTeacherSpec)
+    student: EncoderStudentSpec = Field(default_factory=lambda: EncoderStudentSpec(from_teacher=FromTeacher(keep=4)))
+    distill: EmbedDistillSpec = Field(default_factory=EmbedDistillSpec)
+    eval: TextEvalSpec = Field(default_factory=TextEvalSpec)
+
+
+AnyRecipe = Recipe | LMRecipe | GenerateRecipe | TextClassificationRecipe | EmbeddingRecipe
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -321,7 +409,13 @@ def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
     if not isinstance(raw, dict):
         raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
     task = raw.get("task", "classification")
-    schemas = {"classification": Recipe, "causal_lm": LMRecipe, "generate": GenerateRecipe}
+    schemas = {
+        "classification": Recipe,
+        "causal_lm": LMRecipe,
+        "generate": GenerateRecipe,
+        "text_classification": TextClassificationRecipe,
+        "embedding": EmbeddingRecipe,
+    }
     if not isinstance(task, str) or task not in schemas:
         raise DistillError(f"{source}: task = {task!r}: choose {', '.join(schemas)}")
     schema = schemas[task]

@@ -37,6 +37,52 @@ LM_COLUMNS = [
     ("tokens_per_s", "tokens/s (CPU forward)", "{:,.0f}"),
 ]
 
+TEXT_COLUMNS = [
+    ("parameters", "params", "{:,}"),
+    ("file_bytes", "file", None),
+    ("test_accuracy", "accuracy", "{:.2%}"),
+    ("test_errors", "test errors", "{}"),
+    ("agreement_with_teacher", "agrees w/ teacher", "{:.2%}"),
+    ("kl_to_teacher", "KL to teacher", "{:.4f}"),
+    ("latency_ms_batch1", "latency/text (batch 1)", "{:.1f} ms"),
+    ("texts_per_s", "texts/s (batched)", "{:,.1f}"),
+]
+
+
+def embedding_columns(models: dict) -> list:
+    probes = [key for key in next(iter(models.values())) if key.startswith("probe_")]
+    return [
+        ("parameters", "params", "{:,}"),
+        ("file_bytes", "file", None),
+        ("cosine_to_teacher", "held-out cosine to teacher", "{:.4f}"),
+        *[(key, f"probe accuracy: {key.removeprefix('probe_')}", "{:.2%}") for key in probes],
+        ("latency_ms_batch1", "latency/text (batch 1)", "{:.2f} ms"),
+        ("texts_per_s", "texts/s (batched)", "{:,.1f}"),
+    ]
+
+
+def embedding_headline(models: dict) -> str:
+    t, s = models["teacher"], models["student"]
+    kept = [
+        f"{100 * s[key] / t[key]:.1f}% of its {key.removeprefix('probe_')} probe accuracy "
+        f"({s[key]:.1%} vs {t[key]:.1%})"
+        for key in t
+        if key.startswith("probe_")
+    ]
+    return (
+        f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), embeds "
+        f"{s['texts_per_s'] / t['texts_per_s']:.1f}× as many texts per second, "
+        + (
+            f"reaches a held-out cosine of {s['cosine_to_teacher']:.3f} to the teacher's embeddings "
+            if s.get("cosine_to_teacher") is not None
+            else ""
+        )
+        + "and keeps "
+        + " and ".join(kept)
+        + "."
+    )
+
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -156,6 +202,9 @@ def plot_models(run_dir: Path, models: dict, lm: bool) -> Path:
     import matplotlib.pyplot as plt
 
     key, title = ("perplexity", "held-out perplexity (lower is better)") if lm else ("test_errors", "test errors")
+    probes = [k for k in next(iter(models.values())) if k.startswith("probe_")]
+    if probes:  # embedding runs: the first probe's accuracy
+        key, title = probes[0], f"{probes[0].removeprefix('probe_')} probe accuracy (higher is better)"
     names = [n for n in models if models[n].get(key) is not None]
     labels = [LABELS.get(n, n) for n in names]
     values = [models[n][key] for n in names]
@@ -207,9 +256,32 @@ def write_report(run_dir: Path) -> Path:
             f"{machine.get('cpu_threads_for_latency', '?')} CPU thread(s), torch {machine.get('torch', '?')}, "
             f"{machine.get('platform', '?')}. File size: the weights file on disk."
         )
+    task = metrics.get("task", "classification")
+    if task == "text_classification":
+        speed, data = machine.get("speed", {}), metrics.get("data", {})
+        note = (
+            f"{data.get('test_texts', '?')} test texts, {data.get('train_texts', '?')} training texts of which "
+            f"{data.get('labeled_train_texts', '?')} labeled; at most {data.get('max_length', '?')} tokens per text. "
+            f"Latency and texts/s include tokenization, {speed.get('threads', '?')} CPU thread(s), batches of "
+            f"{speed.get('batch_size', '?')}, torch {machine.get('torch', '?')}. File size: the weights on disk."
+        )
+    if task == "embedding":
+        speed = machine.get("speed", {})
+        sizes = ", ".join(
+            f"{k}: {v['train_texts']} training / {v['test_texts']} held-out texts"
+            for k, v in metrics.get("data", {}).items()
+        )
+        note = (
+            f"{sizes}. Probes: logistic regression on the training texts' embeddings, accuracy on the held-out "
+            f"texts. Texts/s and latency include tokenization, {speed.get('threads', '?')} CPU thread(s), batches "
+            f"of {speed.get('batch_size', '?')}, torch {machine.get('torch', '?')}."
+        )
     title = f"Distillation report: {metrics.get('recipe', run_dir.name)}"
-    summary = lm_headline(models) if lm else headline(models)
-    columns = LM_COLUMNS if lm else COLUMNS
+    summarize = {"causal_lm": lm_headline, "embedding": embedding_headline}.get(task, headline)
+    summary = summarize(models)
+    columns = {"causal_lm": LM_COLUMNS, "text_classification": TEXT_COLUMNS}.get(task, COLUMNS)
+    if task == "embedding":
+        columns = embedding_columns(models)
     distill = f"Distillation: `{json.dumps(metrics.get('distill', {}))}`"
     plots = [("Quality and size per model", plot_models(run_dir, models, lm))]
     curves = plot_curves(run_dir)

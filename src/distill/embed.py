@@ -1,0 +1,190 @@
+"""Embedding distillation (task: embedding): a student learns to reproduce the teacher's sentence embeddings.
+
+The teacher's embeddings of the training texts are computed once and cached. Students: layers cut from the
+teacher, another pretrained encoder (with a learned projection when the widths differ), or a static table of
+token vectors (``distill.models.static``). Evaluation on held-out texts: cosine to the teacher's embeddings,
+linear-probe accuracy on each labeled set against the teacher's, texts/s on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distill.data.labeled_text import TextData, load_text_data
+from distill.errors import DistillError
+from distill.io import write_json
+from distill.losses import IGNORE_INDEX
+from distill.models.encoders import SentenceEncoder, encode, load_encoder, pad, pad_id_of, save_encoder, tokenize
+from distill.models.static import build_static, load_static, save_static
+from distill.recipe import EmbeddingRecipe
+from distill.report import write_report
+from distill.run import prepare_run_dir
+from distill.text import cached_outputs, encoder_id, fit_probe, folder_bytes, student_encoder, text_speed
+from distill.train import make_accelerator, train_loop
+
+
+class EmbeddingStudent(nn.Module):
+    """Encoder → pooled vector → projection to the teacher's width (when they differ) → unit length if asked."""
+
+    def __init__(self, encoder: SentenceEncoder, teacher_dim: int, normalize: bool):
+        super().__init__()
+        self.encoder, self.normalize = encoder, normalize
+        self.projection = nn.Linear(encoder.dim, teacher_dim) if encoder.dim != teacher_dim else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.encoder.pool(input_ids, attention_mask)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+def embedding_losses(predicted: torch.Tensor, target: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
+    """MSE (mean over rows and dimensions, as sentence-transformers' MSELoss) and/or 1 − cosine."""
+    mse = F.mse_loss(predicted.float(), target.float())
+    cosine = 1.0 - F.cosine_similarity(predicted.float(), target.float(), dim=-1).mean()
+    total = {"mse": mse, "cosine": cosine, "mse+cosine": mse + cosine}[loss]
+    return {"loss": total, "mse": mse.detach(), "cosine": cosine.detach()}
+
+
+@dataclass
+class EmbeddingBatches:
+    rows: list[list[int]]
+    targets: torch.Tensor
+    loss_name: str
+    pad_id: int
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.ones(len(self.rows))
+
+    def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        ids, attention = pad([self.rows[i] for i in rows.tolist()], self.pad_id)
+        return embedding_losses(
+            model(ids.to(device), attention.to(device)), self.targets[rows].to(device), self.loss_name
+        )
+
+
+def save_embedding_student(model: EmbeddingStudent, tokenizer, folder: Path) -> None:
+    save_encoder(model.encoder, tokenizer, folder)
+    if model.projection is not None:
+        state = {k: v.contiguous() for k, v in model.projection.state_dict().items()}
+        save_file(state, str(folder / "projection.safetensors"))
+
+
+def load_embedding_student(folder: Path, teacher_dim: int, normalize: bool):
+    encoder, tokenizer = load_encoder(folder)
+    model = EmbeddingStudent(encoder, teacher_dim, normalize)
+    if model.projection is not None:
+        model.projection.load_state_dict(load_file(str(folder / "projection.safetensors")))
+    return model.eval(), tokenizer
+
+
+def embed_texts(model: nn.Module, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    return encode(model, tokenize(tokenizer, texts, max_length), pad_id_of(tokenizer))
+
+
+def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: int) -> float:
+    """Logistic regression on the labeled training embeddings, accuracy on the test embeddings."""
+    labeled = data.train_labels != IGNORE_INDEX
+    head = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(test)).argmax(-1).numpy()
+    return round(float((predicted == data.test_labels).mean()), 6)
+
+
+def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume):
+    folder = out / "student"
+    spec = recipe.student
+    if spec.static is not None:
+        if resume and (folder / "static.safetensors").exists():
+            return load_static(folder)
+        rows = tokenize(teacher_tok, train_texts, max(s.max_length for s in recipe.data))
+        model = build_static(
+            teacher, teacher_tok, rows, pca_dims=spec.static.pca_dims, sif=spec.static.sif, seed=recipe.seed
+        )
+        save_static(model, teacher_tok, folder)
+        return model, teacher_tok
+    if resume and (folder / "config.json").exists():
+        return load_embedding_student(folder, teacher.dim, teacher.normalize)
+    encoder, tokenizer = student_encoder(spec, teacher, teacher_tok)
+    torch.manual_seed(recipe.seed + 1000)
+    model = EmbeddingStudent(encoder, teacher.dim, teacher.normalize)
+    rows = tokenize(tokenizer, train_texts, max(s.max_length for s in recipe.data))
+    batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
+    accelerator = make_accelerator("no")
+    torch.manual_seed(recipe.seed + 1)
+    model = train_loop("student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
+    save_embedding_student(model, tokenizer, folder)
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    return model, tokenizer
+
+
+def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False) -> dict:
+    out = Path(out)
+    sources = [load_text_data(spec, recipe.seed) for spec in recipe.data]
+    names = [spec.source for spec in recipe.data]
+    if len(set(names)) != len(names):
+        raise DistillError("data: each source may appear once (its name labels the probe)")
+    teacher_path = Path(recipe.teacher.path).expanduser()
+    teacher, teacher_tok = load_encoder(teacher_path)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DistillError("task: embedding runs in one process; launch it without torchrun")
+    prepare_run_dir(recipe, out, resume=resume, force=force)
+    cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
+    teacher_id, teacher_pad = encoder_id(teacher_path), pad_id_of(teacher_tok)
+
+    def teacher_embeddings(texts: list[str], max_length: int) -> np.ndarray:
+        return cached_outputs(teacher, tokenize(teacher_tok, texts, max_length), teacher_pad, cache_dir, teacher_id)
+
+    teacher_out = {
+        name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))
+        for name, d, s in zip(names, sources, recipe.data, strict=True)
+    }
+    train_texts = [t for d in sources for t in d.train_texts]
+    targets = np.concatenate([teacher_out[n][0] for n in names])
+    student, student_tok = _train_student(recipe, teacher, teacher_tok, train_texts, targets, out, resume)
+
+    speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
+    max_length = max(s.max_length for s in recipe.data)
+    speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
+    results = {}
+    for role, model, tokenizer in (("teacher", teacher, teacher_tok), ("student", student, student_tok)):
+        scores, cosines = {}, []
+        for name, data, spec in zip(names, sources, recipe.data, strict=True):
+            if role == "teacher":
+                train_emb, test_emb = teacher_out[name]
+            else:
+                train_emb = embed_texts(model, tokenizer, data.train_texts, spec.max_length)
+                test_emb = embed_texts(model, tokenizer, data.test_texts, spec.max_length)
+            scores[f"probe_{name}"] = probe_accuracy(train_emb, test_emb, data, recipe.seed)
+            if test_emb.shape[1] == teacher.dim:  # a PCA-reduced static table lives in another space
+                cosines.append(F.cosine_similarity(torch.from_numpy(test_emb), torch.from_numpy(teacher_out[name][1])))
+        scores["cosine_to_teacher"] = round(float(torch.cat(cosines).mean()), 6) if cosines else None
+        scores["parameters"] = sum(p.numel() for p in model.parameters())
+        scores["file_bytes"] = folder_bytes(teacher_path if role == "teacher" else out / "student")
+        scores |= text_speed(model, tokenizer, speed_texts, **speed)
+        results[role] = scores
+    metrics = {
+        "recipe": recipe.name,
+        "task": "embedding",
+        "models": results,
+        "probes": names,
+        "distill": recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})},
+        "data": {
+            name: {"train_texts": len(d.train_texts), "test_texts": len(d.test_texts), "max_length": s.max_length}
+            for name, d, s in zip(names, sources, recipe.data, strict=True)
+        },
+        "machine": {"torch": torch.__version__, "platform": platform.platform(), "speed": speed},
+    }
+    write_json(out / "metrics.json", metrics)
+    write_report(out)
+    return metrics

@@ -1,0 +1,195 @@
+"""Text encoders (BERT/MPNet-style, sentence-transformers folders) as teachers and students.
+
+A ``SentenceEncoder`` is a transformer plus the pooling its sentence-transformers folder declares
+(``modules.json``, ``1_Pooling/config.json``); ``EncoderClassifier`` puts a linear head on the pooled output.
+Texts are tokenized once into id lists; batches are padded to their own longest row, and inference sorts
+texts by length so padding stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from distill.errors import DistillError
+from distill.io import atomic_dir
+
+POOLING_MODES = ("mean", "cls", "max")
+hf_logging.disable_progress_bar()  # loads and saves draw bars of their own; the CLI has one progress display
+
+
+class SentenceEncoder(nn.Module):
+    """Transformer → pooled sentence vector (→ unit length when ``normalize``)."""
+
+    def __init__(self, transformer: nn.Module, pooling: str = "mean", normalize: bool = False):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise DistillError(f"pooling {pooling!r} is not supported; choose {', '.join(POOLING_MODES)}")
+        self.transformer, self.pooling, self.normalize = transformer, pooling, normalize
+
+    @property
+    def dim(self) -> int:
+        return self.transformer.config.hidden_size
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "max":
+            return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(input_ids, attention_mask)
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+class EncoderClassifier(nn.Module):
+    """Pooled (not normalised) encoder output → dropout → linear head → class logits."""
+
+    def __init__(self, encoder: SentenceEncoder, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder.pool(input_ids, attention_mask)))
+
+
+def _pooling_of(folder: Path) -> tuple[str, bool]:
+    """Pooling mode and normalisation declared by a sentence-transformers folder; mean, unnormalised otherwise."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return "mean", False
+    try:
+        modules = json.loads(modules_file.read_text())
+        types = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pooling_path = next((m["path"] for m in modules if m["type"].endswith("Pooling")), None)
+        config = json.loads((folder / pooling_path / "config.json").read_text()) if pooling_path else {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DistillError(f"{folder}: unreadable sentence-transformers configuration ({exc})") from None
+    mode = "cls" if config.get("pooling_mode_cls_token") else "max" if config.get("pooling_mode_max_tokens") else "mean"
+    return mode, "Normalize" in types
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DistillError(f"{folder}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config, folder: Path) -> None:
+    """A tokenizer whose ids run past the model's embedding table belongs to another model."""
+    if len(tokenizer) > config.vocab_size:
+        raise DistillError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {config.vocab_size}; "
+            "the tokenizer belongs to another model — use the tokenizer saved with this model"
+        )
+
+
+def load_encoder(path: str | Path) -> tuple[SentenceEncoder, PreTrainedTokenizerBase]:
+    """A local HF encoder or sentence-transformers folder → (encoder in eval mode, tokenizer)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DistillError(f"encoder {folder} does not exist; pass a local model folder (see distill fetch)")
+    if not (folder / "config.json").is_file():
+        raise DistillError(f"{folder} is not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{folder}: unreadable config.json ({str(exc).splitlines()[0][:200]})") from None
+    tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, config, folder)
+    try:
+        transformer = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{folder}: cannot load the model weights ({str(exc).splitlines()[0][:200]})") from None
+    pooling, normalize = _pooling_of(folder)
+    return SentenceEncoder(transformer, pooling, normalize).eval(), tokenizer
+
+
+def save_encoder(encoder: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """An HF folder with sentence-transformers' modules.json and pooling config, written atomically."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        encoder.transformer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if encoder.normalize:
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
+        (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
+        (tmp / "1_Pooling").mkdir()
+        pooling = {
+            "word_embedding_dimension": encoder.dim,
+            "pooling_mode_cls_token": encoder.pooling == "cls",
+            "pooling_mode_mean_tokens": encoder.pooling == "mean",
+            "pooling_mode_max_tokens": encoder.pooling == "max",
+        }
+        (tmp / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    return folder
+
+
+def save_classifier_head(model: EncoderClassifier, tokenizer, folder: Path, classes: list[str]) -> Path:
+    """Encoder folder plus ``head.safetensors`` and ``classes.json``: the whole classifier, reloadable."""
+    save_encoder(model.encoder, tokenizer, folder)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
+    (folder / "classes.json").write_text(json.dumps(classes))
+    return folder
+
+
+def load_encoder_classifier(folder: Path) -> tuple[EncoderClassifier, PreTrainedTokenizerBase, list[str]]:
+    encoder, tokenizer = load_encoder(folder)
+    classes = json.loads((folder / "classes.json").read_text())
+    model = EncoderClassifier(encoder, len(classes))
+    model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    return model.eval(), tokenizer, classes
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text (special tokens included), cut to ``max_length``; no padding."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+
+
+def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask for one batch, as long as its longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+    return ids, attention
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+@torch.inference_mode()
+def encode(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """``model(ids, attention)`` over every row, in batches of similar length; outputs in the input order."""
+    model.eval()
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    outputs: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
+    for start in range(0, len(rows), batch_size):
+        chosen = order[start : start + batch_size]
+        ids, attention = pad([rows[i] for i in chosen], pad_id)
+        values = model(ids, attention).float().numpy()
+        for i, value in zip(chosen, values, strict=True):
+            outputs[i] = value
+    return np.stack(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
