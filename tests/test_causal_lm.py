@@ -12,8 +12,8 @@ from distill.models.causal_lm import (
     count_parameters,
     load_causal_lm,
     save_causal_lm,
-    student_from_teacher,
 )
+from distill.models.cut import student_from_teacher
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 

