@@ -28,7 +28,7 @@ from distill.models.static import build_static, load_static, save_static
 from distill.recipe import EmbeddingRecipe
 from distill.report import write_report
 from distill.run import prepare_run_dir
-from distill.text import cached_outputs, encoder_id, fit_probe, folder_bytes, student_encoder, text_speed
+from distill.text import encoder_id, fit_probe, folder_bytes, student_encoder, teacher_features, text_speed
 from distill.train import make_accelerator, train_loop
 
 
@@ -140,10 +140,11 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
         raise DistillError("task: embedding runs in one process; launch it without torchrun")
     prepare_run_dir(recipe, out, resume=resume, force=force)
     cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
-    teacher_id, teacher_pad = encoder_id(teacher_path), pad_id_of(teacher_tok)
+    teacher_id = encoder_id(teacher_path)
 
     def teacher_embeddings(texts: list[str], max_length: int) -> np.ndarray:
-        return cached_outputs(teacher, tokenize(teacher_tok, texts, max_length), teacher_pad, cache_dir, teacher_id)
+        pooled = torch.from_numpy(teacher_features(teacher, teacher_tok, texts, max_length, cache_dir, teacher_id))
+        return (F.normalize(pooled, dim=-1) if teacher.normalize else pooled).numpy()
 
     teacher_out = {
         name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))

@@ -76,6 +76,25 @@ def cached_outputs(model: nn.Module, rows: list[list[int]], pad_id: int, cache_d
     return np.array(cache.logits)  # a writable copy in memory
 
 
+class _Pooled(nn.Module):
+    """The encoder's pooled, unnormalised output: what the teacher cache stores and the teacher's head reads."""
+
+    def __init__(self, encoder: SentenceEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.pool(input_ids, attention_mask)
+
+
+def teacher_features(
+    encoder: SentenceEncoder, tokenizer, texts: list[str], max_length: int, cache_dir: Path, teacher_id: str
+):
+    """Pooled teacher outputs for ``texts``, cached by teacher weights and token ids (shared by every text task)."""
+    rows = tokenize(tokenizer, texts, max_length)
+    return cached_outputs(_Pooled(encoder), rows, pad_id_of(tokenizer), cache_dir, teacher_id)
+
+
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> nn.Linear:
     """Multinomial logistic regression on standardised features, folded into one ``nn.Linear`` on the raw ones."""
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -198,15 +217,9 @@ def run_text_classification(
 
     # Teacher: frozen encoder → pooled features (cached) → logistic regression on the labeled part.
     max_length = recipe.data.max_length
-    teacher_pad = pad_id_of(teacher_tok)
-    pooled = _Pooled(teacher_encoder)
     teacher_id = encoder_id(teacher_path)
-    train_features = cached_outputs(
-        pooled, tokenize(teacher_tok, data.train_texts, max_length), teacher_pad, cache_dir, teacher_id
-    )
-    test_features = cached_outputs(
-        pooled, tokenize(teacher_tok, data.test_texts, max_length), teacher_pad, cache_dir, teacher_id
-    )
+    train_features = teacher_features(teacher_encoder, teacher_tok, data.train_texts, max_length, cache_dir, teacher_id)
+    test_features = teacher_features(teacher_encoder, teacher_tok, data.test_texts, max_length, cache_dir, teacher_id)
     labeled = data.train_labels != IGNORE_INDEX
     head = fit_probe(train_features[labeled], data.train_labels[labeled], recipe.teacher.probe_c, recipe.seed)
     teacher = EncoderClassifier(teacher_encoder, len(data.classes), dropout=0.0)
@@ -261,17 +274,6 @@ def run_text_classification(
     write_json(out / "metrics.json", metrics)
     write_report(out)
     return metrics
-
-
-class _Pooled(nn.Module):
-    """The encoder's pooled, unnormalised output: the features the teacher's head reads."""
-
-    def __init__(self, encoder: SentenceEncoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder.pool(input_ids, attention_mask)
 
 
 def _scores(model: nn.Module, logits: torch.Tensor, data: TextData, teacher_logits, folder: Path) -> dict:
