@@ -303,3 +303,17 @@ def test_text_asset_fetch_checks_every_file_and_leaves_nothing_on_a_mismatch(tmp
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake"]
     with pytest.raises(DistillError, match="unknown asset"):
         fetch.fetch_text_asset("nope")
+
+
+def test_text_bad_inputs_are_one_line_at_the_command_line(tmp_path, teacher_dir):
+    from test_cli import assert_one_line_error, distill
+
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=30, n_test=9)
+    recipe = tmp_path / "r.yaml"
+    base = f"task: text_classification\ndata: {{source: csv, path: {data_dir}}}\nstudent: {{path: {teacher_dir}}}\n"
+    recipe.write_text(base + f"teacher: {{path: {tmp_path / 'missing'}}}\n")
+    assert_one_line_error(distill("run", recipe, "--out", tmp_path / "a"), "does not exist")
+    recipe.write_text(base + f"teacher: {{path: {teacher_dir}}}\n")
+    result = distill("run", recipe, "--out", tmp_path / "b", "--set", "data.label_column=topic")
+    assert_one_line_error(result, "has no column 'topic'")
+    assert not (tmp_path / "b").exists()
