@@ -245,6 +245,7 @@ def ensure_cache(recipe: LMRecipe, path: Path, s: LMSetup, device: torch.device)
             data_id=s.train.fingerprint(),
             vocab_size=s.vocab_size,
             seed=recipe.seed,
+            shard_blocks=d.cache_shard_blocks,
         )
     return LMCache.open(path, teacher_id=s.teacher_id, data_id=s.train.fingerprint(), temperature=d.temperature)
 

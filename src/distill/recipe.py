@@ -180,6 +180,7 @@ class LMDistillSpec(DistillSpec):
         default="sampled", description="sampled: k tokens drawn from the teacher; topk: k log-probs + tail"
     )
     cache_k: int = Field(default=16, gt=0, le=256)
+    cache_shard_blocks: int = Field(default=256, gt=0, description="blocks per cache shard (the unit of resume)")
     chunk_size: int = Field(default=512, gt=0, description="positions per chunk of the bounded-memory loss")
 
 
