@@ -34,3 +34,28 @@ def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
         for name, tensor in single.items():
             assert (parallel[name] - tensor).abs().max() < 1e-5, (stage, name)
     assert (tmp_path / "two" / "REPORT.md").exists()
+
+
+def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tmp_path):
+    """FSDP (fully_shard, gloo) on the chunked-loss LM path: the same final weights as one process."""
+    from lm_fixtures import tiny_tokenizer
+    from test_lm import write_recipe
+
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
+    raw["student"]["train"] |= {"fsdp": True, "batch_size": 8, "grad_accum": 2, "max_grad_norm": 1.0}
+    path.write_text(yaml.safe_dump(raw))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    launch = [*launcher, "-m", "distill.cli", "run", path, "--out", tmp_path / "two"]
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    assert single.keys() == sharded.keys()
+    for name, tensor in single.items():
+        assert (sharded[name] - tensor).abs().max() < 1e-5, name

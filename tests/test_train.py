@@ -175,3 +175,29 @@ def test_teacher_class_count_mismatch_is_reported(tmp_path, tiny_recipe):
     tiny_recipe["teacher"]["checkpoint"] = str(tmp_path / "t.safetensors")
     with pytest.raises(DistillError, match="it outputs 7 classes, the data has 10"):
         run(parse_recipe(tiny_recipe), tmp_path / "run")
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny_recipe, capsys):
+    recipe = parse_recipe(tiny_recipe)
+    run(recipe, tmp_path / "straight")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(stage, step):
+        if (stage, step) == ("student", 30):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(recipe, tmp_path / "resumed", on_step=interrupt)
+    latest = tmp_path / "resumed" / "student" / "checkpoint.pt"
+    previous = tmp_path / "resumed" / "student" / "checkpoint.prev.pt"
+    assert previous.exists()
+    before = torch.load(previous, weights_only=True)["position"]["step"]
+    assert before < torch.load(latest, weights_only=True)["position"]["step"]
+    latest.write_bytes(latest.read_bytes()[:1000])  # a disk that lost the end of the newest file
+    run(recipe, tmp_path / "resumed", resume=True)
+    assert "resuming from the previous checkpoint" in capsys.readouterr().out
+    for stage in ("teacher", "baseline", "student"):
+        assert_same_weights(weights(tmp_path / "straight", stage), weights(tmp_path / "resumed", stage))
+    assert not latest.exists() and not previous.exists()  # a finished stage keeps only its weights

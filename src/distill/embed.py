@@ -29,7 +29,7 @@ from distill.recipe import EmbeddingRecipe
 from distill.report import write_report
 from distill.run import prepare_run_dir
 from distill.text import encoder_id, fit_probe, folder_bytes, student_encoder, teacher_features, text_speed
-from distill.train import make_accelerator, train_loop
+from distill.train import make_accelerator, remove_checkpoints, train_loop
 
 
 class EmbeddingStudent(nn.Module):
@@ -124,7 +124,7 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     torch.manual_seed(recipe.seed + 1)
     model = train_loop("student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
     save_embedding_student(model, tokenizer, folder)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    remove_checkpoints(folder)
     return model, tokenizer
 
 

@@ -44,7 +44,7 @@ from distill.recipe import LMDataSpec, LMDistillSpec, LMRecipe
 from distill.report import write_report
 from distill.sparse_kd import SparseTargets, chunked_sparse_kd_loss
 from distill.teachers.lm_cache import LMCache, build_lm_cache
-from distill.train import make_accelerator, train_loop
+from distill.train import make_accelerator, remove_checkpoints, train_loop
 
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the models return hidden states only
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -271,7 +271,7 @@ def _train_or_load(
     )
     if accelerator.is_main_process:  # every process holds the same weights; one writes them
         save_causal_lm(model, s.tokenizer, folder)
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        remove_checkpoints(folder)
     accelerator.wait_for_everyone()
     return model
 

@@ -62,6 +62,11 @@ class TrainSpec(Strict):
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0.0)
     jitter: int = Field(default=0, ge=0, le=8, description="random ±pixels shift of image inputs")
+    fsdp: bool = Field(
+        default=False,
+        description="under several processes, shard parameters, gradients and "
+        "optimizer state (FSDP) instead of replicating them (DDP)",
+    )
     log_every: int = Field(default=20, gt=0)
     checkpoint_every: int = Field(default=200, gt=0, description="optimizer steps between checkpoints")
 

@@ -22,7 +22,7 @@ from distill.recipe import ModelSpec, Recipe, load_recipe, recipe_to_yaml
 from distill.report import write_report
 from distill.teachers.cache import build_logits_cache
 from distill.teachers.live import LiveTeacher
-from distill.train import Stage, make_accelerator, train_stage
+from distill.train import Stage, make_accelerator, remove_checkpoints, train_stage
 
 
 def prepare_run_dir(recipe: Recipe, out: Path, *, resume: bool, force: bool, accelerator=None) -> None:
@@ -84,7 +84,7 @@ def _train_or_load(
     )
     if accelerator.is_main_process:  # every process holds the same weights; one writes them
         save_classifier(model, out / name, spec, data.input_shape, data.num_classes)
-        (out / name / "checkpoint.pt").unlink(missing_ok=True)
+        remove_checkpoints(out / name)
     accelerator.wait_for_everyone()
     return model, weights
 

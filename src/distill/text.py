@@ -43,7 +43,7 @@ from distill.recipe import EncoderStudentSpec, TextClassificationRecipe
 from distill.report import write_report
 from distill.run import prepare_run_dir
 from distill.teachers.cache import build_logits_cache
-from distill.train import Stage, make_accelerator, stage_loss, train_loop
+from distill.train import Stage, make_accelerator, remove_checkpoints, stage_loss, train_loop
 
 
 def encoder_id(folder: Path) -> str:
@@ -244,7 +244,7 @@ def run_text_classification(
     for name, model in trained.items():
         if not (out / name / "head.safetensors").exists():
             save_classifier_head(model, student_tok, out / name, data.classes)
-            (out / name / "checkpoint.pt").unlink(missing_ok=True)
+            remove_checkpoints(out / name)
 
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]

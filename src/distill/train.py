@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from distill import parallel
 from distill.errors import DistillError
 from distill.io import atomic_path
 from distill.losses import IGNORE_INDEX, distillation_loss
@@ -100,25 +101,53 @@ def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets
     )
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> None:
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """A finished stage's weights are saved: its checkpoints are no longer needed."""
+    for path in (folder / "checkpoint.pt", previous_checkpoint(folder / "checkpoint.pt")):
+        path.unlink(missing_ok=True)
+
+
+def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, scheduler, position: dict) -> None:
+    """Write the checkpoint atomically; the one it replaces is kept as the previous good one."""
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "position": position,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        if path.exists():
+            os.replace(path, previous_checkpoint(path))
 
 
-def _load_checkpoint(path: Path) -> dict:
+def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a cut-short file
         raise DistillError(
             f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it to restart this stage"
         ) from None
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    """The latest readable checkpoint: ``path``, else (cut short, corrupt, or lost in a crash between two
+    renames) the previous one, with a warning. None when there is neither."""
+    previous = previous_checkpoint(path)
+    if not path.exists():
+        return _read_checkpoint(previous) if previous.exists() else None
+    try:
+        return _read_checkpoint(path)
+    except DistillError as exc:
+        if not previous.exists():
+            raise
+        print(f"warning: {exc}; resuming from the previous checkpoint {previous}")
+        return _read_checkpoint(previous)
 
 
 def _trim_log(log_path: Path, stage: str, last_step: int) -> None:
@@ -214,30 +243,42 @@ def train_loop(
     steps_per_epoch = math.ceil(n_examples / spec.batch_size)
     total_steps = spec.epochs * steps_per_epoch
 
-    optimizer = make_optimizer(model, spec)
-    scheduler = make_schedule(optimizer, spec, total_steps)
     checkpoint = run_dir / name / "checkpoint.pt"
     log_path = run_dir / "log.jsonl"
     position = {"step": 0, "epoch": 0, "batch": 0}
-    if resume and checkpoint.exists():
-        state = _load_checkpoint(checkpoint)
+    state = _load_checkpoint(checkpoint) if resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         position = state["position"]
         if accelerator.is_main_process:
             _trim_log(log_path, name, position["step"])
     elif log_path.exists() and accelerator.is_main_process:
         _trim_log(log_path, name, 0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
+    fsdp = spec.fsdp and world > 1
+    if fsdp:  # the optimizer is built on the sharded parameters
+        template = parallel.shard(model, accelerator.mixed_precision, accelerator.device)
+    optimizer = make_optimizer(model, spec)
+    scheduler = make_schedule(optimizer, spec, total_steps)
+    if state is not None:
+        if fsdp:
+            parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
 
     def save() -> None:
         accelerator.wait_for_everyone()
+        if fsdp:
+            model_state, optimizer_state = parallel.full_states(model, optimizer)  # every process takes part
+        else:
+            model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
         if accelerator.is_main_process:
-            _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, position)
+            _save_checkpoint(checkpoint, model_state, optimizer_state, scheduler, position)
 
     step = position["step"]
     started, seen = time.perf_counter(), 0
@@ -262,8 +303,13 @@ def train_loop(
                 chunks = [c for c in torch.tensor_split(rows[rank::world], spec.grad_accum) if len(c)]
                 terms_sum: dict[str, float] = {}
                 for part, chunk in enumerate(chunks):
-                    # Gradients are all-reduced only once, after the last micro-batch.
-                    sync = nullcontext() if part == len(chunks) - 1 else accelerator.no_sync(model)
+                    # Gradients are all-reduced (or reduce-scattered) only once, after the last micro-batch.
+                    last = part == len(chunks) - 1
+                    if fsdp:
+                        model.set_requires_gradient_sync(last)
+                        sync = nullcontext()
+                    else:
+                        sync = nullcontext() if last else accelerator.no_sync(model)
                     with sync:
                         terms = batches.loss(model, chunk, accelerator.device)
                         loss = terms["loss"]
@@ -280,7 +326,8 @@ def train_loop(
                     for key, value in terms.items():
                         terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
                 if spec.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+                    clip = torch.nn.utils.clip_grad_norm_ if fsdp else accelerator.clip_grad_norm_
+                    clip(model.parameters(), spec.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -309,4 +356,4 @@ def train_loop(
                     save()
                 if on_step is not None:
                     on_step(step)
-    return accelerator.unwrap_model(model)
+    return parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model)

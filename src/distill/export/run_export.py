@@ -119,7 +119,7 @@ def write_export(fmt: str, s: Student, folder: Path) -> None:
     lm = s.kind == "causal_lm"
     if fmt == "safetensors":  # the student's own files, byte for byte (the HF folder for an LM)
         for file in s.folder.iterdir():
-            if file.is_file() and file.name != "checkpoint.pt":
+            if file.is_file() and not file.name.startswith("checkpoint."):
                 shutil.copy2(file, folder / file.name)
         return
     if fmt == "int8":

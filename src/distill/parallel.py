@@ -1,0 +1,65 @@
+"""FSDP (torch's ``fully_shard``, FSDP2) for students that do not fit one device.
+
+Each transformer layer is one FSDP unit and the root holds the rest (embeddings, final norm, head); the root
+keeps its parameters gathered after forward, so a loss that reads the head's weight outside ``forward`` (the
+chunked LM losses) sees a plain tensor. Checkpoints hold full (unsharded) state dicts, the same files as one
+process or DDP writes, so a run can resume under another launch. Works with gloo on CPUs and NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def layer_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks of every ``layers`` / ``layer`` ModuleList (HF decoders and encoders); none for small nets."""
+    units = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "layer"):
+            units.extend(module)
+    return units
+
+
+def shard(model: nn.Module, mixed_precision: str, device: torch.device) -> nn.Module:
+    """Shard ``model`` in place over the default process group; returns a meta-device copy of the plain module
+    (no memory) into which ``gather`` later loads the trained weights."""
+    template = copy.deepcopy(model).to("meta")
+    model.to(device)
+    policy = MixedPrecisionPolicy(
+        param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision),
+        reduce_dtype=torch.float32 if mixed_precision != "no" else None,
+    )
+    for unit in layer_units(model):
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    return template
+
+
+def full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts on the CPU of rank 0 (a collective: every process calls it)."""
+    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def gather(model: nn.Module, template: nn.Module) -> nn.Module:
+    """The trained weights in a plain (unsharded) module on the CPU, on every process."""
+    # Every process needs the weights (cpu_offload would give them to rank 0 only).
+    state = {k: v.cpu() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+    plain = template.to_empty(device="cpu")
+    plain.load_state_dict(state)
+    return plain
