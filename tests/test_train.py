@@ -201,3 +201,61 @@ def test_truncated_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny
     for stage in ("teacher", "baseline", "student"):
         assert_same_weights(weights(tmp_path / "straight", stage), weights(tmp_path / "resumed", stage))
     assert not latest.exists() and not previous.exists()  # a finished stage keeps only its weights
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from distill import cli
+
+    monkeypatch.setattr("sys.argv", ["distill", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_disk_full_mid_run_is_one_line_and_a_resume_finishes_it(tmp_path, tiny_recipe, monkeypatch, capsys):
+    import errno
+
+    import yaml
+
+    from distill import train
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe))
+    run(parse_recipe(tiny_recipe), tmp_path / "straight")
+    real_save, saves = torch.save, {"n": 0}
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train.torch, "save", save_until_the_disk_fills)
+    code, err = _cli(monkeypatch, capsys, "run", recipe_path, "--out", tmp_path / "run")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "no space left on the device" in lines[0] and "--resume" in lines[0]
+    checkpoint = tmp_path / "run" / "teacher" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["position"]["step"] > 0  # the last good one, readable
+    assert not list((tmp_path / "run").rglob(".*.tmp-*"))  # no half-written file left behind
+    monkeypatch.setattr(train.torch, "save", real_save)  # space freed
+    run(parse_recipe(tiny_recipe), tmp_path / "run", resume=True)
+    for stage in ("teacher", "baseline", "student"):
+        assert_same_weights(weights(tmp_path / "straight", stage), weights(tmp_path / "run", stage))
+
+
+def test_permission_denied_is_one_line(tmp_path, tiny_recipe, monkeypatch, capsys):
+    import yaml
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe))
+    real_mkdir = type(tmp_path).mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
+    code, err = _cli(monkeypatch, capsys, "run", recipe_path, "--out", tmp_path / "locked")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "permission denied" in lines[0] and "locked" in lines[0]

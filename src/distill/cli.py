@@ -133,6 +133,21 @@ def export(
     print(summary(export_run(run_dir, format_, out, force=force)))
 
 
+def os_problem(exc: OSError) -> str:
+    """One line for an operating-system error met while reading or writing files."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    advice = {
+        errno.ENOSPC: "no space left on the device{where}: free some space, then rerun with --resume",
+        errno.EDQUOT: "disk quota exceeded{where}: free some space, then rerun with --resume",
+        errno.EROFS: "the file system is read-only{where}: choose another --out or cache folder",
+        errno.EACCES: "permission denied{where}: fix the permissions or choose another path",
+        errno.EPERM: "operation not permitted{where}: fix the permissions or choose another path",
+    }.get(exc.errno, f"{exc.strerror or exc}{{where}}: check the path and rerun with --resume")
+    return advice.format(where=where) + "; finished work and the last checkpoint are intact"
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -142,6 +157,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted: the last checkpoint is intact; continue with --resume", highlight=False)
         sys.exit(130)
+    except OSError as exc:  # the disk, not the input: full, read-only, or not ours to read or write
+        err.print(f"[red]error:[/red] {os_problem(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:  # click's usage errors
         import click
 
