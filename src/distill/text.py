@@ -71,7 +71,7 @@ def cached_outputs(model: nn.Module, rows: list[list[int]], pad_id: int, cache_d
         np.arange(len(rows)).reshape(-1, 1),
         teacher_id=model_id,
         data_id=digest,
-        batch_size=1024,
+        batch_size=256,  # the progress bar's step
     )
     return np.array(cache.logits)  # a writable copy in memory
 

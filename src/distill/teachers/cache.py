@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill.errors import DistillError
 from distill.io import fsync_path, sha256_file
@@ -81,12 +82,18 @@ def build_logits_cache(
     try:
         file = staging / "logits.npy"
         out = None
-        for start in range(0, len(x), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-            logits = teacher(torch.arange(start, start + len(chunk)), chunk).numpy()
-            if out is None:
-                out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(len(x), logits.shape[1]))
-            out[start : start + len(chunk)] = logits
+        with Progress(
+            TextColumn("[bold]teacher outputs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        ) as progress:
+            task = progress.add_task("teacher", total=len(x))
+            for start in range(0, len(x), batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+                logits = teacher(torch.arange(start, start + len(chunk)), chunk).numpy()
+                if out is None:
+                    shape = (len(x), logits.shape[1])
+                    out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
+                out[start : start + len(chunk)] = logits
+                progress.update(task, advance=len(chunk))
         out.flush()
         del out
         fsync_path(file)
