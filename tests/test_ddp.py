@@ -13,6 +13,16 @@ from safetensors.torch import load_file
 from test_cli import CLI
 
 
+def run_two_processes(recipe, out, env) -> subprocess.CompletedProcess:
+    """``distill run`` under torchrun with 2 processes, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    launch = [*launcher, "-m", "distill.cli", "run", recipe, "--out", out]
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
     tiny_recipe["teacher"]["model"]["dropout"] = 0.0  # dropout masks are drawn per process: not comparable
     recipe = tmp_path / "tiny.yaml"
@@ -20,12 +30,7 @@ def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run([*CLI, "run", recipe, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    launch = [*launcher, "-m", "distill.cli", "run", recipe, "--out", tmp_path / "two"]
-    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    two = run_two_processes(recipe, tmp_path / "two", env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("report:") == 1  # the main process reports, once
     for stage in ("teacher", "baseline", "student"):
@@ -47,12 +52,7 @@ def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tm
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    launch = [*launcher, "-m", "distill.cli", "run", path, "--out", tmp_path / "two"]
-    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    two = run_two_processes(path, tmp_path / "two", env)
     assert two.returncode == 0, two.stderr[-3000:]
     single = load_file(tmp_path / "one" / "student" / "model.safetensors")
     sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")

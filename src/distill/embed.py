@@ -23,7 +23,15 @@ from distill.data.labeled_text import TextData, load_text_data
 from distill.errors import DistillError
 from distill.io import write_json
 from distill.losses import IGNORE_INDEX
-from distill.models.encoders import SentenceEncoder, encode, load_encoder, pad, pad_id_of, save_encoder, tokenize
+from distill.models.encoders import (
+    SentenceEncoder,
+    encode,
+    load_encoder,
+    pad_id_of,
+    padded_batch,
+    save_encoder,
+    tokenize,
+)
 from distill.models.static import build_static, load_static, save_static
 from distill.recipe import EmbeddingRecipe
 from distill.report import write_report
@@ -67,10 +75,8 @@ class EmbeddingBatches:
         return np.ones(len(self.rows))
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        ids, attention = pad([self.rows[i] for i in rows.tolist()], self.pad_id)
-        return embedding_losses(
-            model(ids.to(device), attention.to(device)), self.targets[rows].to(device), self.loss_name
-        )
+        predicted = model(*padded_batch(self.rows, rows, self.pad_id, device))
+        return embedding_losses(predicted, self.targets[rows].to(device), self.loss_name)
 
 
 def save_embedding_student(model: EmbeddingStudent, tokenizer, folder: Path) -> None:

@@ -20,6 +20,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def exactly_one_of(spec: Strict, *keys: str) -> Strict:
+    """Validator body: exactly one of ``keys`` is set."""
+    given = [k for k in keys if getattr(spec, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(keys)} (got {', '.join(given) or 'none'})")
+    return spec
+
+
 class DataSpec(Strict):
     source: Literal["mnist", "digits", "npy", "csv"] = "mnist"
     path: str | None = Field(
@@ -161,10 +169,7 @@ class FromTeacher(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> FromTeacher:
-        given = [k for k in ("layers", "every", "keep") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of layers, every, keep (got {', '.join(given) or 'none'})")
-        return self
+        return exactly_one_of(self, "layers", "every", "keep")
 
 
 class LMStudentSpec(Strict):
@@ -311,10 +316,7 @@ class EncoderStudentSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderStudentSpec:
-        given = [k for k in ("path", "from_teacher", "static") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of path, from_teacher, static (got {', '.join(given) or 'none'})")
-        return self
+        return exactly_one_of(self, "path", "from_teacher", "static")
 
 
 class TextEvalSpec(Strict):

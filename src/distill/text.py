@@ -36,6 +36,7 @@ from distill.models.encoders import (
     load_encoder_classifier,
     pad,
     pad_id_of,
+    padded_batch,
     save_classifier_head,
     tokenize,
 )
@@ -135,8 +136,7 @@ class TextBatches:
         return np.ones(len(self.rows))
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        ids, attention = pad([self.rows[i] for i in rows.tolist()], self.pad_id)
-        logits = model(ids.to(device), attention.to(device))
+        logits = model(*padded_batch(self.rows, rows, self.pad_id, device))
         targets = self.teacher_logits[rows].to(device) if self.teacher_logits is not None else None
         return stage_loss(self.stage, logits, self.labels[rows].to(device), targets)
 

