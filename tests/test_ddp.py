@@ -8,18 +8,19 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 from test_cli import CLI
 
 
-def run_two_processes(recipe, out, env) -> subprocess.CompletedProcess:
+def run_two_processes(recipe, out, env, *extra) -> subprocess.CompletedProcess:
     """``distill run`` under torchrun with 2 processes, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    launch = [*launcher, "-m", "distill.cli", "run", recipe, "--out", out]
+    launch = [*launcher, "-m", "distill.cli", "run", recipe, "--out", out, *extra]
     return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -57,5 +58,38 @@ def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tm
     single = load_file(tmp_path / "one" / "student" / "model.safetensors")
     sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")
     assert single.keys() == sharded.keys()
+    for name, tensor in single.items():
+        assert (sharded[name] - tensor).abs().max() < 1e-5, name
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
+    """Checkpoints hold full state dicts: a run stopped in one process finishes under FSDP with 2 processes,
+    with the weights of an uninterrupted run (optimizer state loaded into the sharded optimizer)."""
+    from lm_fixtures import tiny_tokenizer
+    from test_lm import write_recipe
+
+    from distill.lm import run_lm
+    from distill.recipe import load_recipe
+
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
+    raw["student"]["train"] |= {"fsdp": True, "checkpoint_every": 5}
+    path.write_text(yaml.safe_dump(raw))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, step):
+        if (stage, step) == ("student", 12):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_lm(load_recipe(path), tmp_path / "two", on_step=stop)
+    resumed = run_two_processes(path, tmp_path / "two", env, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    single = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")
     for name, tensor in single.items():
         assert (sharded[name] - tensor).abs().max() < 1e-5, name

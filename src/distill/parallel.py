@@ -47,13 +47,30 @@ def shard(model: nn.Module, mixed_precision: str, device: torch.device) -> nn.Mo
     return template
 
 
-def full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts on the CPU of rank 0 (a collective: every process calls it)."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+def parameter_names(model: nn.Module) -> list[str]:
+    """Names in the order ``model.parameters()`` yields them: the optimizer's parameter indices."""
+    return [name for name, _ in model.named_parameters()]
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def _renumber(state: dict, keys: dict) -> dict:
+    """An optimizer state dict with its parameter keys (indices or names) replaced through ``keys``."""
+    groups = [{**group, "params": [keys[p] for p in group["params"]]} for group in state["param_groups"]]
+    return {"state": {keys[p]: value for p, value in state["state"].items()}, "param_groups": groups}
+
+
+def full_states(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts on the CPU of rank 0 (a collective: every process calls it), in
+    the layout one process saves: the optimizer state keyed by parameter index."""
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    if optimizer_state:  # empty on the other ranks
+        optimizer_state = _renumber(optimizer_state, {name: i for i, name in enumerate(names)})
+    return get_model_state_dict(model, options=FULL), optimizer_state
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, names: list[str]) -> None:
+    """Load a one-process (index-keyed) optimizer state into the optimizer of the sharded model."""
+    named = _renumber(state, dict(enumerate(names)))
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 def gather(model: nn.Module, template: nn.Module) -> nn.Module:

@@ -258,12 +258,13 @@ def train_loop(
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = spec.fsdp and world > 1
     if fsdp:  # the optimizer is built on the sharded parameters
+        names = parallel.parameter_names(model)
         template = parallel.shard(model, accelerator.mixed_precision, accelerator.device)
     optimizer = make_optimizer(model, spec)
     scheduler = make_schedule(optimizer, spec, total_steps)
     if state is not None:
         if fsdp:
-            parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+            parallel.load_optimizer_state(model, optimizer, state["optimizer"], names)
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -274,7 +275,7 @@ def train_loop(
     def save() -> None:
         accelerator.wait_for_everyone()
         if fsdp:
-            model_state, optimizer_state = parallel.full_states(model, optimizer)  # every process takes part
+            model_state, optimizer_state = parallel.full_states(model, optimizer, names)  # every process takes part
         else:
             model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
         if accelerator.is_main_process:
