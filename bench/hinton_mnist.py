@@ -39,6 +39,7 @@ def recipe(
     checkpoint: Path | None,
     optimizer: str = "adamw",
     lr: float = 1e-3,
+    temperature: float = 20.0,
 ):
     every = {"checkpoint_every": 1000, "log_every": 100}
     raw = {
@@ -62,7 +63,7 @@ def recipe(
             # one and SGD at lr 0.1 diverged (9,026 test errors after 8 epochs; see BENCHMARKS.md).
             "train": {"epochs": student_epochs, "batch_size": 128, "optimizer": optimizer, "lr": lr, **every},
         },
-        "distill": {"loss": "forward_kl", "temperature": 20.0, "alpha": alpha, "t2_scaling": True, "signal": "cache"},
+        "distill": {"loss": "forward_kl", "temperature": temperature, "alpha": alpha, "t2_scaling": True, "signal": "cache"},
         "eval": {"threads": 1, "latency_runs": 100},
     }
     if checkpoint:
@@ -81,6 +82,7 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.0, help="weight of hard labels in the distilled loss")
     parser.add_argument("--student-optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, default=20.0, help="the paper's T=20 by default")
     args = parser.parse_args()
 
     rows = []
@@ -89,6 +91,8 @@ def main() -> int:
         name = f"{args.teacher}-seed{seed}-t{args.teacher_epochs}-s{args.student_epochs}-a{args.alpha}"
         if (args.student_optimizer, args.student_lr) != ("adamw", 1e-3):
             name += f"-{args.student_optimizer}{args.student_lr:g}"
+        if args.temperature != 20.0:
+            name += f"-T{args.temperature:g}"
         out = args.out / name
         checkpoint = Path(args.teacher_checkpoint.format(seed=seed)) if args.teacher_checkpoint else None
         spec = recipe(
@@ -100,6 +104,7 @@ def main() -> int:
             checkpoint,
             args.student_optimizer,
             args.student_lr,
+            args.temperature,
         )
         models = run(spec, out, resume=True)["models"]
         row = {
@@ -129,6 +134,7 @@ def main() -> int:
                 "seeds": args.seeds,
                 "teacher_epochs": args.teacher_epochs,
                 "student_epochs": args.student_epochs,
+                "temperature": args.temperature,
                 "runs": rows,
                 "mean_errors": mean,
                 "error_reduction": round(reduction, 4),
