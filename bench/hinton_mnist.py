@@ -63,7 +63,13 @@ def recipe(
             # one and SGD at lr 0.1 diverged (9,026 test errors after 8 epochs; see BENCHMARKS.md).
             "train": {"epochs": student_epochs, "batch_size": 128, "optimizer": optimizer, "lr": lr, **every},
         },
-        "distill": {"loss": "forward_kl", "temperature": temperature, "alpha": alpha, "t2_scaling": True, "signal": "cache"},
+        "distill": {
+            "loss": "forward_kl",
+            "temperature": temperature,
+            "alpha": alpha,
+            "t2_scaling": True,
+            "signal": "cache",
+        },
         "eval": {"threads": 1, "latency_runs": 100},
     }
     if checkpoint:
