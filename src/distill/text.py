@@ -44,7 +44,7 @@ from distill.recipe import EncoderStudentSpec, TextClassificationRecipe
 from distill.report import write_report
 from distill.run import prepare_run_dir
 from distill.teachers.cache import build_logits_cache
-from distill.train import Stage, make_accelerator, remove_checkpoints, stage_loss, train_loop
+from distill.train import Stage, make_accelerator, stage_loss, train_loop
 
 
 def encoder_id(folder: Path) -> str:
@@ -174,8 +174,11 @@ def text_speed(model: nn.Module, tokenizer, texts: list[str], *, max_length: int
     }
 
 
-def _train_student(name, base, data: TextData, rows, teacher_logits, recipe, out, accelerator, steps, resume):
-    """Fine-tune a copy of ``base`` (distilled when ``teacher_logits`` is given) unless it is saved already."""
+def _train_student(
+    name, base, tokenizer, data: TextData, rows, teacher_logits, recipe, out, accelerator, steps, resume
+):
+    """Fine-tune a copy of ``base`` (distilled when ``teacher_logits`` is given) and save it, unless it is saved
+    already."""
     folder = out / name
     if resume and (folder / "head.safetensors").exists():
         return load_encoder_classifier(folder)[0]
@@ -197,8 +200,9 @@ def _train_student(name, base, data: TextData, rows, teacher_logits, recipe, out
         stage,
         base.pad_id,
     )
-    model = train_loop(name, model, stage.train, batches, out, accelerator, seed=recipe.seed, resume=resume)
-    return model.eval()
+    model = train_loop(name, model, stage.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
+    save_classifier_head(model, tokenizer, folder, data.classes)  # replaces the folder, checkpoints included
+    return model
 
 
 def run_text_classification(
@@ -239,13 +243,8 @@ def run_text_classification(
     trained = {}
     common = {"recipe": recipe, "out": out, "accelerator": accelerator, "steps": steps, "resume": resume}
     if recipe.baseline:
-        trained["baseline"] = _train_student("baseline", base, data, rows, None, **common)
-    trained["student"] = _train_student("student", base, data, rows, teacher_train_logits, **common)
-    for name, model in trained.items():
-        if not (out / name / "head.safetensors").exists():
-            save_classifier_head(model, student_tok, out / name, data.classes)
-            remove_checkpoints(out / name)
-
+        trained["baseline"] = _train_student("baseline", base, student_tok, data, rows, None, **common)
+    trained["student"] = _train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]
     speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
