@@ -317,3 +317,15 @@ def test_text_bad_inputs_are_one_line_at_the_command_line(tmp_path, teacher_dir)
     result = distill("run", recipe, "--out", tmp_path / "b", "--set", "data.label_column=topic")
     assert_one_line_error(result, "has no column 'topic'")
     assert not (tmp_path / "b").exists()
+
+
+def test_static_vectors_fine_tuned_on_the_teacher_get_closer_to_it(tmp_path, teacher_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=90, n_test=30)
+    plain = {"static": {"pca_dims": None, "sif": 1.0}}
+    tuned = {"static": {"pca_dims": None, "sif": 1.0, "epochs": 20, "lr": 3e-2, "batch_size": 16}}
+    before = run_embedding(_embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", plain), tmp_path / "a")
+    after = run_embedding(_embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", tuned), tmp_path / "b")
+    cosine = [m["models"]["student"]["cosine_to_teacher"] for m in (before, after)]
+    assert cosine[1] > cosine[0] + 0.02, cosine
+    with pytest.raises(Exception, match="set pca_dims: null"):
+        EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {"epochs": 1}}})

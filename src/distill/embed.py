@@ -33,7 +33,7 @@ from distill.models.encoders import (
     tokenize,
 )
 from distill.models.static import build_static, load_static, save_static
-from distill.recipe import EmbeddingRecipe
+from distill.recipe import EmbeddingRecipe, TrainSpec
 from distill.report import write_report
 from distill.run import prepare_run_dir
 from distill.text import encoder_id, fit_probe, folder_bytes, student_encoder, teacher_features, text_speed
@@ -113,11 +113,15 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     if spec.static is not None:
         if resume and (folder / "static.safetensors").exists():
             return load_static(folder)
+        static = spec.static
         rows = tokenize(teacher_tok, train_texts, max(s.max_length for s in recipe.data))
-        model = build_static(
-            teacher, teacher_tok, rows, pca_dims=spec.static.pca_dims, sif=spec.static.sif, seed=recipe.seed
-        )
+        model = build_static(teacher, teacher_tok, rows, pca_dims=static.pca_dims, sif=static.sif, seed=recipe.seed)
+        if static.epochs:
+            train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
+            batches = EmbeddingBatches(rows, torch.from_numpy(targets), "mse", pad_id_of(teacher_tok))
+            model = train_loop("student", model, train, batches, out, make_accelerator("no"), seed=recipe.seed).eval()
         save_static(model, teacher_tok, folder)
+        remove_checkpoints(folder)
         return model, teacher_tok
     if resume and (folder / "config.json").exists():
         return load_embedding_student(folder, teacher.dim, teacher.normalize)

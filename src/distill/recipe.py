@@ -305,6 +305,20 @@ class EncoderTeacherSpec(Strict):
 class StaticSpec(Strict):
     pca_dims: int | None = Field(default=256, gt=0, description="PCA width of the token vectors; null keeps all")
     sif: float = Field(default=1e-3, gt=0.0, description="SIF weight a/(a+p(token)) from training-text counts")
+    epochs: int = Field(
+        default=0,
+        ge=0,
+        description="then fine-tune the vectors to reproduce the teacher's embeddings of the training texts (MSE, "
+        "Tokenlearn-style); needs pca_dims: null",
+    )
+    lr: float = Field(default=1e-2, gt=0.0)
+    batch_size: int = Field(default=128, gt=0)
+
+    @model_validator(mode="after")
+    def _trained_in_teacher_space(self) -> StaticSpec:
+        if self.epochs and self.pca_dims is not None:
+            raise ValueError("epochs > 0 trains the vectors against the teacher's embeddings: set pca_dims: null")
+        return self
 
 
 class EncoderStudentSpec(Strict):
