@@ -77,23 +77,14 @@ def cached_outputs(model: nn.Module, rows: list[list[int]], pad_id: int, cache_d
     return np.array(cache.logits)  # a writable copy in memory
 
 
-class _Pooled(nn.Module):
-    """The encoder's pooled, unnormalised output: what the teacher cache stores and the teacher's head reads."""
-
-    def __init__(self, encoder: SentenceEncoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder.pool(input_ids, attention_mask)
-
-
 def teacher_features(
     encoder: SentenceEncoder, tokenizer, texts: list[str], max_length: int, cache_dir: Path, teacher_id: str
 ):
-    """Pooled teacher outputs for ``texts``, cached by teacher weights and token ids (shared by every text task)."""
+    """Pooled, unnormalised teacher outputs for ``texts`` (what the probe head reads; embedding tasks normalise them),
+    cached by teacher weights and token ids (shared by every text task)."""
     rows = tokenize(tokenizer, texts, max_length)
-    return cached_outputs(_Pooled(encoder), rows, pad_id_of(tokenizer), cache_dir, teacher_id)
+    pooled = SentenceEncoder(encoder.transformer, encoder.pooling, normalize=False)
+    return cached_outputs(pooled, rows, pad_id_of(tokenizer), cache_dir, teacher_id)
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> nn.Linear:
