@@ -40,6 +40,7 @@ def recipe(
     optimizer: str = "adamw",
     lr: float = 1e-3,
     temperature: float = 20.0,
+    student_jitter: int = 0,
 ):
     every = {"checkpoint_every": 1000, "log_every": 100}
     raw = {
@@ -61,14 +62,22 @@ def recipe(
             "model": {"arch": "mlp", "hidden": [800, 800]},
             # AdamW, not SGD(0.1): at T=20 the T²-scaled soft-target gradient is up to T× a hard-label
             # one and SGD at lr 0.1 diverged (9,026 test errors after 8 epochs; see BENCHMARKS.md).
-            "train": {"epochs": student_epochs, "batch_size": 128, "optimizer": optimizer, "lr": lr, **every},
+            "train": {
+                "epochs": student_epochs,
+                "batch_size": 128,
+                "optimizer": optimizer,
+                "lr": lr,
+                "jitter": student_jitter,
+                **every,
+            },
         },
         "distill": {
             "loss": "forward_kl",
             "temperature": temperature,
             "alpha": alpha,
             "t2_scaling": True,
-            "signal": "cache",
+            # A cache holds the teacher's outputs on unshifted images; shifted ones need the live teacher.
+            "signal": "live" if student_jitter else "cache",
         },
         "eval": {"threads": 1, "latency_runs": 100},
     }
@@ -89,6 +98,12 @@ def main() -> int:
     parser.add_argument("--student-optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=20.0, help="the paper's T=20 by default")
+    parser.add_argument(
+        "--student-jitter",
+        type=int,
+        default=0,
+        help="±pixels shift for both students' images (the distilled one then learns from the live teacher)",
+    )
     args = parser.parse_args()
 
     rows = []
@@ -99,6 +114,8 @@ def main() -> int:
             name += f"-{args.student_optimizer}{args.student_lr:g}"
         if args.temperature != 20.0:
             name += f"-T{args.temperature:g}"
+        if args.student_jitter:
+            name += f"-j{args.student_jitter}"
         out = args.out / name
         checkpoint = Path(args.teacher_checkpoint.format(seed=seed)) if args.teacher_checkpoint else None
         spec = recipe(
@@ -111,6 +128,7 @@ def main() -> int:
             args.student_optimizer,
             args.student_lr,
             args.temperature,
+            args.student_jitter,
         )
         models = run(spec, out, resume=True)["models"]
         row = {
@@ -141,6 +159,7 @@ def main() -> int:
                 "teacher_epochs": args.teacher_epochs,
                 "student_epochs": args.student_epochs,
                 "temperature": args.temperature,
+                "student_jitter": args.student_jitter,
                 "runs": rows,
                 "mean_errors": mean,
                 "error_reduction": round(reduction, 4),

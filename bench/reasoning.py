@@ -147,6 +147,8 @@ def main() -> int:
     parser.add_argument("--transfer", type=int, default=12000, help="prompts the teacher writes traces for")
     parser.add_argument("--heldout", type=int, default=400)
     parser.add_argument("--terms", type=int, default=3, help="numbers per problem (terms - 1 steps)")
+    parser.add_argument("--digits", type=int, default=2, help="digits per number")
+    parser.add_argument("--modulus", type=int, help="reduce every result modulo this (e.g. 10)")
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--student-hidden", type=int, default=128)
     parser.add_argument("--skip-on-policy", action="store_true", help="train students (a) and (b) only")
@@ -162,11 +164,12 @@ def main() -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = char_tokenizer()
-    heldout = make_problems(args.heldout, seed=10_000 + args.seed, terms=args.terms)
+    task = {"terms": args.terms, "digits": args.digits, "modulus": args.modulus}
+    heldout = make_problems(args.heldout, seed=10_000 + args.seed, **task)
     unseen = {p["prompt"] for p in heldout}
-    worked = make_problems(args.train, seed=20_000 + args.seed, terms=args.terms, exclude=unseen)
+    worked = make_problems(args.train, seed=20_000 + args.seed, **task, exclude=unseen)
     transfer = make_problems(
-        args.transfer, seed=30_000 + args.seed, terms=args.terms, exclude=unseen | {p["prompt"] for p in worked}
+        args.transfer, seed=30_000 + args.seed, **task, exclude=unseen | {p["prompt"] for p in worked}
     )
     answer_tokens, trace_tokens = 12, 48
 
@@ -261,8 +264,7 @@ def main() -> int:
             "worked": args.train,
             "transfer": args.transfer,
             "heldout": args.heldout,
-            "terms": args.terms,
-            "digits": 2,
+            **task,
         },
         "traces": summary
         | {"generate_seconds": round(generate_seconds, 1), "teacher_train_seconds": round(teacher_seconds, 1)},

@@ -30,6 +30,19 @@ def test_problems_are_solved_correctly_and_held_out_ones_never_repeat():
     assert make_problems(5, seed=3) == make_problems(5, seed=3)
 
 
+def test_modular_problems_reduce_every_step():
+    problems = make_problems(200, seed=4, terms=6, digits=1, modulus=10)
+    for p in problems:
+        total = eval(p["prompt"].rstrip("=")) % 10  # noqa: S307 - digits and +/- only
+        assert p["answer"] == str(total)
+        steps = p["solution"].split(";")
+        assert len(steps) == 6 and steps[-1] == f"answer {total}"
+        for step in steps[:-1]:
+            left, right = step.split("=")
+            assert eval(left) % 10 == int(right) and 0 <= int(right) < 10  # noqa: S307
+    assert {n for p in problems for n in p["prompt"].rstrip("=").replace("-", "+").split("+")} == set("0123456789")
+
+
 def test_char_tokenizer_round_trips():
     tokenizer = char_tokenizer()
     text = "12+34=46;46-7=39;answer 39"
