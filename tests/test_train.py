@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -10,7 +11,7 @@ from distill.errors import DistillError
 from distill.models.classifiers import mlp
 from distill.recipe import DistillSpec, TrainSpec, parse_recipe
 from distill.run import run
-from distill.train import Stage, jitter, train_stage
+from distill.train import Stage, jitter, length_grouped_order, train_stage
 
 
 def weights(run_dir, stage):
@@ -259,3 +260,23 @@ def test_permission_denied_is_one_line(tmp_path, tiny_recipe, monkeypatch, capsy
     code, err = _cli(monkeypatch, capsys, "run", recipe_path, "--out", tmp_path / "locked")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "permission denied" in lines[0] and "locked" in lines[0]
+
+
+def test_length_grouped_order_is_a_shuffle_with_batches_of_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=1003)
+    order = length_grouped_order(lengths, 16, torch.Generator().manual_seed(1))
+    assert sorted(order.tolist()) == list(range(1003))  # every example once
+    assert torch.equal(order, length_grouped_order(lengths, 16, torch.Generator().manual_seed(1)))
+    assert not torch.equal(order, length_grouped_order(lengths, 16, torch.Generator().manual_seed(2)))
+    batches = order.split(16)
+    assert len(batches[-1]) == 1003 % 16  # the short batch stays last
+    grouped = np.mean([lengths[b].max() - lengths[b].min() for b in batches[:-1]])
+    shuffled = torch.randperm(1003, generator=torch.Generator().manual_seed(1)).split(16)
+    random = np.mean([lengths[b].max() - lengths[b].min() for b in shuffled[:-1]])
+    assert grouped < random / 10  # padding to the longest wastes little
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded < 1.1 * lengths.sum()
+    # batch order is shuffled, not sorted by length across the epoch
+    longest = [lengths[b].max() for b in batches[:-1]]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)

@@ -74,6 +74,10 @@ class EmbeddingBatches:
     def weights(self) -> np.ndarray:
         return np.ones(len(self.rows))
 
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(row) for row in self.rows])
+
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         predicted = model(*padded_batch(self.rows, rows, self.pad_id, device))
         return embedding_losses(predicted, self.targets[rows].to(device), self.loss_name)

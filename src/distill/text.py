@@ -126,6 +126,10 @@ class TextBatches:
     def weights(self) -> np.ndarray:
         return np.ones(len(self.rows))
 
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(row) for row in self.rows])
+
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         logits = model(*padded_batch(self.rows, rows, self.pad_id, device))
         targets = self.teacher_logits[rows].to(device) if self.teacher_logits is not None else None

@@ -167,7 +167,11 @@ def _trim_log(log_path: Path, stage: str, last_step: int) -> None:
 
 
 class Batches(Protocol):
-    """What the loop trains on: ``len(weights)`` examples, each counting ``weights[i]`` in the batch mean."""
+    """What the loop trains on: ``len(weights)`` examples, each counting ``weights[i]`` in the batch mean.
+
+    Batches of texts padded to their longest one also have ``lengths`` (tokens per example): the loop then
+    draws batches of similar lengths (``length_grouped_order``).
+    """
 
     weights: np.ndarray  # 1 per image; the number of distilled tokens per LM block
 
@@ -223,6 +227,27 @@ def train_stage(
     return train_loop(
         stage.name, stage.model, stage.train, batches, run_dir, accelerator, seed=seed, resume=resume, on_step=on_step
     )
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order whose consecutive ``batch_size`` slices hold examples of similar length, so padding to
+    the longest wastes little: shuffle, sort windows of 50 batches by length, shuffle the batches. The one
+    short batch stays last, where the loop expects it."""
+    order = torch.randperm(len(lengths), generator=generator)
+    lengths = torch.as_tensor(np.asarray(lengths))
+    windows = [w[torch.argsort(lengths[w], descending=True, stable=True)] for w in order.split(50 * batch_size)]
+    batches = list(torch.cat(windows).split(batch_size))
+    full, short = (batches[:-1], batches[-1:]) if len(batches[-1]) < batch_size else (batches, [])
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator)]
+    return torch.cat(shuffled + short)
+
+
+def epoch_order(batches: Batches, n_examples: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    lengths = getattr(batches, "lengths", None)
+    if lengths is None:
+        return torch.randperm(n_examples, generator=generator)
+    return length_grouped_order(lengths, batch_size, generator)
 
 
 def train_loop(
@@ -296,7 +321,7 @@ def train_loop(
     with progress, log_path.open("a") as log:
         task = progress.add_task(name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], spec.epochs):
-            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            order = epoch_order(batches, n_examples, spec.batch_size, seed, epoch)
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
