@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.chunked import chunked_distillation_loss
+from distill.data.recorded import encode_recorded, read_recorded
 from distill.data.text import (
     TokenData,
     encode_pairs,
@@ -74,9 +75,12 @@ def model_id(path: Path, dtype: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_lm_data(spec: LMDataSpec, tokenizer, seed: int) -> tuple[TokenData, TokenData]:
-    """Token blocks for training and held-out evaluation."""
-    if spec.source in {"shakespeare", "text", "hf_dataset"}:
+def load_lm_data(spec: LMDataSpec, tokenizer, seed: int, recorded: bool = False) -> tuple[TokenData, TokenData]:
+    """Token blocks for training and held-out evaluation (with the teacher's recorded log-probs if asked)."""
+    if recorded:
+        records = read_recorded(_need_path(spec), spec.prompt_field)
+        data = encode_recorded(records, tokenizer, spec.block_size, chat_template=spec.chat_template)
+    elif spec.source in {"shakespeare", "text", "hf_dataset"}:
         if spec.source == "hf_dataset":
             texts = read_hf_dataset(_need_path(spec), split=spec.split, text_field=spec.text_field)
         elif spec.source == "text":
@@ -152,8 +156,12 @@ class LMBatches:
             terms["ce"] = chunked_sparse_kd_loss(hidden, weight, hard, temperature=1.0, **common)
         if d is None:
             return {"loss": terms["ce"], "ce": terms["ce"].detach()}
-        if self.cache is not None:
-            targets = self.cache[rows]
+        if self.cache is not None or d.signal == "recorded":
+            if d.signal == "recorded":  # only positions the teacher scored: not the prompt, not an added eos
+                targets, scored = self.data.recorded[rows]
+                common["mask"] = mask & scored[:, :-1].to(device)
+            else:
+                targets = self.cache[rows]
             targets = SparseTargets(
                 ids=targets.ids[:, :-1].to(device),
                 logp=None if targets.logp is None else targets.logp[:, :-1].to(device),
@@ -207,7 +215,7 @@ def setup(recipe: LMRecipe) -> LMSetup:
     else:
         student, student_tokenizer = load_causal_lm(resolve_model_path(student_spec.path), dtype="float32")
     vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
-    train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+    train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed, recorded=recipe.distill.signal == "recorded")
     return LMSetup(
         teacher, tokenizer, model_id(teacher_path, recipe.teacher.dtype), student, vocab_size, train, heldout
     )
@@ -300,8 +308,10 @@ def run_lm(
     if d.signal == "cache":
         with accelerator.main_process_first():  # the main process builds it, the others open it
             signal = {"cache": ensure_cache(recipe, cache_path(recipe, out, s), s, accelerator.device)}
-    else:
+    elif d.signal == "live":
         signal = {"teacher": s.teacher.to(accelerator.device)}
+    else:  # recorded: the targets travel with the training data
+        signal = {}
     models["student"] = _train_or_load(
         "student", s, LMBatches(**common, distill=d, **signal), recipe, out, accelerator, resume=resume, on_step=on_step
     )

@@ -186,6 +186,11 @@ class LMStudentSpec(Strict):
 
 class LMDistillSpec(DistillSpec):
     temperature: float = Field(default=1.0, gt=0.0)
+    signal: Literal["cache", "live", "recorded"] = Field(
+        default="cache",
+        description="recorded: the top log-probabilities stored with the traces (data.source jsonl written by "
+        "distill generate with sampling.logprobs)",
+    )
     cache_mode: Literal["sampled", "topk"] = Field(
         default="sampled", description="sampled: k tokens drawn from the teacher; topk: k log-probs + tail"
     )
@@ -210,6 +215,21 @@ class LMRecipe(Strict):
     distill: LMDistillSpec = Field(default_factory=LMDistillSpec)
     baseline: bool = Field(default=True, description="also train the student with plain next-token cross-entropy")
     eval: LMEvalSpec = Field(default_factory=LMEvalSpec)
+
+    @model_validator(mode="after")
+    def _recorded_from_traces(self) -> LMRecipe:
+        d = self.distill
+        if d.signal == "recorded" and self.data.source != "jsonl":
+            raise ValueError(
+                f"distill.signal 'recorded' trains on traces written by distill generate: set data.source: jsonl "
+                f"(got {self.data.source!r})"
+            )
+        if d.signal == "recorded" and (d.temperature != 1.0 or d.loss != "forward_kl"):
+            raise ValueError(
+                "distill.signal 'recorded' needs distill.temperature: 1 and loss: forward_kl (recorded top-k "
+                f"log-probabilities cannot be re-tempered; got temperature {d.temperature}, loss {d.loss!r})"
+            )
+        return self
 
 
 # ---- teacher-written traces (task: generate) ----

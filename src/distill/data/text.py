@@ -13,11 +13,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from distill.data.recorded import RecordedTargets
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class TokenData:
     labels: np.ndarray  # int64 [N, S]; labels[t] is the token at t, or IGNORE_INDEX where t is not trained
     attention_mask: np.ndarray  # int8 [N, S]; 0 on padding
     dropped: int = 0  # pairs left out by encode_pairs because the prompt filled max_length
+    recorded: RecordedTargets | None = None  # the teacher's log-probs stored with the traces, when trained on
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def subset(self, indices) -> TokenData:
         idx = np.asarray(indices, dtype=np.int64)
-        return TokenData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx])
+        recorded = None if self.recorded is None else self.recorded.subset(idx)
+        return TokenData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx], recorded=recorded)
 
     def fingerprint(self) -> str:
         """Content hash of the arrays: a teacher cache is only valid for these exact tokens."""
@@ -90,6 +96,18 @@ def read_text_files(path: str | Path) -> list[str]:
     return texts
 
 
+def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """Prompt ids, wrapped in the tokenizer's chat template (generation prompt added) when asked."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+    elif chat_template:
+        warnings.warn("the tokenizer has no chat template; prompts are used as plain text", stacklevel=3)
+    return _tokenize(tokenizer, prompts)
+
+
 def encode_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, *, chat_template: bool = False) -> TokenData:
     """Encode prompt + response + eos, right-padded to the longest pair (at most ``max_length``).
 
@@ -98,33 +116,41 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, *, ch
     """
     if not pairs:
         raise DistillError("no prompt/response pairs to encode")
-    eos = _eos_id(tokenizer)
-    pad = eos if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
-    prompts = [prompt for prompt, _ in pairs]
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-    elif chat_template:
-        warnings.warn("the tokenizer has no chat template; prompts are used as plain text", stacklevel=2)
-    rows = []
+    prompts = prompt_token_ids(tokenizer, [prompt for prompt, _ in pairs], chat_template)
     responses = _tokenize(tokenizer, [response for _, response in pairs])
-    for prompt_ids, response_ids in zip(_tokenize(tokenizer, prompts), responses, strict=True):
+    rows, _ = prompt_response_rows(prompts, responses, tokenizer, max_length)
+    return padded_token_data(rows, tokenizer, len(pairs))
+
+
+def prompt_response_rows(
+    prompts: list[list[int]], responses: list[list[int]], tokenizer, max_length: int
+) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """(ids, labels) of prompt + response + eos cut to ``max_length`` (eos not repeated when the response
+    already ends with it; labels IGNORE_INDEX on the prompt), and the indices of the pairs kept: a prompt that
+    fills ``max_length`` leaves nothing to learn."""
+    eos = _eos_id(tokenizer)
+    rows, kept = [], []
+    for index, (prompt_ids, response_ids) in enumerate(zip(prompts, responses, strict=True)):
         if len(prompt_ids) >= max_length:
             continue
-        ids = [*prompt_ids, *response_ids, eos][:max_length]
+        ending = [] if response_ids and response_ids[-1] == eos else [eos]
+        ids = [*prompt_ids, *response_ids, *ending][:max_length]
         rows.append((ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]))
-    dropped = len(pairs) - len(rows)
+        kept.append(index)
+    return rows, kept
+
+
+def padded_token_data(rows: list[tuple[list[int], list[int]]], tokenizer, pairs: int) -> TokenData:
+    """Right-pad (ids, labels) rows to the longest; warn about (or refuse) pairs left out."""
+    dropped = pairs - len(rows)
     if not rows:
         raise DistillError(
-            f"all {len(pairs)} prompt/response pairs have prompts of max_length={max_length} tokens "
-            "or more; raise max_length or shorten the prompts"
+            f"all {pairs} prompt/response pairs have prompts of max_length tokens or more; "
+            "raise max_length (data.block_size) or shorten the prompts"
         )
     if dropped:
-        warnings.warn(
-            f"dropped {dropped} of {len(pairs)} pairs whose prompt fills max_length={max_length}", stacklevel=2
-        )
+        warnings.warn(f"dropped {dropped} of {pairs} pairs whose prompt fills max_length", stacklevel=3)
+    pad = _eos_id(tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     width = max(len(ids) for ids, _ in rows)
     input_ids = np.full((len(rows), width), pad, dtype=np.int32)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)

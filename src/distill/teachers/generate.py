@@ -120,6 +120,8 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
         tokenizer.padding_side = side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     greedy = sampling.temperature == 0
+    vocab = len(tokenizer)
+    padded_rows = list(range(vocab, model.get_output_embeddings().weight.shape[0]))  # not tokens: never written
     torch.manual_seed(seed)
     out = model.generate(
         **batch,
@@ -129,6 +131,7 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
         top_k=None,
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=pad,
+        suppress_tokens=padded_rows or None,
         return_dict_in_generate=True,
         output_logits=sampling.logprobs > 0,
     )
@@ -144,7 +147,8 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
             "finish_reason": "stop" if ids and ids[-1] in stop else "length",
         }
         if sampling.logprobs:
-            result["logprobs"] = _top_logprobs([step[row] for step in out.logits[:length]], ids, sampling.logprobs)
+            steps = [step[row, :vocab] for step in out.logits[:length]]
+            result["logprobs"] = _top_logprobs(steps, ids, sampling.logprobs)
         results.append(result)
     return results
 
@@ -239,7 +243,9 @@ def summarize(out: Path, recipe: GenerateRecipe) -> dict:
         tmp.write_text(
             "".join(
                 json.dumps(
-                    {"prompt": r["prompt"], "response": r["completion"], "id": r["id"], "sample": r["sample"]},
+                    {"prompt": r["prompt"], "response": r["completion"], "id": r["id"], "sample": r["sample"]}
+                    # the written tokens and their log-probabilities: token-level targets (distill.signal: recorded)
+                    | {key: r[key] for key in ("tokens", "logprobs") if key in r},
                     ensure_ascii=False,
                 )
                 + "\n"
