@@ -94,3 +94,11 @@ def test_set_value_that_is_not_yaml_is_one_line(tmp_path):
     path.write_text("name: x\n")
     with pytest.raises(DistillError, match=r"--set '0=\\x1f': the value is not valid YAML: .*special characters"):
         load_recipe(path, ["0=\x1f"])
+
+
+def test_empty_recipe_file_is_an_error_not_the_default_run(tmp_path):
+    for text in ("", "# only a comment\n", "\n\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(DistillError, match="is empty; start from one in recipes/"):
+            load_recipe(path)

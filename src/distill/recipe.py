@@ -489,8 +489,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
         raise DistillError(
             f"recipe {path}: invalid YAML{' at' + where if where else ''}: {_yaml_problem(exc)}"
         ) from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file would silently run every default: the MNIST demo
+        raise DistillError(f"recipe {path} is empty; start from one in recipes/ (e.g. recipes/mnist.yaml)")
     if isinstance(raw, dict):
         apply_overrides(raw, overrides or [])
     return parse_recipe(raw, str(path))
