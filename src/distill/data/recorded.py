@@ -121,7 +121,7 @@ def encode_recorded(records: list[dict], tokenizer, max_length: int, *, chat_tem
             stacklevel=2,
         )
     rows, kept = prompt_response_rows(prompts, responses, tokenizer, max_length)
-    data = padded_token_data(rows, tokenizer, len(records))
+    data = padded_token_data(rows, tokenizer, len(records), max_length)
     k = max((len(top) for i in kept if tops[i] for top in tops[i]), default=1)
     n, width = data.input_ids.shape
     ids = np.zeros((n, width, k), dtype=np.int64)

@@ -119,7 +119,7 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, *, ch
     prompts = prompt_token_ids(tokenizer, [prompt for prompt, _ in pairs], chat_template)
     responses = _tokenize(tokenizer, [response for _, response in pairs])
     rows, _ = prompt_response_rows(prompts, responses, tokenizer, max_length)
-    return padded_token_data(rows, tokenizer, len(pairs))
+    return padded_token_data(rows, tokenizer, len(pairs), max_length)
 
 
 def prompt_response_rows(
@@ -140,16 +140,16 @@ def prompt_response_rows(
     return rows, kept
 
 
-def padded_token_data(rows: list[tuple[list[int], list[int]]], tokenizer, pairs: int) -> TokenData:
+def padded_token_data(rows: list[tuple[list[int], list[int]]], tokenizer, pairs: int, max_length: int) -> TokenData:
     """Right-pad (ids, labels) rows to the longest; warn about (or refuse) pairs left out."""
     dropped = pairs - len(rows)
     if not rows:
         raise DistillError(
-            f"all {pairs} prompt/response pairs have prompts of max_length tokens or more; "
+            f"all {pairs} prompt/response pairs have prompts of max_length={max_length} tokens or more; "
             "raise max_length (data.block_size) or shorten the prompts"
         )
     if dropped:
-        warnings.warn(f"dropped {dropped} of {pairs} pairs whose prompt fills max_length", stacklevel=3)
+        warnings.warn(f"dropped {dropped} of {pairs} pairs whose prompt fills max_length={max_length}", stacklevel=3)
     pad = _eos_id(tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     width = max(len(ids) for ids, _ in rows)
     input_ids = np.full((len(rows), width), pad, dtype=np.int32)
