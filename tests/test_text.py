@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import zipfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from text_fixtures import save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
 
 from distill.data import fetch
-from distill.data.labeled_text import labeled_mask, load_text_data
+from distill.data.labeled_text import clauses, labeled_mask, load_text_data
 from distill.embed import embedding_losses, run_embedding
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
@@ -329,3 +330,44 @@ def test_static_vectors_fine_tuned_on_the_teacher_get_closer_to_it(tmp_path, tea
     assert cosine[1] > cosine[0] + 0.02, cosine
     with pytest.raises(Exception, match="set pca_dims: null"):
         EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {"epochs": 1}}})
+
+
+def test_clauses_split_texts_at_punctuation_and_keep_only_multi_clause_texts():
+    texts = [
+        "A tad controversial, Hell House does not exist to cast stones; but rather document their hurlers.",
+        "One whole sentence without any break",  # a single clause adds nothing new
+        "Short, two words, then a longer clause (with an aside here) -- and more. Next sentence starts here",
+        "Ends with 3.5 stars, oddly enough for this one",  # a decimal point is not a sentence end
+    ]
+    assert clauses(texts) == [
+        "A tad controversial",
+        "Hell House does not exist to cast stones",
+        "but rather document their hurlers.",
+        "then a longer clause",  # "Short", "two words" and "and more" are under 3 words
+        "with an aside here",
+        "Next sentence starts here",
+        "Ends with 3.5 stars",
+        "oddly enough for this one",
+    ]
+
+
+def test_embedding_run_distills_on_clauses_too(tmp_path, teacher_dir, student_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=48, n_test=30)
+    with (data_dir / "train.csv").open() as handle:
+        rows = list(csv.reader(handle))
+    with (data_dir / "train.csv").open("w", newline="") as handle:
+        # "the w1 w2 w3 w4 w5 w6 and a" -> "the w1 w2, w3 w4 w5 w6 and a": two clauses of 3+ words each
+        csv.writer(handle).writerows(
+            rows[:1] + [[" ".join(t.split()[:3]) + ", " + " ".join(t.split()[3:]), label] for t, label in rows[1:]]
+        )
+    train = {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "log_every": 1}
+    recipe = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"path": str(student_dir), "train": train})
+    recipe = recipe.model_copy(update={"data": [recipe.data[0].model_copy(update={"clauses": True})]})
+    texts = load_text_data(recipe.data[0]).train_texts
+    assert len(clauses(texts)) == 2 * len(texts)
+    metrics = run_embedding(recipe, tmp_path / "run")
+    assert metrics["data"]["csv"] == {"train_texts": 48, "clause_texts": 96, "test_texts": 30, "max_length": 16}
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == (48 + 96) // 16  # one epoch over the texts and their clauses
+    with pytest.raises(ValueError, match="data.clauses is for task: embedding"):
+        TextClassificationRecipe.model_validate({"task": "text_classification", "data": {"clauses": True}})

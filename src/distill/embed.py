@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.data.labeled_text import TextData, load_text_data
+from distill.data.labeled_text import TextData, clauses, load_text_data
 from distill.errors import DistillError
 from distill.io import write_json
 from distill.losses import IGNORE_INDEX
@@ -164,8 +164,14 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
         name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))
         for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
-    train_texts = [t for d in sources for t in d.train_texts]
-    targets = np.concatenate([teacher_out[n][0] for n in names])
+    extra = {  # clauses of the training texts: more teacher targets, never probe examples
+        n: clauses(d.train_texts) if s.clauses else [] for n, d, s in zip(names, sources, recipe.data, strict=True)
+    }
+    train_texts = [t for d in sources for t in d.train_texts] + [t for n in names for t in extra[n]]
+    targets = np.concatenate(
+        [teacher_out[n][0] for n in names]
+        + [teacher_embeddings(extra[n], s.max_length) for n, s in zip(names, recipe.data, strict=True) if extra[n]]
+    )
     student, student_tok = _train_student(recipe, teacher, teacher_tok, train_texts, targets, out, resume)
 
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
@@ -195,7 +201,12 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
         "probes": names,
         "distill": recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})},
         "data": {
-            name: {"train_texts": len(d.train_texts), "test_texts": len(d.test_texts), "max_length": s.max_length}
+            name: {
+                "train_texts": len(d.train_texts),
+                "clause_texts": len(extra[name]),
+                "test_texts": len(d.test_texts),
+                "max_length": s.max_length,
+            }
             for name, d, s in zip(names, sources, recipe.data, strict=True)
         },
         "machine": {"torch": torch.__version__, "platform": platform.platform(), "speed": speed},

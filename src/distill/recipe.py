@@ -315,6 +315,11 @@ class TextDataSpec(Strict):
     limit_train: int | None = Field(default=None, gt=0)
     limit_test: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=2, description="tokens per text, special tokens included")
+    clauses: bool = Field(
+        default=False,
+        description="embedding task: also distill on the clauses of each training text (split at , ; : ( ) -- "
+        "and sentence ends, 3+ words each), extra unlabeled texts the teacher embeds",
+    )
 
 
 class EncoderTeacherSpec(Strict):
@@ -375,6 +380,8 @@ class TextClassificationRecipe(Strict):
     def _no_static(self) -> TextClassificationRecipe:
         if self.student.static is not None:
             raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
+        if self.data.clauses:
+            raise ValueError("data.clauses is for task: embedding; a classifier learns from whole texts")
         return self
 
 

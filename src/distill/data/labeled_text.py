@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,20 @@ def labeled_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         rows = np.flatnonzero(labels == value)
         keep[rng.permutation(rows)[: max(1, int(round(fraction * len(rows))))]] = True
     return keep
+
+
+CLAUSE_BREAK = re.compile(r"\s*(?:[,;:()]|--|[.!?](?=\s))\s*")
+
+
+def clauses(texts: list[str], min_words: int = 3) -> list[str]:
+    """The clauses of each text that has two or more of ``min_words``+ words, in order: extra transfer texts for
+    embedding distillation (the teacher embeds each one, so a snippet gives several targets instead of one)."""
+    out = []
+    for text in texts:
+        parts = [part for part in CLAUSE_BREAK.split(text) if len(part.split()) >= min_words]
+        if len(parts) > 1:
+            out += parts
+    return out
 
 
 def load_text_data(spec, seed: int = 0) -> TextData:
