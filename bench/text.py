@@ -29,9 +29,11 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def run(recipe_name: str, out: Path, reuse: bool) -> dict:
-    if reuse and (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
     recipe = load_recipe(RECIPES / recipe_name)
+    if reuse and (out / "metrics.json").exists():
+        if load_recipe(out / "recipe.yaml") != recipe:
+            sys.exit(f"--reuse: {out} ran another recipe than recipes/{recipe_name}; rerun it without --reuse")
+        return json.loads((out / "metrics.json").read_text())
     runner = run_embedding if recipe.task == "embedding" else run_text_classification
     started = time.perf_counter()
     metrics = runner(recipe, out, force=True)
