@@ -377,7 +377,7 @@ class TextClassificationRecipe(Strict):
     eval: TextEvalSpec = Field(default_factory=TextEvalSpec)
 
     @model_validator(mode="after")
-    def _no_static(self) -> TextClassificationRecipe:
+    def _embedding_only_options(self) -> TextClassificationRecipe:
         if self.student.static is not None:
             raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
         if self.data.clauses:
