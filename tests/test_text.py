@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from text_fixtures import save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
+from text_fixtures import WORDS, save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
 
 from distill.data import fetch
 from distill.data.labeled_text import clauses, labeled_mask, load_text_data
-from distill.embed import embedding_losses, run_embedding
+from distill.embed import cached_token_states, embedding_losses, run_embedding, token_state_loss
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.models.cut import student_from_teacher
@@ -371,3 +371,56 @@ def test_embedding_run_distills_on_clauses_too(tmp_path, teacher_dir, student_di
     assert log[-1]["step"] == (48 + 96) // 16  # one epoch over the texts and their clauses
     with pytest.raises(ValueError, match="data.clauses is for task: embedding"):
         TextClassificationRecipe.model_validate({"task": "text_classification", "data": {"clauses": True}})
+
+
+def test_token_state_loss_matches_a_float64_reference():
+    torch.manual_seed(0)
+    predicted, target = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t]:
+                p, q = predicted[b, t].double(), target[b, t].double()
+                total += ((p / p.norm() - q / q.norm()) ** 2).mean()
+                count += 1
+    got = token_state_loss(predicted, target, mask)
+    torch.testing.assert_close(got.double(), total / count, atol=1e-6, rtol=1e-6)
+    # Padding never counts, whatever it holds.
+    torch.testing.assert_close(token_state_loss(predicted, target.masked_fill(mask[..., None] == 0, 7.0), mask), got)
+
+
+def test_teacher_token_states_match_one_text_at_a_time_and_are_cached(tmp_path, teacher_dir, tok):
+    encoder, _ = load_encoder(teacher_dir)
+    rows = tokenize(tok, ["the orbit", "goal match team player score", "bread", "the rocket and the moon"], 16)
+    states = cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher")
+    assert states.states.dtype == torch.float16 and states.offsets.tolist() == [0, 4, 11, 14, 21]
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            alone = encoder.hidden(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
+            torch.testing.assert_close(states.batch(torch.tensor([i]), len(row))[0], alone, atol=2e-3, rtol=2e-3)
+    padded = states.batch(torch.tensor([2, 1]), 9)
+    assert padded.shape == (2, 9, 32) and not padded[0, 3:].any() and padded[1, :7].abs().sum(-1).min() > 0
+    (file,) = tmp_path.glob("tokens-teacher-*.safetensors")  # a second call reads the file, not the encoder
+    again = cached_token_states(None, rows, tok.pad_token_id, tmp_path, "teacher")
+    assert torch.equal(again.states, states.states) and file.exists()
+
+
+def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_dir, student_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=120, n_test=30)
+    train = {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "log_every": 1}
+    recipe = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"from_teacher": {"keep": 2}, "train": train})
+    recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"token_states": 2.0})})
+    metrics = run_embedding(recipe, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["tokens"] < log[0]["tokens"]
+    assert all(abs(e["loss"] - (e["mse"] + 2.0 * e["tokens"])) < 1e-5 for e in log)
+    assert metrics["distill"]["token_states"] == 2.0 and metrics["models"]["student"]["cosine_to_teacher"] > 0.9
+    # A student with its own vocabulary splits texts into other tokens: nothing to match them with.
+    other_tok = tiny_bert_tokenizer(words=WORDS[::-1])
+    other = save_sentence_encoder(tmp_path / "other", tiny_bert(other_tok, layers=2), other_tok)
+    recipe = recipe.model_copy(update={"student": recipe.student.model_validate({"path": str(other), "train": train})})
+    with pytest.raises(DistillError, match="distill.token_states needs a student that tokenizes like the teacher"):
+        run_embedding(recipe, tmp_path / "run-other")
+    with pytest.raises(ValueError, match="distill.token_states needs a transformer student"):
+        EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {}}, "distill": {"token_states": 1}})

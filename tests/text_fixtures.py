@@ -19,8 +19,8 @@ TOPICS = {
 WORDS = sorted({w for words in TOPICS.values() for w in words.split()} | {"the", "a", "and", "of", "was", "great"})
 
 
-def tiny_bert_tokenizer(extra_tokens: int = 0) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS + [f"w{i}" for i in range(extra_tokens)])}
+def tiny_bert_tokenizer(extra_tokens: int = 0, words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(SPECIALS + words + [f"w{i}" for i in range(extra_tokens)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

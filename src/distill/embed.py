@@ -8,6 +8,7 @@ linear-probe accuracy on each labeled set against the teacher's, texts/s on the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from dataclasses import dataclass
@@ -16,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.data.labeled_text import TextData, clauses, load_text_data
 from distill.errors import DistillError
-from distill.io import write_json
+from distill.io import atomic_path, write_json
 from distill.losses import IGNORE_INDEX
 from distill.models.encoders import (
     SentenceEncoder,
     encode,
     load_encoder,
+    pad,
     pad_id_of,
     padded_batch,
     save_encoder,
@@ -48,11 +51,16 @@ class EmbeddingStudent(nn.Module):
         self.encoder, self.normalize = encoder, normalize
         self.projection = nn.Linear(encoder.dim, teacher_dim) if encoder.dim != teacher_dim else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.encoder.pool(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_tokens: bool = False):
+        """The sentence vector; with ``with_tokens``, also every token's last-layer state (projected)."""
+        hidden = self.encoder.hidden(input_ids, attention_mask)
+        pooled = self.encoder.pool_hidden(hidden, attention_mask)
         if self.projection is not None:
             pooled = self.projection(pooled)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        pooled = F.normalize(pooled, dim=-1) if self.normalize else pooled
+        if not with_tokens:
+            return pooled
+        return pooled, (self.projection(hidden) if self.projection is not None else hidden)
 
 
 def embedding_losses(predicted: torch.Tensor, target: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
@@ -63,12 +71,69 @@ def embedding_losses(predicted: torch.Tensor, target: torch.Tensor, loss: str) -
     return {"loss": total, "mse": mse.detach(), "cosine": cosine.detach()}
 
 
+def token_state_loss(predicted: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """MSE between unit-length token states, averaged over real tokens and dimensions: the sentence MSE's scale,
+    so a weight of 1 treats every token like one more sentence vector."""
+    squared = (F.normalize(predicted.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).mean(-1)
+    mask = attention_mask.to(squared.dtype)
+    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class TokenStates:
+    """Every row's token states end to end (float16, one row of ``states`` per token) and where each row starts."""
+
+    states: torch.Tensor
+    offsets: torch.Tensor
+
+    def batch(self, indices: torch.Tensor, width: int) -> torch.Tensor:
+        """The rows at ``indices``, right-padded with zeros to ``width`` tokens: (batch, width, dim) float32."""
+        out = torch.zeros((len(indices), width, self.states.shape[1]))
+        for i, row in enumerate(indices.tolist()):
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+            out[i, : end - start] = self.states[start:end].float()
+        return out
+
+
+@torch.inference_mode()
+def token_states(encoder: SentenceEncoder, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> TokenStates:
+    """``encoder``'s last-layer state of every token of every row, run in batches of similar length."""
+    offsets = torch.from_numpy(np.cumsum([0] + [len(r) for r in rows]))
+    states = torch.empty((int(offsets[-1]), encoder.dim), dtype=torch.float16)
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    encoder.eval()
+    with Progress(
+        TextColumn("[bold]teacher token states"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
+        task = bar.add_task("tokens", total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            chosen = order[start : start + batch_size]
+            hidden = encoder.hidden(*pad([rows[i] for i in chosen], pad_id))
+            for j, row in enumerate(chosen):
+                states[int(offsets[row]) : int(offsets[row + 1])] = hidden[j, : len(rows[row])]
+            bar.update(task, advance=len(chosen))
+    return TokenStates(states, offsets)
+
+
+def cached_token_states(encoder, rows, pad_id: int, cache_dir: Path, teacher_id: str) -> TokenStates:
+    """``token_states`` computed once and kept in ``cache_dir`` under the teacher and the token ids."""
+    path = Path(cache_dir) / f"tokens-{teacher_id}-{hashlib.sha256(repr(rows).encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        return TokenStates(**load_file(str(path)))
+    computed = token_states(encoder, rows, pad_id)
+    with atomic_path(path) as tmp:
+        save_file({"states": computed.states, "offsets": computed.offsets}, str(tmp))
+    return computed
+
+
 @dataclass
 class EmbeddingBatches:
     rows: list[list[int]]
     targets: torch.Tensor
     loss_name: str
     pad_id: int
+    token_targets: TokenStates | None = None
+    token_weight: float = 0.0
 
     @property
     def weights(self) -> np.ndarray:
@@ -79,8 +144,13 @@ class EmbeddingBatches:
         return np.array([len(row) for row in self.rows])
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        predicted = model(*padded_batch(self.rows, rows, self.pad_id, device))
-        return embedding_losses(predicted, self.targets[rows].to(device), self.loss_name)
+        ids, attention = padded_batch(self.rows, rows, self.pad_id, device)
+        if self.token_targets is None:
+            return embedding_losses(model(ids, attention), self.targets[rows].to(device), self.loss_name)
+        predicted, tokens = model(ids, attention, with_tokens=True)
+        terms = embedding_losses(predicted, self.targets[rows].to(device), self.loss_name)
+        token_loss = token_state_loss(tokens, self.token_targets.batch(rows, ids.shape[1]).to(device), attention)
+        return terms | {"loss": terms["loss"] + self.token_weight * token_loss, "tokens": token_loss.detach()}
 
 
 def save_embedding_student(model: EmbeddingStudent, tokenizer, folder: Path) -> None:
@@ -111,7 +181,7 @@ def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: in
     return round(float((predicted == data.test_labels).mean()), 6)
 
 
-def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume):
+def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume, cache_dir):
     folder = out / "student"
     spec = recipe.student
     if spec.static is not None:
@@ -134,6 +204,17 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     model = EmbeddingStudent(encoder, teacher.dim, teacher.normalize)
     rows = tokenize(tokenizer, train_texts, max(s.max_length for s in recipe.data))
     batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
+    if recipe.distill.token_states:
+        if tokenizer is not teacher_tok and rows != tokenize(
+            teacher_tok, train_texts, max(s.max_length for s in recipe.data)
+        ):
+            raise DistillError(
+                "distill.token_states needs a student that tokenizes like the teacher (e.g. student.from_teacher); "
+                "this student's tokenizer splits the texts differently — set distill.token_states: 0"
+            )
+        teacher_id = encoder_id(Path(recipe.teacher.path).expanduser())
+        batches.token_targets = cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
+        batches.token_weight = recipe.distill.token_states
     accelerator = make_accelerator("no")
     torch.manual_seed(recipe.seed + 1)
     model = train_loop("student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
@@ -172,7 +253,7 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
         [teacher_out[n][0] for n in names]
         + [teacher_embeddings(extra[n], s.max_length) for n, s in zip(names, recipe.data, strict=True) if extra[n]]
     )
-    student, student_tok = _train_student(recipe, teacher, teacher_tok, train_texts, targets, out, resume)
+    student, student_tok = _train_student(recipe, teacher, teacher_tok, train_texts, targets, out, resume, cache_dir)
 
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
     max_length = max(s.max_length for s in recipe.data)

@@ -387,6 +387,12 @@ class TextClassificationRecipe(Strict):
 
 class EmbedDistillSpec(Strict):
     loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    token_states: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of a second loss on the teacher's last-layer token states (MSE of unit vectors per "
+        "token, the scale of the sentence MSE); needs a transformer student that tokenizes like the teacher",
+    )
     cache_dir: str | None = Field(default=None, description="teacher embeddings; default RUN/cache")
 
 
@@ -402,6 +408,12 @@ class EmbeddingRecipe(Strict):
     student: EncoderStudentSpec = Field(default_factory=lambda: EncoderStudentSpec(from_teacher=FromTeacher(keep=4)))
     distill: EmbedDistillSpec = Field(default_factory=EmbedDistillSpec)
     eval: TextEvalSpec = Field(default_factory=TextEvalSpec)
+
+    @model_validator(mode="after")
+    def _token_states_need_a_transformer(self) -> EmbeddingRecipe:
+        if self.distill.token_states and self.student.static is not None:
+            raise ValueError("distill.token_states needs a transformer student; a static table has no token states")
+        return self
 
 
 AnyRecipe = Recipe | LMRecipe | GenerateRecipe | TextClassificationRecipe | EmbeddingRecipe

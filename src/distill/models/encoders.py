@@ -38,8 +38,14 @@ class SentenceEncoder(nn.Module):
     def dim(self) -> int:
         return self.transformer.config.hidden_size
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer state of every token: (batch, length, dim)."""
+        return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool_hidden(self.hidden(input_ids, attention_mask), attention_mask)
+
+    def pool_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
