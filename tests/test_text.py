@@ -422,5 +422,6 @@ def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_di
     recipe = recipe.model_copy(update={"student": recipe.student.model_validate({"path": str(other), "train": train})})
     with pytest.raises(DistillError, match="distill.token_states needs a student that tokenizes like the teacher"):
         run_embedding(recipe, tmp_path / "run-other")
+    assert not (tmp_path / "run-other").exists()  # checked before anything is written
     with pytest.raises(ValueError, match="distill.token_states needs a transformer student"):
         EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {}}, "distill": {"token_states": 1}})

@@ -29,6 +29,7 @@ from distill.models.encoders import (
     SentenceEncoder,
     encode,
     load_encoder,
+    load_tokenizer,
     pad,
     pad_id_of,
     padded_batch,
@@ -205,13 +206,6 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     rows = tokenize(tokenizer, train_texts, max(s.max_length for s in recipe.data))
     batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
     if recipe.distill.token_states:
-        if tokenizer is not teacher_tok and rows != tokenize(
-            teacher_tok, train_texts, max(s.max_length for s in recipe.data)
-        ):
-            raise DistillError(
-                "distill.token_states needs a student that tokenizes like the teacher (e.g. student.from_teacher); "
-                "this student's tokenizer splits the texts differently — set distill.token_states: 0"
-            )
         teacher_id = encoder_id(Path(recipe.teacher.path).expanduser())
         batches.token_targets = cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
         batches.token_weight = recipe.distill.token_states
@@ -221,6 +215,15 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     save_embedding_student(model, tokenizer, folder)
     remove_checkpoints(folder)
     return model, tokenizer
+
+
+def _check_same_tokens(student_tok, teacher_tok, sources: list[TextData]) -> None:
+    texts = [t for d in sources for t in d.train_texts]
+    if tokenize(student_tok, texts, 512) != tokenize(teacher_tok, texts, 512):
+        raise DistillError(
+            "distill.token_states needs a student that tokenizes like the teacher (e.g. student.from_teacher); "
+            "this student's tokenizer splits the texts differently — set distill.token_states: 0"
+        )
 
 
 def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False) -> dict:
@@ -233,6 +236,8 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
     teacher, teacher_tok = load_encoder(teacher_path)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DistillError("task: embedding runs in one process; launch it without torchrun")
+    if recipe.distill.token_states and recipe.student.path is not None:
+        _check_same_tokens(load_tokenizer(Path(recipe.student.path).expanduser()), teacher_tok, sources)
     prepare_run_dir(recipe, out, resume=resume, force=force)
     cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
     teacher_id = encoder_id(teacher_path)
