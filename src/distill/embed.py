@@ -2,8 +2,9 @@
 
 The teacher's embeddings of the training texts are computed once and cached. Students: layers cut from the
 teacher, another pretrained encoder (with a learned projection when the widths differ), or a static table of
-token vectors (``distill.models.static``). Evaluation on held-out texts: cosine to the teacher's embeddings,
-linear-probe accuracy on each labeled set against the teacher's, texts/s on the CPU.
+token vectors (``distill.models.static``). With ``distill.token_states`` the student also matches the teacher's
+last-layer state of every token (cached once, like the sentence vectors). Evaluation on held-out texts: cosine
+to the teacher's embeddings, linear-probe accuracy on each labeled set against the teacher's, texts/s on the CPU.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: in
     return round(float((predicted == data.test_labels).mean()), 6)
 
 
-def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume, cache_dir):
+def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens):
     folder = out / "student"
     spec = recipe.student
     if spec.static is not None:
@@ -206,9 +207,7 @@ def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, t
     rows = tokenize(tokenizer, train_texts, max(s.max_length for s in recipe.data))
     batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
     if recipe.distill.token_states:
-        teacher_id = encoder_id(Path(recipe.teacher.path).expanduser())
-        batches.token_targets = cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
-        batches.token_weight = recipe.distill.token_states
+        batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
     accelerator = make_accelerator("no")
     torch.manual_seed(recipe.seed + 1)
     model = train_loop("student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
@@ -258,7 +257,13 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
         [teacher_out[n][0] for n in names]
         + [teacher_embeddings(extra[n], s.max_length) for n, s in zip(names, recipe.data, strict=True) if extra[n]]
     )
-    student, student_tok = _train_student(recipe, teacher, teacher_tok, train_texts, targets, out, resume, cache_dir)
+
+    def teacher_tokens(rows: list[list[int]]) -> TokenStates:
+        return cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
+
+    student, student_tok = _train_student(
+        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens
+    )
 
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
     max_length = max(s.max_length for s in recipe.data)
