@@ -75,7 +75,7 @@ def embedding_losses(predicted: torch.Tensor, target: torch.Tensor, loss: str) -
 
 def token_state_loss(predicted: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """MSE between unit-length token states, averaged over real tokens and dimensions: the sentence MSE's scale,
-    so a weight of 1 treats every token like one more sentence vector."""
+    so with a weight of 1 all of a batch's tokens together count as much as its sentence vectors."""
     squared = (F.normalize(predicted.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).mean(-1)
     mask = attention_mask.to(squared.dtype)
     return (squared * mask).sum() / mask.sum().clamp_min(1.0)
