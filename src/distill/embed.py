@@ -9,7 +9,6 @@ to the teacher's embeddings, linear-probe accuracy on each labeled set against t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from dataclasses import dataclass
@@ -28,12 +27,13 @@ from distill.io import atomic_path, write_json
 from distill.losses import IGNORE_INDEX
 from distill.models.encoders import (
     SentenceEncoder,
+    batches_by_length,
     encode,
     load_encoder,
     load_tokenizer,
-    pad,
     pad_id_of,
     padded_batch,
+    rows_digest,
     save_encoder,
     tokenize,
 )
@@ -102,15 +102,13 @@ def token_states(encoder: SentenceEncoder, rows: list[list[int]], pad_id: int, b
     """``encoder``'s last-layer state of every token of every row, run in batches of similar length."""
     offsets = torch.from_numpy(np.cumsum([0] + [len(r) for r in rows]))
     states = torch.empty((int(offsets[-1]), encoder.dim), dtype=torch.float16)
-    order = np.argsort([len(r) for r in rows], kind="stable")
     encoder.eval()
     with Progress(
         TextColumn("[bold]teacher token states"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     ) as bar:
         task = bar.add_task("tokens", total=len(rows))
-        for start in range(0, len(rows), batch_size):
-            chosen = order[start : start + batch_size]
-            hidden = encoder.hidden(*pad([rows[i] for i in chosen], pad_id))
+        for chosen, ids, attention in batches_by_length(rows, pad_id, batch_size):
+            hidden = encoder.hidden(ids, attention)
             for j, row in enumerate(chosen):
                 states[int(offsets[row]) : int(offsets[row + 1])] = hidden[j, : len(rows[row])]
             bar.update(task, advance=len(chosen))
@@ -119,7 +117,7 @@ def token_states(encoder: SentenceEncoder, rows: list[list[int]], pad_id: int, b
 
 def cached_token_states(encoder, rows, pad_id: int, cache_dir: Path, teacher_id: str) -> TokenStates:
     """``token_states`` computed once and kept in ``cache_dir`` under the teacher and the token ids."""
-    path = Path(cache_dir) / f"tokens-{teacher_id}-{hashlib.sha256(repr(rows).encode()).hexdigest()[:16]}.safetensors"
+    path = Path(cache_dir) / f"tokens-{teacher_id}-{rows_digest(rows)}.safetensors"
     if path.is_file():
         return TokenStates(**load_file(str(path)))
     computed = token_states(encoder, rows, pad_id)

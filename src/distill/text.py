@@ -9,7 +9,6 @@ texts. The baseline is the same student fine-tuned on the labeled part only, for
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import platform
 import statistics
@@ -37,6 +36,7 @@ from distill.models.encoders import (
     pad,
     pad_id_of,
     padded_batch,
+    rows_digest,
     save_classifier_head,
     tokenize,
 )
@@ -61,7 +61,7 @@ def folder_bytes(folder: Path) -> int:
 
 def cached_outputs(model: nn.Module, rows: list[list[int]], pad_id: int, cache_dir: Path, model_id: str) -> np.ndarray:
     """``model``'s output for every row, computed once and kept in ``cache_dir`` under the model and the ids."""
-    digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+    digest = rows_digest(rows)
 
     def run_rows(indices: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(encode(model, [rows[i] for i in indices.tolist()], pad_id))

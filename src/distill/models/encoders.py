@@ -8,6 +8,7 @@ texts by length so padding stays small.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -194,15 +195,25 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def rows_digest(rows: list[list[int]]) -> str:
+    """A short key for a list of token-id rows: cached teacher outputs are stored under it."""
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def batches_by_length(rows: list[list[int]], pad_id: int, batch_size: int):
+    """(row indices, ids, attention mask) over every row, rows of similar length together so padding stays small."""
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    for start in range(0, len(rows), batch_size):
+        chosen = order[start : start + batch_size]
+        yield (chosen, *pad([rows[i] for i in chosen], pad_id))
+
+
 @torch.inference_mode()
 def encode(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
     """``model(ids, attention)`` over every row, in batches of similar length; outputs in the input order."""
     model.eval()
-    order = np.argsort([len(r) for r in rows], kind="stable")
     outputs: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
-    for start in range(0, len(rows), batch_size):
-        chosen = order[start : start + batch_size]
-        ids, attention = pad([rows[i] for i in chosen], pad_id)
+    for chosen, ids, attention in batches_by_length(rows, pad_id, batch_size):
         values = model(ids, attention).float().numpy()
         for i, value in zip(chosen, values, strict=True):
             outputs[i] = value
