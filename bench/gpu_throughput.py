@@ -20,9 +20,9 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from distill.chunked import chunked_distillation_loss, full_logits_distillation_loss
-from distill.lm import head_of, last_hidden
-from distill.sparse_kd import SparseTargets, chunked_sparse_kd_loss
+from distill.losses.chunked import chunked_distillation_loss, full_logits_distillation_loss
+from distill.losses.sparse import SparseTargets, chunked_sparse_kd_loss
+from distill.models.causal_lm import head_of, last_hidden
 
 # Qwen2.5-1.5B and -0.5B shapes (vocab 151,936).
 TEACHER = dict(

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from distill.recipe import parse_recipe
-from distill.run import run
+from distill.tasks import parse_recipe
+from distill.tasks.classifier import run
 
 TEACHERS = {
     # The paper's teacher: 784-1200-1200-10 with dropout, trained with ±2 px jitter. The paper's dropout

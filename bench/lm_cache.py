@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from distill.lm import build_cache, run_lm
-from distill.recipe import load_recipe
+from distill.tasks import load_recipe
+from distill.tasks.causal_lm import build_cache
+from distill.tasks.causal_lm import run as run_lm
 
 
 def seconds_per_epoch(run_dir: Path, blocks: int) -> float:

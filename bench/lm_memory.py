@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from distill.chunked import DEFAULT_CHUNK_SIZE, chunked_distillation_loss, full_logits_distillation_loss
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_distillation_loss, full_logits_distillation_loss
 
 CONFIGS = {"smol": (49152, 576), "qwen": (151936, 896)}  # name: (vocab, hidden), as SmolLM-135M / Qwen2-0.5B
 GIB = 2**30

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from distill.lm import run_lm
-from distill.recipe import load_recipe
+from distill.tasks import load_recipe
+from distill.tasks.causal_lm import run as run_lm
 
 
 def main() -> int:

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from distill.data.arrays import default_mnist_dir, load_mnist
 from distill.models.classifiers import mlp
 from distill.recipe import DistillSpec, TrainSpec
-from distill.teachers.cache import build_logits_cache
 from distill.teachers.live import LiveTeacher
+from distill.teachers.logits_cache import build_logits_cache
 from distill.train import Stage, train_stage
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from distill.evaluate import lm_forward_seconds, lm_perplexity
-from distill.export.run_export import export_run
-from distill.lm import run_lm, setup
 from distill.models.causal_lm import load_causal_lm
-from distill.recipe import load_recipe
-from distill.run import run
+from distill.tasks import export_run, load_recipe
+from distill.tasks.causal_lm import run as run_lm
+from distill.tasks.causal_lm import setup
+from distill.tasks.classifier import run
 
 
 def batch1_latency_ms(model, ids: torch.Tensor) -> float:

@@ -27,12 +27,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.data.arithmetic import char_tokenizer, make_problems
-from distill.data.text import encode_pairs
-from distill.lm import LMBatches
-from distill.models.causal_lm import count_parameters, load_causal_lm, save_causal_lm
-from distill.onpolicy import OnPolicyBatches
-from distill.recipe import SamplingSpec, TrainSpec, parse_recipe
+from distill.data.token_blocks import encode_pairs
+from distill.models import count_parameters
+from distill.models.causal_lm import load_causal_lm, save_causal_lm
+from distill.recipe import SamplingSpec, TrainSpec
+from distill.tasks import parse_recipe
+from distill.tasks.causal_lm import LMBatches
 from distill.teachers.generate import generate, generate_local
+from distill.teachers.onpolicy import OnPolicyBatches
 from distill.train import make_accelerator, train_loop
 from distill.verify import exact_match
 

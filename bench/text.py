@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from distill.embed import run_embedding
-from distill.recipe import load_recipe
-from distill.text import run_text_classification
+from distill.tasks import load_recipe
+from distill.tasks.embedding import run as run_embedding
+from distill.tasks.text_classification import run as run_text_classification
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 

@@ -6,8 +6,8 @@ import torch
 
 from distill.errors import DistillError
 from distill.models.classifiers import mlp
-from distill.teachers.cache import LogitsCache, build_logits_cache
 from distill.teachers.live import LiveTeacher
+from distill.teachers.logits_cache import LogitsCache, build_logits_cache
 
 
 @pytest.fixture

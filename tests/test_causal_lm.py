@@ -7,9 +7,9 @@ import torch
 from lm_fixtures import save_tiny, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 from distill.errors import DistillError
+from distill.models import count_parameters
 from distill.models.causal_lm import (
     check_vocab,
-    count_parameters,
     load_causal_lm,
     save_causal_lm,
 )

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from distill import losses
-from distill.chunked import chunked_distillation_loss, full_logits_distillation_loss
+from distill.losses import divergences as losses
+from distill.losses.chunked import chunked_distillation_loss, full_logits_distillation_loss
 
 B, T, H_S, H_T, V = 2, 7, 16, 24, 50
 N = B * T

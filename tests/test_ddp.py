@@ -68,8 +68,8 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     from lm_fixtures import tiny_tokenizer
     from test_lm import write_recipe
 
-    from distill.lm import run_lm
-    from distill.recipe import load_recipe
+    from distill.tasks import load_recipe
+    from distill.tasks.causal_lm import run as run_lm
 
     path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
     raw["student"]["train"] |= {"fsdp": True, "checkpoint_every": 5}

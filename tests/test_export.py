@@ -17,11 +17,11 @@ from test_lm import TEXT
 from distill.errors import DistillError
 from distill.export import run_export
 from distill.export.quantize import load_int8, quantize_int8, save_int8
-from distill.export.run_export import export_run
-from distill.lm import run_lm
 from distill.models.classifiers import build_classifier
-from distill.recipe import ModelSpec, load_recipe, parse_recipe
-from distill.run import run
+from distill.recipe import ModelSpec
+from distill.tasks import export_run, load_recipe, parse_recipe
+from distill.tasks.causal_lm import run as run_lm
+from distill.tasks.classifier import run
 
 HAVE_GGUF = importlib.util.find_spec("distill.export.gguf") is not None
 needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="distill.export.gguf is not there yet")

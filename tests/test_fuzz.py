@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distill.data.text import read_jsonl_pairs
+from distill.data.token_blocks import read_jsonl_pairs
 from distill.errors import DistillError
-from distill.recipe import load_recipe, parse_recipe
+from distill.tasks import load_recipe, parse_recipe
 from distill.teachers.generate import read_prompts
 
 # derandomized: CI sees the same examples every run; FUZZ_EXPLORE=1 draws new ones (how a fresh clone found the

@@ -13,7 +13,7 @@ import torch
 from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 from distill.errors import DistillError
-from distill.recipe import parse_recipe
+from distill.tasks import parse_recipe
 from distill.teachers.generate import finished, generate, generate_local, read_prompts
 from distill.verify import exact_match, extract_answer, verdict
 

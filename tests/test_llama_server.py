@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from distill.recipe import parse_recipe
+from distill.tasks import parse_recipe
 from distill.teachers.generate import generate
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +33,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    from distill.lm import resolve_model_path
+    from distill.models.causal_lm import resolve_model_path
 
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(resolve_model_path("smollm2"))]

@@ -13,10 +13,13 @@ import yaml
 from accelerate import Accelerator
 from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
-from distill.data.text import TokenData
+from distill.data.token_blocks import TokenData
 from distill.errors import DistillError
-from distill.lm import LMBatches, run_lm
-from distill.recipe import LMDistillSpec, TrainSpec, load_recipe
+from distill.recipe import LMDistillSpec, TrainSpec
+from distill.tasks import load_recipe
+from distill.tasks.causal_lm import LMBatches
+from distill.tasks.causal_lm import run as run_lm
+from distill.teachers.lm_signals import LiveLMSignal
 from distill.train import train_loop
 
 TEXT = " ".join(
@@ -84,7 +87,8 @@ def test_live_distillation_loss_matches_float64_reference(tok):
     teacher, student = tiny_llama(tok, layers=3, seed=1), tiny_llama(tok, layers=2, seed=2)
     data = token_data(tok)
     spec = LMDistillSpec(temperature=1.0, signal="live")
-    batches = LMBatches(data, vocab_size=len(tok), chunk_size=7, distill=spec, teacher=teacher)
+    signal = LiveLMSignal(teacher, spec.loss, spec.temperature)
+    batches = LMBatches(data, vocab_size=len(tok), chunk_size=7, distill=spec, signal=signal)
     terms = batches.loss(student, torch.arange(len(data)), torch.device("cpu"))
     assert terms["loss"].item() == pytest.approx(reference_kl(student, teacher, data, len(tok)), rel=1e-4)
     assert "ce" not in terms  # alpha = 0: no hard-label pass

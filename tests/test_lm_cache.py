@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.sparse_kd import sparse_targets_from_logits
+from distill.losses.sparse import sparse_targets_from_logits
 from distill.teachers.lm_cache import LMCache, block_generator, build_lm_cache
 
 N, S, V, V_PAD, TEMP = 7, 5, 40, 48, 2.0

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lm_fixtures import tiny_llama
 
 from distill.data.arithmetic import char_tokenizer, make_problems
-from distill.data.text import IGNORE_INDEX, encode_pairs
-from distill.onpolicy import OnPolicyBatches, prompt_lengths, sample_completions
+from distill.data.token_blocks import IGNORE_INDEX, encode_pairs
+from distill.teachers.onpolicy import OnPolicyBatches, prompt_lengths, sample_completions
 from distill.verify import exact_match, extract_answer
 
 

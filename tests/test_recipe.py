@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from distill.errors import DistillError
-from distill.recipe import apply_overrides, load_recipe, parse_recipe
+from distill.recipe import apply_overrides
+from distill.tasks import load_recipe, parse_recipe
 
 
 def write(tmp_path, text):

@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
-from distill.data.recorded import encode_recorded, read_recorded
 from distill.errors import DistillError
-from distill.lm import LMBatches, run_lm
 from distill.losses import IGNORE_INDEX
 from distill.models.causal_lm import load_causal_lm
-from distill.recipe import LMDistillSpec, parse_recipe
+from distill.recipe import LMDistillSpec
+from distill.tasks import parse_recipe
+from distill.tasks.causal_lm import LMBatches
+from distill.tasks.causal_lm import run as run_lm
 from distill.teachers.generate import generate
+from distill.teachers.lm_signals import SparseSignal
+from distill.teachers.recorded import encode_recorded, read_recorded
 
 PROMPTS = ["the quick brown fox", "a teacher writes", "numbers like one two", "the weather today"]
 
@@ -94,7 +97,8 @@ def test_loss_is_cross_entropy_plus_top_k_kl_on_scored_positions(tok, traces):
     data = encode_recorded(read_recorded(kept), tok, 64)
     student = tiny_llama(tok, layers=1, seed=7).double()
     spec = LMDistillSpec(signal="recorded", alpha=0.3)
-    batches = LMBatches(data, vocab_size=len(tok), chunk_size=5, distill=spec)
+    signal = SparseSignal(data.recorded.__getitem__, spec.temperature)
+    batches = LMBatches(data, vocab_size=len(tok), chunk_size=5, distill=spec, signal=signal)
     rows = torch.arange(len(data))
     got = batches.loss(student, rows, torch.device("cpu"))
 

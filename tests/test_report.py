@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from distill.recipe import parse_recipe
-from distill.report import write_report
-from distill.run import run
+from distill.tasks import parse_recipe
+from distill.tasks import report as write_report
+from distill.tasks.classifier import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.sparse_kd import SparseTargets, chunked_sparse_kd_loss, sparse_kd_loss, sparse_targets_from_logits
+from distill.losses.sparse import SparseTargets, chunked_sparse_kd_loss, sparse_kd_loss, sparse_targets_from_logits
 
 TEMP = 2.0
 

@@ -15,14 +15,17 @@ from text_fixtures import WORDS, save_sentence_encoder, tiny_bert, tiny_bert_tok
 
 from distill.data import fetch
 from distill.data.labeled_text import clauses, labeled_mask, load_text_data
-from distill.embed import cached_token_states, embedding_losses, run_embedding, token_state_loss
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
+from distill.losses.embedding import embedding_losses, token_state_loss
 from distill.models.cut import student_from_teacher
 from distill.models.encoders import encode, load_encoder, pad, save_encoder, tokenize
+from distill.models.probe import fit_probe
 from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
 from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
-from distill.text import fit_probe, run_text_classification
+from distill.tasks.embedding import run as run_embedding
+from distill.tasks.text_classification import run as run_text_classification
+from distill.teachers.encoder_outputs import cached_token_states
 
 
 @pytest.fixture(scope="module")

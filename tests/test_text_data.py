@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from distill.data import fetch
-from distill.data.text import (
+from distill.data.token_blocks import (
     TokenData,
     encode_pairs,
     pack_text,

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from distill.data.arrays import load_digits_data
 from distill.errors import DistillError
 from distill.models.classifiers import mlp
-from distill.recipe import DistillSpec, TrainSpec, parse_recipe
-from distill.run import run
+from distill.recipe import DistillSpec, TrainSpec
+from distill.tasks import parse_recipe
+from distill.tasks.classifier import run
 from distill.train import Stage, jitter, length_grouped_order, train_stage
 
 

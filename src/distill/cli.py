@@ -24,30 +24,12 @@ def run(
     force: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
 ) -> None:
     """Train teacher (if needed), baseline and distilled student; evaluate; write the report."""
-    from distill.recipe import EmbeddingRecipe, GenerateRecipe, LMRecipe, TextClassificationRecipe, load_recipe
-    from distill.report import headline, lm_headline
+    from distill.tasks import TASKS, load_recipe, run_recipe, task_of
 
     loaded = load_recipe(recipe, set_)
-    if isinstance(loaded, GenerateRecipe):
-        raise DistillError(f"{recipe} is a task: generate recipe; run it with distill generate {recipe}")
-    if isinstance(loaded, LMRecipe):
-        from distill.lm import run_lm as run_recipe
-
-        summarize = lm_headline
-    elif isinstance(loaded, TextClassificationRecipe):
-        from distill.text import run_text_classification as run_recipe
-
-        summarize = headline
-    elif isinstance(loaded, EmbeddingRecipe):
-        from distill.embed import run_embedding as run_recipe
-        from distill.report import embedding_headline as summarize
-    else:
-        from distill.run import run as run_recipe
-
-        summarize = headline
     metrics = run_recipe(loaded, out, resume=resume, force=force)
     if metrics:  # empty on the other processes of a multi-process run: the main one reports
-        print(summarize(metrics["models"]))
+        print(TASKS[task_of(loaded)].report.headline(metrics["models"]))
         print(f"report: {out / 'REPORT.md'}")
 
 
@@ -58,12 +40,13 @@ def cache(
     set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set distill.cache_k=32")] = [],  # noqa: B006
 ) -> None:
     """Run the LM teacher once over the training data and store its sparse targets (resumable)."""
-    from distill.recipe import LMRecipe, load_recipe
+    from distill.recipe import LMRecipe
+    from distill.tasks import load_recipe
+    from distill.tasks.causal_lm import build_cache
 
     loaded = load_recipe(recipe, set_)
     if not isinstance(loaded, LMRecipe):
         raise DistillError(f"{recipe}: distill cache takes task: causal_lm recipes; classifier runs build their own")
-    from distill.lm import build_cache
 
     build_cache(loaded, out)
 
@@ -77,7 +60,8 @@ def generate(
     set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set sampling.samples=4")] = [],  # noqa: B006
 ) -> None:
     """The teacher writes step-by-step solutions to prompts; verified ones go to OUT's .kept.jsonl."""
-    from distill.recipe import GenerateRecipe, load_recipe
+    from distill.recipe import GenerateRecipe
+    from distill.tasks import load_recipe
 
     loaded = load_recipe(recipe, set_)
     if not isinstance(loaded, GenerateRecipe):
@@ -94,7 +78,7 @@ def generate(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
     """Rewrite REPORT.md and plots from a run folder's metrics.json and log.jsonl."""
-    from distill.report import write_report
+    from distill.tasks import report as write_report
 
     print(write_report(run_dir))
 
@@ -128,7 +112,8 @@ def export(
     force: Annotated[bool, typer.Option(help="replace an existing export")] = False,
 ) -> None:
     """Export the student, reload it and check it against the student on held-out data."""
-    from distill.export.run_export import export_run, summary
+    from distill.export.run_export import summary
+    from distill.tasks import export_run
 
     print(summary(export_run(run_dir, format_, out, force=force)))
 

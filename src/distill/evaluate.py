@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.losses import IGNORE_INDEX, PER_POSITION, forward_kl
-from distill.models.classifiers import count_parameters
+from distill.losses import IGNORE_INDEX
+from distill.losses.divergences import PER_POSITION, forward_kl
+from distill.models import count_parameters
+from distill.models.encoders import pad, pad_id_of, tokenize
 
 
 @torch.inference_mode()
@@ -183,3 +185,41 @@ def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_
             "tokens_per_s": lm_tokens_per_second(model, timing_ids, threads=threads),
         }
     return results
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights (its safetensors files)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+@torch.inference_mode()
+def text_speed(model: nn.Module, tokenizer, texts: list[str], *, max_length: int, threads: int, batch_size: int):
+    """Batch-1 latency and batched throughput, texts in → outputs, tokenization included, on the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    pad_id = pad_id_of(tokenizer)
+
+    def run(batch: list[str]) -> None:
+        ids, attention = pad(tokenize(tokenizer, batch, max_length), pad_id)
+        model(ids, attention)
+
+    try:
+        model.eval()
+        for text in texts[:5]:
+            run([text])
+        singles = []
+        for text in texts[:64]:
+            start = time.perf_counter()
+            run([text])
+            singles.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(0, len(texts), batch_size):
+            run(texts[i : i + batch_size])
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "latency_ms_batch1": round(statistics.median(singles) * 1e3, 3),
+        "texts_per_s": round(len(texts) / seconds, 1),
+        "threads": threads,
+    }

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import DistillError
-from distill.losses import PER_POSITION
+from distill.losses.divergences import PER_POSITION
 
 
 class Strict(BaseModel):
@@ -184,6 +184,16 @@ class LMStudentSpec(Strict):
         return self
 
 
+class OnPolicySpec(Strict):
+    """GKD (Agarwal et al. 2024): with probability ``lam`` a step trains on the student's own completions of the
+    prompts, scored by the live teacher; the loss is the generalised JSD(beta) on response tokens."""
+
+    lam: float = Field(default=0.5, ge=0.0, le=1.0, description="share of on-policy steps")
+    beta: float = Field(default=0.5, ge=0.0, le=1.0, description="JSD mix: 0 = forward KL, 1 = reverse KL")
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, ge=0.0, description="the student's sampling temperature (0: greedy)")
+
+
 class LMDistillSpec(DistillSpec):
     temperature: float = Field(default=1.0, gt=0.0)
     signal: Literal["cache", "live", "recorded"] = Field(
@@ -197,6 +207,9 @@ class LMDistillSpec(DistillSpec):
     cache_k: int = Field(default=16, gt=0, le=256)
     cache_shard_blocks: int = Field(default=256, gt=0, description="blocks per cache shard (the unit of resume)")
     chunk_size: int = Field(default=512, gt=0, description="positions per chunk of the bounded-memory loss")
+    onpolicy: OnPolicySpec | None = Field(
+        default=None, description="on-policy distillation (GKD) from the live teacher on prompt/response data"
+    )
 
 
 class LMEvalSpec(Strict):
@@ -223,6 +236,11 @@ class LMRecipe(Strict):
             raise ValueError(
                 f"distill.signal 'recorded' trains on traces written by distill generate: set data.source: jsonl "
                 f"(got {self.data.source!r})"
+            )
+        if d.onpolicy is not None and (d.signal != "live" or self.data.source != "jsonl"):
+            raise ValueError(
+                "distill.onpolicy needs distill.signal: live (the teacher scores the student's completions) and "
+                f"data.source: jsonl (prompts to complete); got signal {d.signal!r}, source {self.data.source!r}"
             )
         if d.signal == "recorded" and (d.temperature != 1.0 or d.loss != "forward_kl"):
             raise ValueError(
@@ -464,22 +482,8 @@ def _allowed_keys(error: dict[str, Any], model: type[BaseModel]) -> str:
     return f" (allowed: {', '.join(model.model_fields)})"
 
 
-def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
-    task = raw.get("task", "classification")
-    schemas = {
-        "classification": Recipe,
-        "causal_lm": LMRecipe,
-        "generate": GenerateRecipe,
-        "text_classification": TextClassificationRecipe,
-        "embedding": EmbeddingRecipe,
-    }
-    if not isinstance(task, str) or task not in schemas:
-        raise DistillError(f"{source}: task = {task!r}: choose {', '.join(schemas)}")
-    schema = schemas[task]
+def validate(schema: type[BaseModel], raw: Any, source: str = "recipe"):
+    """``raw`` validated by ``schema``; the first problem as one line (with the allowed keys for a typo)."""
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
@@ -492,7 +496,21 @@ def parse_recipe(raw: Any, source: str = "recipe") -> AnyRecipe:
         raise DistillError(f"{source}: {line}{more}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyRecipe:
+def parse_recipe(raw: Any, schemas: dict[str, type[BaseModel]], source: str = "recipe"):
+    """A recipe of any task: ``raw['task']`` (default classification) picks its schema in ``schemas`` (the
+    ``distill.tasks.TASKS`` table's)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DistillError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    task = raw.get("task", "classification")
+    if not isinstance(task, str) or task not in schemas:
+        raise DistillError(f"{source}: task = {task!r}: choose {', '.join(schemas)}")
+    return validate(schemas[task], raw, source)
+
+
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """The YAML of a recipe file with ``--set`` overrides applied, not yet validated."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -512,7 +530,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
         raise DistillError(f"recipe {path} is empty; start from one in recipes/ (e.g. recipes/mnist.yaml)")
     if isinstance(raw, dict):
         apply_overrides(raw, overrides or [])
-    return parse_recipe(raw, str(path))
+    return raw
+
+
+def load_recipe_as(schema: type[BaseModel], path: str | Path):
+    """A recipe file whose task is known (a run folder's own ``recipe.yaml``)."""
+    return validate(schema, read_recipe(path), str(path))
 
 
 def recipe_to_yaml(recipe: AnyRecipe) -> str:

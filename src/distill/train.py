@@ -29,7 +29,8 @@ from torch import nn
 from distill import parallel
 from distill.errors import DistillError
 from distill.io import atomic_path
-from distill.losses import IGNORE_INDEX, distillation_loss
+from distill.losses import IGNORE_INDEX
+from distill.losses.divergences import distillation_loss
 from distill.recipe import DistillSpec, TrainSpec
 
 TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,7 +86,8 @@ def make_schedule(optimizer, spec: TrainSpec, total_steps: int):
 
 
 def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets) -> dict[str, torch.Tensor]:
-    if stage.teacher is None:
+    """Cross-entropy on hard labels for a stage without distillation settings, else the soft/hard mix."""
+    if stage.distill is None:
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         return {"loss": loss, "ce": loss.detach()}
     d = stage.distill
@@ -99,6 +101,9 @@ def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets
         t2_scaling=d.t2_scaling,
         **d.divergence_kwargs(),
     )
+
+
+STAGE_DONE = "done.json"  # written into a stage's folder once its final weights are saved: its one marker
 
 
 def previous_checkpoint(path: Path) -> Path:

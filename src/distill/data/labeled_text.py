@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.fetch import fetch_text_asset
-from distill.data.text import read_jsonl
+from distill.data.token_blocks import read_jsonl
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 

@@ -1,5 +1,6 @@
-"""``distill export``: write a run's student in a deployable format, then reload it from disk and check it
-against the student on held-out data before calling it done. A failed check leaves nothing behind.
+"""``distill export``: write a student in a deployable format, then reload it from disk and check it against
+the student on held-out data before calling it done. A failed check leaves nothing behind. Each task loads its
+own student (``tasks/<task>.py``: ``load_student``) and says which formats it can take (the ``TASKS`` table).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.io import atomic_dir, write_json
+from distill.train import STAGE_DONE
 
 FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "gguf-f16", "gguf-q8_0")
 GGUF = ("gguf-f16", "gguf-q8_0")
@@ -34,93 +37,44 @@ LM_BLOCKS = 8
 
 @dataclass
 class Student:
-    kind: str  # "classifier" or "causal_lm"
+    """A finished student as its task loads it for export: the model, its folder, held-out inputs to check the
+    export on, and what rebuilds it from an exported folder."""
+
+    kind: str  # "classifier", "causal_lm", "text_classifier" or "sentence_encoder"
     model: nn.Module
     folder: Path
-    inputs: np.ndarray  # held-out features (float32) or token blocks (int64)
-    mask: np.ndarray | None = None  # causal_lm: real (non-padding) positions
+    inputs: np.ndarray  # held-out features (float32) or token ids (int64)
+    mask: np.ndarray | None = None  # token inputs: real (non-padding) positions
     info: dict | None = None  # classifier: model.json (what rebuilds it)
     tokenizer: object = None
     calibration: np.ndarray | None = None  # causal_lm: training blocks that int8 smoothing is calibrated on
+    reload: Callable[[Path], nn.Module] | None = None  # the safetensors export read back as a model
 
 
-def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool = False) -> dict:
-    """Export ``RUN/student`` as ``fmt`` into ``out`` (default ``RUN/exports/<fmt>/``) and return the check's figures,
-    also written to ``RUN/exports/<fmt>.json``."""
-    run_dir = Path(run_dir)
-    if fmt not in FORMATS:
-        raise DistillError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    folder = run_dir / "student"
-    if not (folder / "model.safetensors").exists():
-        raise DistillError(
-            f"no finished student in {run_dir}; finish it with distill run RECIPE --out {run_dir} --resume"
-        )
-    from distill.recipe import LMRecipe, load_recipe
-
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    kind = "causal_lm" if isinstance(recipe, LMRecipe) else "classifier"
-    allowed = formats_for(kind, folder)
-    if fmt not in allowed:
-        what = f"a {_model_type(folder)} causal LM" if kind == "causal_lm" else "a classifier"
-        raise DistillError(
-            f"{fmt} needs a Llama-family causal LM student (the GGUF writer knows only llama); this run's student is "
-            f"{what}; it can be exported as: {', '.join(allowed)}"
-        )
-    target = Path(out) if out is not None else run_dir / "exports" / fmt
+def export_student(student: Student, fmt: str, target: Path, run_dir: Path, *, force: bool = False) -> dict:
+    """Export ``student`` as ``fmt`` into ``target`` and return the check's figures, also written to
+    ``RUN/exports/<fmt>.json``. A failed check leaves nothing behind."""
+    target = Path(target)
     if target.exists() and not force:
         raise DistillError(f"export target {target} already exists; pass --force to replace it")
-
-    student = load_student(run_dir, recipe, kind)
     with atomic_dir(target) as tmp:  # a failed check raises: the temp folder goes, the target stays as it was
         write_export(fmt, student, tmp)
         figures = check_export(fmt, student, tmp)
     result = {"format": fmt, "path": str(target), **figures}
-    write_json(run_dir / "exports" / f"{fmt}.json", result)
+    write_json(Path(run_dir) / "exports" / f"{fmt}.json", result)
     return result
 
 
-def formats_for(kind: str, student_folder: Path) -> list[str]:
-    if kind == "causal_lm" and _model_type(student_folder) == "llama":
-        return list(FORMATS)
-    return [f for f in FORMATS if f not in GGUF]
-
-
-def _model_type(student_folder: Path) -> str:
+def model_type(student_folder: Path) -> str:
+    """The ``model_type`` of an HF student folder's config ("unknown" without one)."""
     config = student_folder / "config.json"
     return json.loads(config.read_text()).get("model_type", "unknown") if config.is_file() else "unknown"
-
-
-def load_student(run_dir: Path, recipe, kind: str) -> Student:
-    """The finished student and the held-out inputs its export is checked on."""
-    folder = run_dir / "student"
-    if kind == "causal_lm":
-        from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
-        from distill.lm import load_lm_data
-        from distill.models.causal_lm import load_causal_lm
-
-        model, tokenizer = load_causal_lm(folder)
-        train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
-        blocks = heldout.subset(np.arange(min(len(heldout), LM_BLOCKS)))
-        ids, mask = blocks.input_ids.astype(np.int64), blocks.attention_mask.astype(bool)
-        calibration = train.input_ids[: CALIBRATION_BLOCKS + SCORED_BLOCKS].astype(np.int64)
-        return Student(kind, model, folder, ids, mask, tokenizer=tokenizer, calibration=calibration)
-    from distill.data.arrays import load_data
-    from distill.models.classifiers import load_classifier
-    from distill.recipe import ModelSpec
-
-    info = json.loads((folder / "model.json").read_text())
-    spec, shape = ModelSpec(**info["model"]), tuple(info["input_shape"])
-    model = load_classifier(folder / "model.safetensors", spec, shape, info["num_classes"])
-    test_x = load_data(recipe.data, recipe.seed).test_x[:CLASSIFIER_EXAMPLES]
-    return Student(kind, model.eval(), folder, np.ascontiguousarray(test_x, dtype=np.float32), info=info)
 
 
 def write_export(fmt: str, s: Student, folder: Path) -> None:
     lm = s.kind == "causal_lm"
     if fmt == "safetensors":  # the student's own files, byte for byte (the HF folder for an LM)
-        for file in s.folder.iterdir():
-            if file.is_file() and not file.name.startswith("checkpoint."):
-                shutil.copy2(file, folder / file.name)
+        shutil.copytree(s.folder, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint.*", STAGE_DONE))
         return
     if fmt == "int8":
         from distill.export.quantize import quantize_int8, save_int8
@@ -163,17 +117,10 @@ def reload_logits(fmt: str, s: Student, folder: Path) -> np.ndarray:
         from distill.export.quantize import load_int8
 
         return torch_logits(load_int8(folder), s)
+    if fmt == "safetensors":
+        return torch_logits(s.reload(folder), s)
     from distill.models.causal_lm import load_causal_lm
 
-    if fmt == "safetensors":
-        if s.kind == "causal_lm":
-            return torch_logits(load_causal_lm(folder)[0], s)
-        from distill.models.classifiers import load_classifier
-        from distill.recipe import ModelSpec
-
-        spec = ModelSpec(**s.info["model"])
-        model = load_classifier(folder / "model.safetensors", spec, tuple(s.info["input_shape"]), s.info["num_classes"])
-        return torch_logits(model, s)
     with tempfile.TemporaryDirectory() as cache:  # transformers dequantises the GGUF into a throwaway HF folder
         return torch_logits(load_causal_lm(folder / "model.gguf", cache_dir=Path(cache))[0], s)
 
@@ -182,7 +129,12 @@ def reload_logits(fmt: str, s: Student, folder: Path) -> np.ndarray:
 def torch_logits(model: nn.Module, s: Student) -> np.ndarray:
     model.eval()
     x = torch.from_numpy(s.inputs)
-    out = model(input_ids=x, use_cache=False).logits if s.kind == "causal_lm" else model(x)
+    if s.kind == "causal_lm":
+        out = model(input_ids=x, use_cache=False).logits
+    elif s.kind in ("text_classifier", "sentence_encoder"):
+        out = model(x, torch.from_numpy(s.mask).long())
+    else:
+        out = model(x)
     return out.float().numpy()
 
 
@@ -190,7 +142,7 @@ def check_export(fmt: str, s: Student, folder: Path) -> dict:
     """Compare the reloaded export with the student; raise DistillError (the caller deletes it) if it is off."""
     reference = torch_logits(s.model, s)
     got = reload_logits(fmt, s, folder)
-    unit = "token positions" if s.kind == "causal_lm" else "test examples"
+    unit = {"causal_lm": "token positions", "sentence_encoder": "texts (cosine >= 0.999)"}.get(s.kind, "test examples")
     if got.shape != reference.shape:
         raise DistillError(
             f"{fmt} export gives logits of shape {got.shape}, the student {reference.shape}; nothing was written"
@@ -200,10 +152,13 @@ def check_export(fmt: str, s: Student, folder: Path) -> dict:
         reference, got = reference[s.mask][:, :vocab], got[s.mask][:, :vocab]
     diff = float(np.abs(reference.astype(np.float64) - got).max())
     scale = max(float(np.abs(reference).max()), 1.0)
-    agreement = float((reference.argmax(-1) == got.argmax(-1)).mean())
+    if s.kind == "sentence_encoder":  # embeddings have no top-1: a row agrees when its direction is kept
+        agreement = float((cosine(reference, got) >= 0.999).mean())
+    else:
+        agreement = float((reference.argmax(-1) == got.argmax(-1)).mean())
     figures = {
         "file_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith(MODEL_FILES)),
-        "student_bytes": (s.folder / "model.safetensors").stat().st_size,
+        "student_bytes": sum(f.stat().st_size for f in s.folder.glob("*.safetensors")),
         "max_abs_logit_diff": diff,
         "top1_agreement": agreement,
         "compared": int(len(reference)),
@@ -223,6 +178,11 @@ def check_export(fmt: str, s: Student, folder: Path) -> dict:
             f"(largest |logit|) {where}"
         )
     return figures
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
 def summary(result: dict) -> str:

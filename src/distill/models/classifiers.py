@@ -68,10 +68,6 @@ def build_classifier(spec: ModelSpec, input_shape: tuple[int, ...], num_classes:
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def save_classifier(model: nn.Module, folder: Path, spec: ModelSpec, input_shape, num_classes: int) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (what rebuilds it), each atomically."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from distill.errors import DistillError
 from distill.io import atomic_dir
+from distill.models.cut import student_from_teacher
 
 POOLING_MODES = ("mean", "cls", "max")
 hf_logging.disable_progress_bar()  # loads and saves draw bars of their own; the CLI has one progress display
@@ -218,3 +219,11 @@ def encode(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int
         for i, value in zip(chosen, values, strict=True):
             outputs[i] = value
     return np.stack(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def student_encoder(spec, teacher: SentenceEncoder, teacher_tokenizer):
+    """(encoder, tokenizer) of the student: a pretrained folder, or the teacher's chosen layers."""
+    if spec.path is not None:
+        return load_encoder(spec.path)
+    cut = student_from_teacher(teacher.transformer, **spec.from_teacher.model_dump())
+    return SentenceEncoder(cut, teacher.pooling, teacher.normalize), teacher_tokenizer

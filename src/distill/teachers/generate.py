@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.data.text import read_jsonl
+from distill.data.token_blocks import read_jsonl
 from distill.errors import DistillError
 from distill.io import atomic_path, write_json
+from distill.models.causal_lm import load_causal_lm, resolve_model_path
 from distill.recipe import GenerateRecipe, SamplingSpec
 from distill.verify import make_scorer, verdict
 
@@ -176,9 +177,6 @@ def _top_logprobs(step_logits: list[torch.Tensor], ids: list[int], k: int) -> li
 
 
 def local_completions(recipe: GenerateRecipe, jobs: list[Job]) -> Iterable[tuple[Job, dict]]:
-    from distill.lm import resolve_model_path
-    from distill.models.causal_lm import load_causal_lm
-
     model, tokenizer = load_causal_lm(resolve_model_path(recipe.teacher.path), dtype=recipe.teacher.dtype)
     model.eval()
     for group in batched(jobs, recipe.sampling.batch_size):

@@ -1,4 +1,4 @@
-"""Offline LM teacher cache: k sparse targets per token (see ``distill.sparse_kd``), sharded and memory-mapped.
+"""Offline LM teacher cache: k sparse targets per token (see ``distill.losses.sparse``), sharded and memory-mapped.
 
 Layout of a cache folder: ``shard-00000.npy`` … (one per ``shard_blocks`` blocks of ``seq_len`` tokens, a
 structured array [blocks, seq_len] with fields ``ids`` [k] — uint16 when the vocabulary fits, else uint32 —
@@ -21,7 +21,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.io import atomic_path, sha256_file, write_json
-from distill.sparse_kd import MODES, SparseTargets, sparse_targets_from_logits
+from distill.losses.sparse import MODES, SparseTargets, sparse_targets_from_logits
 
 FORMAT = "distill.lm_sparse/1"
 FIX = "rebuild it with `distill cache RECIPE`"
@@ -273,3 +273,40 @@ class LMCache:
             return SparseTargets(ids)
         logp = torch.from_numpy(out["logp"].astype(np.float32)).reshape(*shape, -1)
         return SparseTargets(ids, logp, torch.from_numpy(out["tail"].astype(np.float32)).reshape(shape))
+
+
+def lm_cache_dir(root: Path, teacher_id: str, data_id: str, d) -> Path:
+    """The cache folder of a teacher, training blocks and cache settings (``d``: the recipe's distill section)."""
+    return root / f"teacher-{teacher_id}-data-{data_id}-{d.cache_mode}{d.cache_k}-T{d.temperature:g}"
+
+
+def ensure_lm_cache(
+    path: Path, teacher, train_ids: np.ndarray, d, *, teacher_id: str, data_id: str, vocab_size: int, seed: int, device
+) -> LMCache:
+    """Open the teacher cache at ``path``, building (or finishing) it first if needed."""
+    if d.loss != "forward_kl":
+        raise DistillError(
+            f"distill.loss {d.loss}: the LM teacher cache estimates forward_kl only; "
+            "use distill.signal: live for other divergences"
+        )
+    if not (path / "meta.json").exists():
+        teacher.to(device)
+
+        @torch.no_grad()
+        def teacher_logits(input_ids: torch.Tensor) -> torch.Tensor:
+            return teacher(input_ids=input_ids.to(device)).logits.float()
+
+        build_lm_cache(
+            teacher_logits,
+            train_ids,
+            path,
+            mode=d.cache_mode,
+            k=d.cache_k,
+            temperature=d.temperature,
+            teacher_id=teacher_id,
+            data_id=data_id,
+            vocab_size=vocab_size,
+            seed=seed,
+            shard_blocks=d.cache_shard_blocks,
+        )
+    return LMCache.open(path, teacher_id=teacher_id, data_id=data_id, temperature=d.temperature)

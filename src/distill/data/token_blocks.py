@@ -13,15 +13,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from distill.data.recorded import RecordedTargets
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,9 @@ class TokenData:
     labels: np.ndarray  # int64 [N, S]; labels[t] is the token at t, or IGNORE_INDEX where t is not trained
     attention_mask: np.ndarray  # int8 [N, S]; 0 on padding
     dropped: int = 0  # pairs left out by encode_pairs because the prompt filled max_length
-    recorded: RecordedTargets | None = None  # the teacher's log-probs stored with the traces, when trained on
+    # The teacher's log-probs stored with the traces, when trained on (``teachers.recorded.RecordedTargets``): any
+    # row-aligned targets with ``subset``, kept here so that they travel with their rows through every split.
+    recorded: object | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -1,4 +1,4 @@
-"""Distillation losses: pure functions on logits.
+"""Divergences between teacher and student distributions: pure functions on logits.
 
 Every divergence is called as ``f(student_logits, teacher_logits, *, temperature=1.0, mask=None)``,
 works over the last dimension, and returns the mean over unmasked positions. All arithmetic is done
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from distill.losses import IGNORE_INDEX
+from distill.losses.mix import soft_hard_mix, t2_scale
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -174,7 +175,6 @@ def distillation_loss(
     kd = PER_POSITION[divergence_name](
         log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), **divergence_kwargs
     )
-    scale = temperature**2 if t2_scaling else 1.0
     if labels is None:
         labeled = torch.zeros_like(keep)
         ce = torch.zeros_like(kd)
@@ -186,8 +186,8 @@ def distillation_loss(
             safe_labels.reshape(-1),
             reduction="none",
         ).reshape(positions)
-    kd_weight = torch.where(labeled, torch.full_like(kd, 1.0 - alpha), torch.ones_like(kd))
-    per_position = kd_weight * scale * kd + alpha * torch.where(labeled, ce, torch.zeros_like(ce))
+    hard = torch.where(labeled, ce, torch.zeros_like(ce))
+    per_position = soft_hard_mix(kd, hard, alpha=alpha, scale=t2_scale(temperature, t2_scaling), labeled=labeled)
     return {
         "loss": masked_mean(per_position, keep),
         "kd": masked_mean(kd, keep),

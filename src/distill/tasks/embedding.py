@@ -10,39 +10,42 @@ to the teacher's embeddings, linear-probe accuracy on each labeled set against t
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.data.labeled_text import TextData, clauses, load_text_data
 from distill.errors import DistillError
-from distill.io import atomic_path, write_json
+from distill.evaluate import folder_bytes, text_speed
+from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.losses import IGNORE_INDEX
+from distill.losses.embedding import embedding_losses, token_state_loss
+from distill.models import count_parameters
 from distill.models.encoders import (
     SentenceEncoder,
-    batches_by_length,
     encode,
     load_encoder,
     load_tokenizer,
+    pad,
     pad_id_of,
     padded_batch,
-    rows_digest,
     save_encoder,
+    student_encoder,
     tokenize,
 )
+from distill.models.probe import fit_probe
 from distill.models.static import build_static, load_static, save_static
-from distill.recipe import EmbeddingRecipe, TrainSpec
-from distill.report import write_report
-from distill.run import prepare_run_dir
-from distill.text import encoder_id, fit_probe, folder_bytes, student_encoder, teacher_features, text_speed
-from distill.train import make_accelerator, remove_checkpoints, train_loop
+from distill.recipe import EmbeddingRecipe, TrainSpec, load_recipe_as
+from distill.report import Quality, ReportView, human_bytes
+from distill.tasks.common import OnStep, cache_root, finish, machine, prepare_run_dir, stage_step, train_or_load
+from distill.teachers.encoder_outputs import TokenStates, cached_token_states, teacher_features
+from distill.teachers.identity import encoder_id
+from distill.train import make_accelerator, train_loop
 
 
 class EmbeddingStudent(nn.Module):
@@ -63,67 +66,6 @@ class EmbeddingStudent(nn.Module):
         if not with_tokens:
             return pooled
         return pooled, (self.projection(hidden) if self.projection is not None else hidden)
-
-
-def embedding_losses(predicted: torch.Tensor, target: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
-    """MSE (mean over rows and dimensions, as sentence-transformers' MSELoss) and/or 1 − cosine."""
-    mse = F.mse_loss(predicted.float(), target.float())
-    cosine = 1.0 - F.cosine_similarity(predicted.float(), target.float(), dim=-1).mean()
-    total = {"mse": mse, "cosine": cosine, "mse+cosine": mse + cosine}[loss]
-    return {"loss": total, "mse": mse.detach(), "cosine": cosine.detach()}
-
-
-def token_state_loss(predicted: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """MSE between unit-length token states, averaged over real tokens and dimensions: the sentence MSE's scale,
-    so with a weight of 1 all of a batch's tokens together count as much as its sentence vectors."""
-    squared = (F.normalize(predicted.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).mean(-1)
-    mask = attention_mask.to(squared.dtype)
-    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-@dataclass
-class TokenStates:
-    """Every row's token states end to end (float16, one row of ``states`` per token) and where each row starts."""
-
-    states: torch.Tensor
-    offsets: torch.Tensor
-
-    def batch(self, indices: torch.Tensor, width: int) -> torch.Tensor:
-        """The rows at ``indices``, right-padded with zeros to ``width`` tokens: (batch, width, dim) float32."""
-        out = torch.zeros((len(indices), width, self.states.shape[1]))
-        for i, row in enumerate(indices.tolist()):
-            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-            out[i, : end - start] = self.states[start:end].float()
-        return out
-
-
-@torch.inference_mode()
-def token_states(encoder: SentenceEncoder, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> TokenStates:
-    """``encoder``'s last-layer state of every token of every row, run in batches of similar length."""
-    offsets = torch.from_numpy(np.cumsum([0] + [len(r) for r in rows]))
-    states = torch.empty((int(offsets[-1]), encoder.dim), dtype=torch.float16)
-    encoder.eval()
-    with Progress(
-        TextColumn("[bold]teacher token states"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    ) as bar:
-        task = bar.add_task("tokens", total=len(rows))
-        for chosen, ids, attention in batches_by_length(rows, pad_id, batch_size):
-            hidden = encoder.hidden(ids, attention)
-            for j, row in enumerate(chosen):
-                states[int(offsets[row]) : int(offsets[row + 1])] = hidden[j, : len(rows[row])]
-            bar.update(task, advance=len(chosen))
-    return TokenStates(states, offsets)
-
-
-def cached_token_states(encoder, rows, pad_id: int, cache_dir: Path, teacher_id: str) -> TokenStates:
-    """``token_states`` computed once and kept in ``cache_dir`` under the teacher and the token ids."""
-    path = Path(cache_dir) / f"tokens-{teacher_id}-{rows_digest(rows)}.safetensors"
-    if path.is_file():
-        return TokenStates(**load_file(str(path)))
-    computed = token_states(encoder, rows, pad_id)
-    with atomic_path(path) as tmp:
-        save_file({"states": computed.states, "offsets": computed.offsets}, str(tmp))
-    return computed
 
 
 @dataclass
@@ -181,37 +123,63 @@ def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: in
     return round(float((predicted == data.test_labels).mean()), 6)
 
 
-def _train_student(recipe: EmbeddingRecipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens):
-    folder = out / "student"
+def train_student(
+    recipe: EmbeddingRecipe,
+    teacher,
+    teacher_tok,
+    train_texts,
+    targets,
+    out,
+    resume,
+    teacher_tokens,
+    on_step: OnStep = None,
+):
+    """(student, its tokenizer), trained on the teacher's targets unless a resumed run finished it."""
     spec = recipe.student
-    if spec.static is not None:
-        if resume and (folder / "static.safetensors").exists():
-            return load_static(folder)
+    max_length = max(s.max_length for s in recipe.data)
+    step = stage_step("student", on_step)
+
+    def train_static():
         static = spec.static
-        rows = tokenize(teacher_tok, train_texts, max(s.max_length for s in recipe.data))
+        rows = tokenize(teacher_tok, train_texts, max_length)
         model = build_static(teacher, teacher_tok, rows, pca_dims=static.pca_dims, sif=static.sif, seed=recipe.seed)
         if static.epochs:
             train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
             batches = EmbeddingBatches(rows, torch.from_numpy(targets), "mse", pad_id_of(teacher_tok))
-            model = train_loop("student", model, train, batches, out, make_accelerator("no"), seed=recipe.seed).eval()
-        save_static(model, teacher_tok, folder)
-        remove_checkpoints(folder)
-        return model, teacher_tok
-    if resume and (folder / "config.json").exists():
-        return load_embedding_student(folder, teacher.dim, teacher.normalize)
-    encoder, tokenizer = student_encoder(spec, teacher, teacher_tok)
-    torch.manual_seed(recipe.seed + 1000)
-    model = EmbeddingStudent(encoder, teacher.dim, teacher.normalize)
-    rows = tokenize(tokenizer, train_texts, max(s.max_length for s in recipe.data))
-    batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
-    if recipe.distill.token_states:
-        batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
-    accelerator = make_accelerator("no")
-    torch.manual_seed(recipe.seed + 1)
-    model = train_loop("student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume).eval()
-    save_embedding_student(model, tokenizer, folder)
-    remove_checkpoints(folder)
-    return model, tokenizer
+            accelerator = make_accelerator("no")
+            model = train_loop("student", model, train, batches, out, accelerator, seed=recipe.seed, on_step=step)
+        return model.eval(), teacher_tok
+
+    def train_encoder():
+        encoder, tokenizer = student_encoder(spec, teacher, teacher_tok)
+        torch.manual_seed(recipe.seed + 1000)
+        model = EmbeddingStudent(encoder, teacher.dim, teacher.normalize)
+        rows = tokenize(tokenizer, train_texts, max_length)
+        batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
+        if recipe.distill.token_states:
+            batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
+        accelerator = make_accelerator("no")
+        torch.manual_seed(recipe.seed + 1)
+        model = train_loop(
+            "student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume, on_step=step
+        )
+        return model.eval(), tokenizer
+
+    if spec.static is not None:
+        return train_or_load(
+            out / "student",
+            resume=resume,
+            load=load_static,
+            train=train_static,
+            save=lambda trained, folder: save_static(trained[0], teacher_tok, folder),
+        )
+    return train_or_load(
+        out / "student",
+        resume=resume,
+        load=lambda folder: load_embedding_student(folder, teacher.dim, teacher.normalize),
+        train=train_encoder,
+        save=lambda trained, folder: save_embedding_student(*trained, folder),
+    )
 
 
 def _check_same_tokens(student_tok, teacher_tok, sources: list[TextData]) -> None:
@@ -223,7 +191,9 @@ def _check_same_tokens(student_tok, teacher_tok, sources: list[TextData]) -> Non
         )
 
 
-def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False) -> dict:
+def run(
+    recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None
+) -> dict:
     out = Path(out)
     sources = [load_text_data(spec, recipe.seed) for spec in recipe.data]
     names = [spec.source for spec in recipe.data]
@@ -236,7 +206,7 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
     if recipe.distill.token_states and recipe.student.path is not None:
         _check_same_tokens(load_tokenizer(Path(recipe.student.path).expanduser()), teacher_tok, sources)
     prepare_run_dir(recipe, out, resume=resume, force=force)
-    cache_dir = Path(recipe.distill.cache_dir).expanduser() if recipe.distill.cache_dir else out / "cache"
+    cache_dir = cache_root(recipe.distill, out)
     teacher_id = encoder_id(teacher_path)
 
     def teacher_embeddings(texts: list[str], max_length: int) -> np.ndarray:
@@ -259,8 +229,8 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
     def teacher_tokens(rows: list[list[int]]) -> TokenStates:
         return cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
 
-    student, student_tok = _train_student(
-        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens
+    student, student_tok = train_student(
+        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens, on_step
     )
 
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
@@ -279,27 +249,112 @@ def run_embedding(recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, f
             if test_emb.shape[1] == teacher.dim:  # a PCA-reduced static table lives in another space
                 cosines.append(F.cosine_similarity(torch.from_numpy(test_emb), torch.from_numpy(teacher_out[name][1])))
         scores["cosine_to_teacher"] = round(float(torch.cat(cosines).mean()), 6) if cosines else None
-        scores["parameters"] = sum(p.numel() for p in model.parameters())
+        scores["parameters"] = count_parameters(model)
         scores["file_bytes"] = folder_bytes(teacher_path if role == "teacher" else out / "student")
         scores |= text_speed(model, tokenizer, speed_texts, **speed)
         results[role] = scores
-    metrics = {
-        "recipe": recipe.name,
-        "task": "embedding",
-        "models": results,
-        "probes": names,
-        "distill": recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})},
-        "data": {
-            name: {
-                "train_texts": len(d.train_texts),
-                "clause_texts": len(extra[name]),
-                "test_texts": len(d.test_texts),
-                "max_length": s.max_length,
-            }
-            for name, d, s in zip(names, sources, recipe.data, strict=True)
-        },
-        "machine": {"torch": torch.__version__, "platform": platform.platform(), "speed": speed},
+    distill = recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})}
+    sizes = {
+        name: {
+            "train_texts": len(d.train_texts),
+            "clause_texts": len(extra[name]),
+            "test_texts": len(d.test_texts),
+            "max_length": s.max_length,
+        }
+        for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
-    write_json(out / "metrics.json", metrics)
-    write_report(out)
-    return metrics
+    environment = machine(speed=speed)
+    return finish(
+        out, recipe, "embedding", results, VIEW, probes=names, distill=distill, data=sizes, machine=environment
+    )
+
+
+def load_student(run_dir: Path) -> Student:
+    """The finished student and held-out texts, tokenized, to check its export on (by cosine)."""
+    folder = run_dir / "student"
+    recipe = load_recipe_as(EmbeddingRecipe, run_dir / "recipe.yaml")
+    if recipe.student.static is not None:
+
+        def reload(export: Path) -> nn.Module:
+            return load_static(export)[0]
+
+    else:
+        teacher, _ = load_encoder(Path(recipe.teacher.path).expanduser())  # the width a projection maps to
+
+        def reload(export: Path) -> nn.Module:
+            return load_embedding_student(export, teacher.dim, teacher.normalize)[0]
+
+    tokenizer = load_tokenizer(folder)
+    texts = [t for spec in recipe.data for t in load_text_data(spec, recipe.seed).test_texts][:CLASSIFIER_EXAMPLES]
+    ids, attention = pad(tokenize(tokenizer, texts, max(s.max_length for s in recipe.data)), pad_id_of(tokenizer))
+    return Student(
+        "sentence_encoder",
+        reload(folder),
+        folder,
+        ids.numpy(),
+        attention.numpy().astype(bool),
+        tokenizer=tokenizer,
+        reload=reload,
+    )
+
+
+def export_formats(student_folder: Path) -> list[str]:
+    return ["safetensors"]
+
+
+def columns(models: dict) -> list:
+    probes = [key for key in next(iter(models.values())) if key.startswith("probe_")]
+    return [
+        ("parameters", "params", "{:,}"),
+        ("file_bytes", "file", None),
+        ("cosine_to_teacher", "held-out cosine to teacher", "{:.4f}"),
+        *[(key, f"probe accuracy: {key.removeprefix('probe_')}", "{:.2%}") for key in probes],
+        ("latency_ms_batch1", "latency/text (batch 1)", "{:.2f} ms"),
+        ("texts_per_s", "texts/s (batched)", "{:,.1f}"),
+    ]
+
+
+def headline(models: dict) -> str:
+    t, s = models["teacher"], models["student"]
+    kept = [
+        f"{100 * s[key] / t[key]:.1f}% of its {key.removeprefix('probe_')} probe accuracy "
+        f"({s[key]:.1%} vs {t[key]:.1%})"
+        for key in t
+        if key.startswith("probe_")
+    ]
+    return (
+        f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), embeds "
+        f"{s['texts_per_s'] / t['texts_per_s']:.1f}× as many texts per second, "
+        + (
+            f"reaches a held-out cosine of {s['cosine_to_teacher']:.3f} to the teacher's embeddings "
+            if s.get("cosine_to_teacher") is not None
+            else ""
+        )
+        + "and keeps "
+        + " and ".join(kept)
+        + "."
+    )
+
+
+def note(metrics: dict) -> str:
+    machine = metrics.get("machine", {})
+    speed = machine.get("speed", {})
+    sizes = ", ".join(
+        f"{k}: {v['train_texts']} training / {v['test_texts']} held-out texts"
+        for k, v in metrics.get("data", {}).items()
+    )
+    return (
+        f"{sizes}. Probes: logistic regression on the training texts' embeddings, accuracy on the held-out "
+        f"texts. Texts/s and latency include tokenization, {speed.get('threads', '?')} CPU thread(s), batches "
+        f"of {speed.get('batch_size', '?')}, torch {machine.get('torch', '?')}."
+    )
+
+
+def quality(models: dict) -> Quality:
+    """The first probe's accuracy."""
+    probe = next(key for key in next(iter(models.values())) if key.startswith("probe_"))
+    return Quality(probe, f"{probe.removeprefix('probe_')} probe accuracy (higher is better)")
+
+
+VIEW = ReportView(headline=headline, columns=columns, note=note, quality=quality)

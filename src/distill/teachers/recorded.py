@@ -4,7 +4,7 @@ kept by ``distill generate`` (``sampling.logprobs``) from a local model or an Op
 A trace is trained on as the teacher wrote it: its response is the recorded token sequence (not the text
 tokenized again), so position ``t`` of a row carries the teacher's distribution of the token at ``t + 1``:
 its top-k log-probabilities, the written token's own log-probability (a server may list it outside the top
-k), and the mass of every other token as one tail bucket (``distill.sparse_kd``, top-k mode). A local teacher
+k), and the mass of every other token as one tail bucket (``distill.losses.sparse``, top-k mode). A local teacher
 records token ids; a server returns text pieces, mapped back to ids through the tokenizer (each id decoded
 alone; a piece that several ids decode to is ambiguous and left to the tail). A trace whose written tokens do
 not all map is trained on its text alone (sequence level), and counted.
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data.text import TokenData, padded_token_data, prompt_response_rows, prompt_token_ids, read_jsonl
+from distill.data.lm import need_path
+from distill.data.token_blocks import TokenData, padded_token_data, prompt_response_rows, prompt_token_ids, read_jsonl
 from distill.errors import DistillError
-from distill.sparse_kd import SparseTargets
+from distill.losses.sparse import SparseTargets
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,9 @@ def encode_recorded(records: list[dict], tokenizer, max_length: int, *, chat_tem
         tail = np.where(scored, np.log1p(-np.minimum(mass, 1.0)), -np.inf).astype(np.float32)
     recorded = RecordedTargets(ids, logp, tail, scored)
     return TokenData(data.input_ids, data.labels, data.attention_mask, dropped=data.dropped, recorded=recorded)
+
+
+def load_recorded(spec, tokenizer) -> TokenData:
+    """Every trace of ``spec.path`` (``data.source: jsonl``) as token rows carrying their recorded targets."""
+    records = read_recorded(need_path(spec), spec.prompt_field)
+    return encode_recorded(records, tokenizer, spec.block_size, chat_template=spec.chat_template)

@@ -8,7 +8,7 @@ logits, and fold that gradient straight into the gradients of the hidden states 
 as Liger-Kernel does for cross-entropy. Only those gradients live on until backward, so memory is
 O(chunk_size·V + V·H) instead of O(N·V), and the matmuls are the same ones autograd would do.
 
-``full_logits_distillation_loss`` is the plain version (materialised logits + ``losses.divergence``).
+``full_logits_distillation_loss`` is the plain version (materialised logits + ``divergences.divergence``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill import losses
-from distill.losses import PER_POSITION, log_probs
+from distill.losses import divergences
+from distill.losses.divergences import PER_POSITION, log_probs
 
 # Positions per chunk. Live memory is about 4 float32 [chunk, V] buffers (~1.2 GB at V=152k) on top of
 # the head's gradient; on CPU, smaller chunks cost time (the [V, H] gradient is re-read per chunk).
@@ -40,7 +40,7 @@ def _chunk_divergence(
         del student_logits
         p = log_t.exp()
         terms = (log_t - log_q).mul_(p)
-        value = terms.masked_fill_(p == 0, 0.0).sum()  # 0·log 0 = 0, as in losses._kl_terms
+        value = terms.masked_fill_(p == 0, 0.0).sum()  # 0·log 0 = 0, as in divergences._kl_terms
         del terms
         # d/dz Σ p·(log p − log q) = (q − p)/T
         return value, log_q.exp_().sub_(p).div_(temperature) if want_grad else None
@@ -181,7 +181,7 @@ def chunked_distillation_loss(
     teacher_bias: Tensor | None = None,
     **divergence_kwargs: float,
 ) -> Tensor:
-    """``losses.divergence`` of ``student_hidden @ student_head.T`` from the teacher's, without the logits.
+    """``divergences.divergence`` of ``student_hidden @ student_head.T`` from the teacher's, without the logits.
 
     Hidden states are [..., H] with matching leading dims; heads are [V, H] (rows past ``vocab_size``
     are padding and get no probability). The per-position divergences of the positions where ``mask``
@@ -232,7 +232,7 @@ def full_logits_distillation_loss(
     teacher_bias: Tensor | None = None,
     **divergence_kwargs: float,
 ) -> Tensor:
-    """The plain reference: materialise both [..., V] logits and call ``losses.divergence``."""
+    """The plain reference: materialise both [..., V] logits and call ``divergences.divergence``."""
     vocab_size = _check(student_hidden, student_head, teacher_hidden, teacher_head, divergence, mask, vocab_size)
     student = F.linear(
         student_hidden, student_head[:vocab_size], None if student_bias is None else student_bias[:vocab_size]
@@ -241,7 +241,7 @@ def full_logits_distillation_loss(
         teacher = F.linear(
             teacher_hidden, teacher_head[:vocab_size], None if teacher_bias is None else teacher_bias[:vocab_size]
         )
-    loss = losses.divergence(divergence, student, teacher, temperature=temperature, mask=mask, **divergence_kwargs)
+    loss = divergences.divergence(divergence, student, teacher, temperature=temperature, mask=mask, **divergence_kwargs)
     if normalizer is None:
         return loss
     count = student_hidden.shape[:-1].numel() if mask is None else mask.sum().clamp(min=1)

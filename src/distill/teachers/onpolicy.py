@@ -3,7 +3,8 @@ teacher scores them token by token; a step is on-policy with probability ``lam``
 (teacher-written) sequences. Either way the loss is the generalised JSD(beta) between the teacher's and the
 student's next-token distributions on the response tokens. The teacher only scores: it never generates.
 
-``OnPolicyBatches`` is a ``train.Batches`` source, so the loop, checkpoints and resume are the usual ones.
+``OnPolicyBatches`` is a ``train.Batches`` source, so the loop, checkpoints and resume are the usual ones; a causal-LM
+recipe turns it on with ``distill.onpolicy: {lam, beta, max_new_tokens, temperature}``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.chunked import chunked_distillation_loss
-from distill.data.text import IGNORE_INDEX, TokenData
-from distill.lm import _unwrap, head_of, last_hidden
+from distill.data.token_blocks import TokenData
+from distill.losses import IGNORE_INDEX
+from distill.models.causal_lm import head_of, last_hidden, unwrap
+from distill.teachers.lm_signals import LiveLMSignal, StudentTokens
 
 
 def prompt_lengths(data: TokenData) -> np.ndarray:
@@ -82,6 +84,7 @@ class OnPolicyBatches:
 
     def __post_init__(self):
         self.prompt_ends = prompt_lengths(self.data)
+        self.scorer = LiveLMSignal(self.teacher, "jsd", 1.0, {"beta": self.beta})
 
     @property
     def weights(self) -> np.ndarray:
@@ -97,7 +100,7 @@ class OnPolicyBatches:
         if on_policy:
             prompts = [self.data.input_ids[i, : self.prompt_ends[i]].tolist() for i in index]
             ids, attention, labels = sample_completions(
-                _unwrap(model),
+                unwrap(model),
                 prompts,
                 max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature,
@@ -111,21 +114,7 @@ class OnPolicyBatches:
         ids, attention = ids.to(device), attention.to(device)
         mask = (labels[:, 1:] != IGNORE_INDEX).to(device)
         hidden = last_hidden(model, ids, attention)[:, :-1]
-        with torch.no_grad():
-            teacher_hidden = last_hidden(self.teacher, ids, attention)[:, :-1]
-        weight, bias = head_of(_unwrap(model))
-        t_weight, t_bias = head_of(self.teacher)
-        loss = chunked_distillation_loss(
-            hidden,
-            weight,
-            teacher_hidden,
-            t_weight,
-            divergence="jsd",
-            beta=self.beta,
-            mask=mask,
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            student_bias=bias,
-            teacher_bias=t_bias,
-        )
+        weight, bias = head_of(model)
+        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size)
+        loss = self.scorer.kd(tokens)
         return {"loss": loss, "jsd": loss.detach(), "on_policy": torch.tensor(float(on_policy))}

@@ -12,7 +12,7 @@ an offline cache keeps k entries per token. Two ways to pick them:
   student is only asked to match the total, not its shape.
 
 ``sparse_kd_loss`` works on materialised logits; ``chunked_sparse_kd_loss`` goes from hidden states and
-the LM head chunk by chunk, as ``distill.chunked`` does, so [N, V] logits never exist. Neither applies
+the LM head chunk by chunk, as ``distill.losses.chunked`` does, so [N, V] logits never exist. Neither applies
 T² scaling: the caller does, as for the dense losses.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.chunked import (
+from distill.losses.chunked import (
     DEFAULT_CHUNK_SIZE,
     fold_chunk_gradient,
     grad_needs,
@@ -34,7 +34,7 @@ from distill.chunked import (
     save_gradients,
     saved_gradients,
 )
-from distill.losses import log_probs
+from distill.losses.divergences import log_probs
 
 MODES = ("sampled", "topk")
 
@@ -240,7 +240,7 @@ def chunked_sparse_kd_loss(
     """``sparse_kd_loss(student_hidden @ student_head.T + bias, ...)`` without the [N, V] logits.
 
     Only the masked positions are gathered, then processed ``chunk_size`` at a time; gradients w.r.t. the
-    hidden states, the head and the bias are folded in during the forward (see ``distill.chunked``).
+    hidden states, the head and the bias are folded in during the forward (see ``distill.losses.chunked``).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -265,4 +265,28 @@ def chunked_sparse_kd_loss(
         vocab_size,
         chunk_size,
         needs,
+    )
+
+
+def chunked_cross_entropy(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    labels: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+) -> Tensor:
+    """Next-token cross-entropy without [N, V] logits: the sparse loss with the label as its one sample."""
+    hard = SparseTargets(ids=labels.clamp(min=0).unsqueeze(-1), logp=None, tail=None)
+    return chunked_sparse_kd_loss(
+        student_hidden,
+        student_head,
+        hard,
+        temperature=1.0,
+        mask=mask,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        student_bias=student_bias,
     )

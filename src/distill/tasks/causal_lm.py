@@ -1,0 +1,317 @@
+"""The causal-LM recipe (task: causal_lm), start to finish: teacher → data → student cut from it → (cache) →
+student trained with plain next-token cross-entropy → distilled student → evaluation → report.
+
+The losses never build [batch, seq, vocab] logits: the models run with ``logits_to_keep`` empty and the
+loss goes from the last hidden states through the LM head chunk by chunk (``distill.losses.chunked``,
+``distill.losses.sparse``). Every loss is a sum over distilled tokens divided by the tokens of its
+micro-batch, and the loop weights micro-batches by their token counts, so the step's gradient is the mean
+over every distilled token of the global batch, whatever the accumulation split.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from distill.data.lm import load_lm_data, split_lm_data
+from distill.data.token_blocks import TokenData
+from distill.evaluate import lm_metrics
+from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
+from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
+from distill.losses import IGNORE_INDEX
+from distill.losses.mix import soft_hard_mix, t2_scale
+from distill.losses.sparse import chunked_cross_entropy
+from distill.models.causal_lm import (
+    check_vocab,
+    head_of,
+    last_hidden,
+    load_causal_lm,
+    resolve_model_path,
+    save_causal_lm,
+)
+from distill.models.cut import student_from_teacher
+from distill.recipe import LMDistillSpec, LMRecipe, load_recipe_as
+from distill.report import Quality, ReportView, human_bytes
+from distill.tasks.common import OnStep, cache_root, finish, int8_student, machine, prepare_run_dir, stage_step
+from distill.tasks.common import train_or_load as train_or_load_stage
+from distill.teachers.identity import lm_id
+from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
+from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
+from distill.teachers.onpolicy import OnPolicyBatches
+from distill.teachers.recorded import load_recorded
+from distill.train import make_accelerator, train_loop
+
+
+@dataclass
+class LMBatches:
+    """Token blocks; hard next-token labels, plus the teacher's KD term (``signal``) when distilling."""
+
+    data: TokenData
+    vocab_size: int
+    chunk_size: int
+    distill: LMDistillSpec | None = None
+    signal: LiveLMSignal | SparseSignal | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        return (self.data.labels[:, 1:] != IGNORE_INDEX).sum(axis=1)
+
+    def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(self.data.input_ids[rows.numpy()]).long().to(device)
+        attention = torch.from_numpy(self.data.attention_mask[rows.numpy()]).long().to(device)
+        next_tokens = torch.from_numpy(self.data.labels[rows.numpy()][:, 1:]).to(device)
+        mask = next_tokens != IGNORE_INDEX
+        weight, bias = head_of(model)
+        hidden = last_hidden(model, ids, attention)[:, :-1]
+        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size)
+        d = self.distill
+        terms = {}
+        if d is None or d.alpha > 0:
+            terms["ce"] = chunked_cross_entropy(hidden, weight, next_tokens, **tokens.loss_kwargs())
+        if d is None:
+            return {"loss": terms["ce"], "ce": terms["ce"].detach()}
+        kd = self.signal.kd(tokens)
+        loss = soft_hard_mix(kd, terms.get("ce", 0.0), alpha=d.alpha, scale=t2_scale(d.temperature, d.t2_scaling))
+        return {"loss": loss, "kd": kd.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+@dataclass
+class LMSetup:
+    teacher: nn.Module
+    tokenizer: object
+    teacher_id: str
+    student_init: nn.Module
+    vocab_size: int
+    train: TokenData
+    heldout: TokenData
+
+
+def setup(recipe: LMRecipe) -> LMSetup:
+    """Load teacher, data and the student's starting point; fail fast on a vocabulary mismatch."""
+    teacher_path = resolve_model_path(recipe.teacher.path)
+    teacher, tokenizer = load_causal_lm(teacher_path, dtype=recipe.teacher.dtype)
+    teacher.eval().requires_grad_(False)
+    student_spec = recipe.student
+    if student_spec.from_teacher is not None:
+        student = student_from_teacher(teacher, **student_spec.from_teacher.model_dump()).float()
+        student_tokenizer = tokenizer
+    else:
+        student, student_tokenizer = load_causal_lm(resolve_model_path(student_spec.path), dtype="float32")
+    vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
+    if recipe.distill.signal == "recorded":  # the traces carry the teacher's targets
+        train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
+    else:
+        train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+    teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
+    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout)
+
+
+def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
+    return lm_cache_dir(cache_root(recipe.distill, out), s.teacher_id, s.train.fingerprint(), recipe.distill)
+
+
+def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache:
+    """The teacher cache of this recipe, built (or finished) first if needed."""
+    return ensure_lm_cache(
+        cache_path(recipe, out, s),
+        s.teacher,
+        s.train.input_ids,
+        recipe.distill,
+        teacher_id=s.teacher_id,
+        data_id=s.train.fingerprint(),
+        vocab_size=s.vocab_size,
+        seed=recipe.seed,
+        device=device,
+    )
+
+
+def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accelerator):
+    """What the distilled student trains on: the recipe's teacher signal over the training blocks."""
+    d = recipe.distill
+    if d.onpolicy is not None:
+        return OnPolicyBatches(
+            s.train,
+            s.teacher.to(accelerator.device),
+            s.vocab_size,
+            lam=d.onpolicy.lam,
+            beta=d.onpolicy.beta,
+            max_new_tokens=d.onpolicy.max_new_tokens,
+            temperature=d.onpolicy.temperature,
+            pad_id=pad_id(s.tokenizer),
+            eos_id=s.tokenizer.eos_token_id,
+            chunk_size=d.chunk_size,
+            seed=recipe.seed,
+        )
+    if d.signal == "cache":
+        with accelerator.main_process_first():  # the main process builds it, the others open it
+            cache = open_cache(recipe, out, s, accelerator.device)
+        signal = SparseSignal(lambda rows: (cache[rows], None), d.temperature)
+    elif d.signal == "live":
+        signal = LiveLMSignal(s.teacher.to(accelerator.device), d.loss, d.temperature, d.divergence_kwargs())
+    else:  # recorded: the targets travel with the training blocks
+        signal = SparseSignal(s.train.recorded.__getitem__, d.temperature)
+    return LMBatches(s.train, s.vocab_size, d.chunk_size, distill=d, signal=signal)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def train_or_load(name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, accelerator, *, resume, on_step):
+    def train() -> nn.Module:
+        model = copy.deepcopy(s.student_init)
+        torch.manual_seed(recipe.seed + 1)
+        train_spec = recipe.student.train
+        return train_loop(
+            name,
+            model,
+            train_spec,
+            batches,
+            out,
+            accelerator,
+            seed=recipe.seed,
+            resume=resume,
+            on_step=stage_step(name, on_step),
+        )
+
+    return train_or_load_stage(
+        out / name,
+        resume=resume,
+        load=lambda folder: load_causal_lm(folder)[0],
+        train=train,
+        save=lambda model, folder: save_causal_lm(model, s.tokenizer, folder),
+        accelerator=accelerator,
+    )
+
+
+def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
+    out = Path(out)
+    s = setup(recipe)
+    accelerator = make_accelerator(recipe.mixed_precision)
+    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
+    d = recipe.distill
+    models: dict[str, nn.Module] = {"teacher": s.teacher, "student_init": s.student_init}
+    stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
+    if recipe.baseline:
+        baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
+        models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage)
+    models["student"] = train_or_load("student", s, student_batches(recipe, out, s, accelerator), **stage)
+    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
+        return {}
+    files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}
+    if int8 := int8_student(out, load_student):
+        models["student_int8"], files["student_int8"] = int8
+    results = lm_metrics(
+        models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
+    )
+    for name, file in files.items():
+        if name in results:
+            results[name]["file_bytes"] = file.stat().st_size
+    if "student_int8" in results:  # dynamic int8 modules hide their packed weights from .parameters()
+        results["student_int8"]["parameters"] = results["student"]["parameters"]
+    data = {"train_blocks": len(s.train), "heldout_blocks": len(s.heldout), "block_size": recipe.data.block_size}
+    environment = machine(cpu_threads=recipe.eval.threads)
+    distill = d.model_dump(mode="json")
+    return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, machine=environment)
+
+
+def build_cache(recipe: LMRecipe, out: Path) -> Path:
+    """``distill cache``: run the teacher once over the training data and store its sparse targets."""
+    s = setup(recipe)
+    path = cache_path(recipe, Path(out), s)
+    cache = open_cache(recipe, Path(out), s, Accelerator().device)
+    print(f"{path}: {len(s.train)} blocks, {cache.bytes_per_token:.0f} bytes per token")
+    return path
+
+
+def load_student(run_dir: Path) -> Student:
+    """The finished student, held-out blocks to check its export on, and training blocks to calibrate int8."""
+    folder = run_dir / "student"
+    recipe = load_recipe_as(LMRecipe, run_dir / "recipe.yaml")
+    model, tokenizer = load_causal_lm(folder)
+    train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+    blocks = heldout.subset(np.arange(min(len(heldout), LM_BLOCKS)))
+    ids, mask = blocks.input_ids.astype(np.int64), blocks.attention_mask.astype(bool)
+    calibration = train.input_ids[: CALIBRATION_BLOCKS + SCORED_BLOCKS].astype(np.int64)
+    return Student(
+        "causal_lm",
+        model,
+        folder,
+        ids,
+        mask,
+        tokenizer=tokenizer,
+        calibration=calibration,
+        reload=lambda export: load_causal_lm(export)[0],
+    )
+
+
+def export_formats(student_folder: Path) -> list[str]:
+    """GGUF needs a Llama-family student: the GGUF writer knows only llama."""
+    every = ["safetensors", "int8", "onnx", "onnx-int8", *GGUF]
+    return every if model_type(student_folder) == "llama" else every[:4]
+
+
+COLUMNS = [
+    ("parameters", "params", "{:,}"),
+    ("file_bytes", "weights", None),
+    ("perplexity", "held-out perplexity", "{:.2f}"),
+    ("agreement_with_teacher", "top-1 agrees w/ teacher", "{:.2%}"),
+    ("kl_to_teacher", "held-out KL to teacher", "{:.4f}"),
+    ("tokens_per_s", "tokens/s (CPU forward)", "{:,.0f}"),
+]
+
+
+def headline(models: dict) -> str:
+    """Size, speed and quality of the distilled LM against the teacher and the cross-entropy student."""
+    t, s = models["teacher"], models["student"]
+    text = (
+        f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), "
+        f"{s['tokens_per_s'] / t['tokens_per_s']:.1f}× faster (tokens/s), with held-out perplexity "
+        f"{s['perplexity']:.2f} against the teacher's {t['perplexity']:.2f} and agrees with the teacher's top "
+        f"token {s['agreement_with_teacher']:.1%} of the time"
+    )
+    if "baseline" in models:
+        b = models["baseline"]
+        gap = b["perplexity"] - t["perplexity"]
+        closed = 100 * (b["perplexity"] - s["perplexity"]) / gap if gap > 0 else float("nan")
+        text += (
+            f"; the same student trained with plain cross-entropy reaches {b['perplexity']:.2f} "
+            f"(agreement {b['agreement_with_teacher']:.1%}): distillation closes {closed:.0f}% of its perplexity "
+            "gap to the teacher"
+        )
+    text += "."
+    if "student_int8" in models:
+        q = models["student_int8"]
+        text += (
+            f" Quantized to int8 it is a {human_bytes(q['file_bytes'])} file ({t['file_bytes'] / q['file_bytes']:.1f}× "
+            f"smaller than the teacher), {q['tokens_per_s'] / t['tokens_per_s']:.1f}× faster, with perplexity "
+            f"{q['perplexity']:.2f}."
+        )
+    return text
+
+
+def note(metrics: dict) -> str:
+    data, machine = metrics.get("data", {}), metrics.get("machine", {})
+    models = metrics["models"]
+    return (
+        f"Held-out: {data.get('heldout_blocks', '?')} blocks of {data.get('block_size', '?')} tokens "
+        f"({next(iter(models.values())).get('heldout_tokens', '?')} predicted tokens); training: "
+        f"{data.get('train_blocks', '?')} blocks. Weights: float32 bytes of the unique parameters "
+        f"(the saved files for trained students). Tokens/s: median forward pass, "
+        f"{machine.get('cpu_threads', '?')} CPU thread(s), torch {machine.get('torch', '?')}."
+    )
+
+
+VIEW = ReportView(
+    headline=headline,
+    columns=lambda models: COLUMNS,
+    note=note,
+    quality=lambda models: Quality("perplexity", "held-out perplexity (lower is better)", log_scale=True),
+)

@@ -1,0 +1,188 @@
+"""The classifier recipe (task: classification), start to finish: teacher → cache → baseline student → distilled
+student → evaluation → report. Each stage leaves ``RUN/<stage>/model.safetensors`` when done; a resumed run skips
+finished stages and continues the interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from distill.data.arrays import ArrayData, load_data
+from distill.errors import DistillError
+from distill.evaluate import classifier_metrics, predict_logits
+from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
+from distill.models.classifiers import build_classifier, load_classifier, save_classifier
+from distill.recipe import ModelSpec, Recipe, load_recipe_as
+from distill.report import ACCURACY_COLUMNS, Quality, ReportView, accuracy_headline
+from distill.tasks.common import OnStep, cache_root, finish, int8_student, machine, prepare_run_dir, stage_step
+from distill.tasks.common import train_or_load as train_or_load_stage
+from distill.teachers.identity import file_id
+from distill.teachers.live import LiveTeacher
+from distill.teachers.logits_cache import build_logits_cache
+from distill.train import Stage, make_accelerator, train_stage
+
+
+def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
+    out = Path(out)
+    data = load_data(recipe.data, recipe.seed)
+    if recipe.distill.signal == "cache" and recipe.student.train.jitter:
+        raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
+    for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
+        build_classifier(spec, data.input_shape, data.num_classes)
+    accelerator = make_accelerator(recipe.mixed_precision)
+    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
+    common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
+
+    if recipe.teacher.checkpoint:
+        teacher_weights = Path(recipe.teacher.checkpoint).expanduser()
+        teacher = load_classifier(teacher_weights, recipe.teacher.model, data.input_shape, data.num_classes)
+    else:
+        teacher, teacher_weights = train_or_load(
+            "teacher", recipe.teacher.model, {"train": recipe.teacher.train}, data, out, accelerator, **common
+        )
+    live = LiveTeacher(teacher, accelerator.device)
+    teacher_id = file_id(teacher_weights)
+    if recipe.distill.signal == "cache":
+        with accelerator.main_process_first():  # the main process builds it, the others open it
+            signal = build_logits_cache(
+                cache_root(recipe.distill, out) / f"teacher-{teacher_id}",
+                live,
+                data.train_x,
+                teacher_id=teacher_id,
+                data_id=data.fingerprint(),
+            )
+    else:
+        signal = live
+
+    student_seed = recipe.seed + 1000  # baseline and distilled student start from the same weights
+    models = {"teacher": (teacher, teacher_weights)}
+    if recipe.baseline:
+        models["baseline"] = train_or_load(
+            "baseline",
+            recipe.student.model,
+            {"train": recipe.student.train},
+            data,
+            out,
+            accelerator,
+            **common | {"seed": student_seed},
+        )
+    models["student"] = train_or_load(
+        "student",
+        recipe.student.model,
+        {"train": recipe.student.train, "teacher": signal, "distill": recipe.distill},
+        data,
+        out,
+        accelerator,
+        **common | {"seed": student_seed},
+    )
+    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
+        return {}
+    if int8 := int8_student(out, load_student):
+        models["student_int8"] = int8
+    results = evaluate_models(recipe, models, data)
+    if "student_int8" in results:
+        results["student_int8"]["parameters"] = results["student"]["parameters"]
+    distill = recipe.distill.model_dump(mode="json")
+    environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
+    return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment)
+
+
+def train_or_load(
+    name: str,
+    spec: ModelSpec,
+    stage_kwargs: dict,
+    data: ArrayData,
+    out: Path,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    resume: bool,
+    on_step: OnStep,
+) -> tuple[torch.nn.Module, Path]:
+    """Build the model (seeded) and train it, unless a resumed run finished it; its weights file."""
+    folder = out / name
+
+    def train() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = build_classifier(spec, data.input_shape, data.num_classes)
+        torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
+        stage = Stage(name=name, model=model, **stage_kwargs)
+        return train_stage(
+            stage,
+            data.train_x,
+            data.train_y,
+            out,
+            accelerator,
+            seed=seed,
+            input_shape=data.input_shape,
+            resume=resume,
+            on_step=stage_step(name, on_step),
+        )
+
+    model = train_or_load_stage(
+        folder,
+        resume=resume,
+        load=lambda f: load_classifier(f / "model.safetensors", spec, data.input_shape, data.num_classes),
+        train=train,
+        save=lambda m, f: save_classifier(m, f, spec, data.input_shape, data.num_classes),
+        accelerator=accelerator,
+    )
+    return model, folder / "model.safetensors"
+
+
+def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:
+    teacher_logits = predict_logits(models["teacher"][0], data.test_x)
+    return {
+        name: classifier_metrics(
+            model,
+            weights,
+            data.test_x,
+            data.test_y,
+            None if name == "teacher" else teacher_logits,
+            threads=recipe.eval.threads,
+            runs=recipe.eval.latency_runs,
+        )
+        for name, (model, weights) in models.items()
+    }
+
+
+def load_student(run_dir: Path) -> Student:
+    """The finished student and the held-out inputs its export is checked on."""
+    folder = run_dir / "student"
+    info = json.loads((folder / "model.json").read_text())
+    spec, shape = ModelSpec(**info["model"]), tuple(info["input_shape"])
+
+    def reload(export: Path) -> torch.nn.Module:
+        return load_classifier(export / "model.safetensors", spec, shape, info["num_classes"])
+
+    recipe = load_recipe_as(Recipe, run_dir / "recipe.yaml")
+    test_x = load_data(recipe.data, recipe.seed).test_x[:CLASSIFIER_EXAMPLES]
+    inputs = np.ascontiguousarray(test_x, dtype=np.float32)
+    return Student("classifier", reload(folder).eval(), folder, inputs, info=info, reload=reload)
+
+
+def export_formats(student_folder: Path) -> list[str]:
+    return ["safetensors", "int8", "onnx", "onnx-int8"]
+
+
+def note(metrics: dict) -> str:
+    machine = metrics.get("machine", {})
+    return (
+        f"Latency: median of repeated batch-1 forward passes after warm-up, "
+        f"{machine.get('cpu_threads_for_latency', '?')} CPU thread(s), torch {machine.get('torch', '?')}, "
+        f"{machine.get('platform', '?')}. File size: the weights file on disk."
+    )
+
+
+VIEW = ReportView(
+    headline=accuracy_headline,
+    columns=lambda models: ACCURACY_COLUMNS,
+    note=note,
+    quality=lambda models: Quality("test_errors", "test errors"),
+)

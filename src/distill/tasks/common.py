@@ -1,0 +1,99 @@
+"""The run skeleton every task shares: the run folder, the teacher-cache folder, "train this stage or load it"
+with one marker, the int8 copy of the student, and the ending (metrics.json and the report)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from distill.errors import DistillError
+from distill.export.quantize import WEIGHTS, load_int8
+from distill.export.run_export import Student, export_student
+from distill.io import atomic_path, write_json
+from distill.recipe import recipe_to_yaml
+from distill.report import ReportView, write_report
+from distill.train import STAGE_DONE, remove_checkpoints
+
+OnStep = Callable[[str, int], None] | None
+
+
+def prepare_run_dir(recipe, out: Path, *, resume: bool, force: bool, accelerator=None) -> None:
+    """Check and create the run folder. Under several processes only the main one does, and the others wait for it
+    (if it refuses, the launcher stops them)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            prepare_run_dir(recipe, out, resume=resume, force=force)
+        accelerator.wait_for_everyone()
+        return
+    saved = out / "recipe.yaml"
+    if out.exists() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not resume:
+            raise DistillError(
+                f"run folder {out} already exists; pass --resume to continue it or --force to replace it"
+            )
+        elif saved.exists() and type(recipe).model_validate(yaml.safe_load(saved.read_text())) != recipe:
+            raise DistillError(
+                f"--resume: the recipe differs from the one {out} was started with ({saved}); "
+                "resume with the same recipe or start a new --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(saved) as tmp:
+        tmp.write_text(recipe_to_yaml(recipe))
+
+
+def cache_root(distill_spec, out: Path) -> Path:
+    """Where teacher caches go: the recipe's ``distill.cache_dir`` (shared between runs), else ``RUN/cache``."""
+    return Path(distill_spec.cache_dir).expanduser() if distill_spec.cache_dir else out / "cache"
+
+
+def stage_step(name: str, on_step: OnStep) -> Callable[[int], None] | None:
+    """The loop's per-step callback for stage ``name`` (tests use it to stop a run at a chosen step)."""
+    return (lambda step: on_step(name, step)) if on_step else None
+
+
+def train_or_load(folder: Path, *, resume: bool, load: Callable, train: Callable, save: Callable, accelerator=None):
+    """``load(folder)`` when a resumed run finished this stage before, else ``train()`` it; the main process then
+    calls ``save(model, folder)``, drops the checkpoints and writes the marker (every process holds the same
+    weights)."""
+    if resume and (folder / STAGE_DONE).exists():
+        return load(folder)
+    model = train()
+    if accelerator is None or accelerator.is_main_process:
+        save(model, folder)
+        remove_checkpoints(folder)
+        write_json(folder / STAGE_DONE, {"stage": folder.name})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return model
+
+
+def machine(**extra) -> dict:
+    return {"platform": platform.platform(), "torch": torch.__version__, **extra}
+
+
+def int8_student(out: Path, load_student: Callable[[Path], Student]):
+    """The distilled student as dynamic int8 (what ``distill export RUN --format int8`` writes, checked on reload),
+    as (model, weights file); None, with a warning, when the export fails its check."""
+    try:
+        result = export_student(load_student(out), "int8", out / "exports" / "int8", out, force=True)
+    except DistillError as exc:
+        print(f"warning: no int8 student in the comparison: {exc}")
+        return None
+    folder = Path(result["path"])
+    return load_int8(folder), folder / WEIGHTS
+
+
+def finish(out: Path, recipe, task: str, models: dict, view: ReportView, **sections) -> dict:
+    """The ending of every run: ``metrics.json`` (models, the distillation settings and ``sections``) and the
+    report."""
+    metrics = {"recipe": recipe.name, "task": task, "models": models, **sections}
+    write_json(out / "metrics.json", metrics)
+    write_report(out, view)
+    return metrics

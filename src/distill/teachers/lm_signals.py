@@ -1,0 +1,87 @@
+"""Token-level teacher signals of causal LMs, one interface for all: ``signal.kd(tokens)`` is the KD term of a
+micro-batch of student tokens (a sum over its distilled positions divided by their count, as every LM loss).
+
+- ``LiveLMSignal``: the teacher model runs beside the student on the same tokens (any divergence);
+- ``SparseSignal``: k targets per token stored ahead of time — the LM cache (``lm_cache``) or the
+  log-probabilities recorded with the traces (``recorded``), which also say which positions were scored.
+
+None of them builds [batch, seq, vocab] logits: the losses go from hidden states through the heads in chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from distill.losses.chunked import chunked_distillation_loss
+from distill.losses.sparse import SparseTargets, chunked_sparse_kd_loss
+from distill.models.causal_lm import head_of, last_hidden
+
+
+@dataclass
+class StudentTokens:
+    """A micro-batch as the student saw it: its final hidden states at the positions that predict a next
+    token, its LM head, the rows' inputs, and which positions are distilled."""
+
+    hidden: Tensor  # [B, S-1, H]
+    weight: Tensor  # the LM head [V, H]
+    bias: Tensor | None
+    rows: Tensor  # indices of the rows in the training data (what a cache is read by)
+    ids: Tensor  # [B, S] on the device
+    attention: Tensor  # [B, S]
+    mask: Tensor  # [B, S-1] bool: position t's next token is trained
+    chunk_size: int
+    vocab_size: int
+
+    def loss_kwargs(self, mask: Tensor | None = None) -> dict:
+        mask = self.mask if mask is None else mask
+        return {"mask": mask, "chunk_size": self.chunk_size, "vocab_size": self.vocab_size, "student_bias": self.bias}
+
+
+@dataclass
+class LiveLMSignal:
+    """The teacher model, frozen, scoring the student's tokens as it trains."""
+
+    model: nn.Module
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    divergence_kwargs: dict = field(default_factory=dict)
+
+    def kd(self, s: StudentTokens) -> Tensor:
+        with torch.no_grad():  # not inference_mode: the teacher's hidden states are saved for backward
+            teacher_hidden = last_hidden(self.model, s.ids, s.attention)[:, :-1]
+        t_weight, t_bias = head_of(self.model)
+        return chunked_distillation_loss(
+            s.hidden,
+            s.weight,
+            teacher_hidden,
+            t_weight,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            teacher_bias=t_bias,
+            **s.loss_kwargs(),
+            **self.divergence_kwargs,
+        )
+
+
+@dataclass
+class SparseSignal:
+    """Stored sparse targets. ``lookup(rows)`` gives the rows' targets (position t: the token at t + 1) and,
+    for recorded ones, the positions the teacher scored (None: every trained position)."""
+
+    lookup: Callable[[Tensor], tuple[SparseTargets, Tensor | None]]
+    temperature: float
+
+    def kd(self, s: StudentTokens) -> Tensor:
+        targets, scored = self.lookup(s.rows)
+        mask = s.mask if scored is None else s.mask & scored[:, :-1].to(s.mask.device)
+        device = s.hidden.device
+        shifted = SparseTargets(
+            ids=targets.ids[:, :-1].to(device),
+            logp=None if targets.logp is None else targets.logp[:, :-1].to(device),
+            tail=None if targets.tail is None else targets.tail[:, :-1].to(device),
+        )
+        return chunked_sparse_kd_loss(s.hidden, s.weight, shifted, temperature=self.temperature, **s.loss_kwargs(mask))
