@@ -11,6 +11,7 @@ demo: $(STAMP) data
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 data: $(STAMP)

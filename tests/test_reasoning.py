@@ -149,3 +149,42 @@ def test_reasoning_gym_scorer_verifies_traces():
     entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=0, min_terms=2, max_terms=2, max_digits=1)[0]
     assert reasoning_gym_score(f"step one... The answer is {entry['answer']}", {"entry": entry}) == 1.0
     assert reasoning_gym_score("The answer is 123456789", {"entry": entry}) < 1.0
+
+
+def test_onpolicy_distillation_through_distill_run(tmp_path):
+    """``distill.onpolicy`` in a causal-LM recipe: every student step (lam 1) completes the prompts with the student
+    and trains on the teacher's JSD; the run ends with a report, and a bad combination is one line."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from lm_fixtures import save_tiny
+
+    tokenizer = char_tokenizer()
+    save_tiny(tiny_llama(tokenizer, layers=2, seed=1), tokenizer, tmp_path / "teacher")
+    with (tmp_path / "pairs.jsonl").open("w") as handle:
+        for p in make_problems(24, seed=5):
+            handle.write(json.dumps({"prompt": p["prompt"], "response": p["solution"]}) + "\n")
+    recipe = {
+        "task": "causal_lm",
+        "data": {"source": "jsonl", "path": str(tmp_path / "pairs.jsonl"), "block_size": 48, "heldout_fraction": 0.2},
+        "teacher": {"path": str(tmp_path / "teacher")},
+        "student": {"from_teacher": {"keep": 1}, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "log_every": 1}},
+        "distill": {"signal": "live", "onpolicy": {"lam": 1.0, "beta": 0.5, "max_new_tokens": 6}},
+        "baseline": False,
+        "eval": {"batch_size": 4, "threads": 1},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cli = [sys.executable, "-m", "distill.cli", "run", str(tmp_path / "r.yaml")]
+    done = subprocess.run([*cli, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [entry for entry in log if entry["stage"] == "student"]
+    assert steps and all(entry["on_policy"] == 1.0 and entry["jsd"] >= 0 for entry in steps)
+    assert "student" in json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]
+    bad = subprocess.run(
+        [*cli, "--out", str(tmp_path / "bad"), "--set", "distill.signal=cache"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "distill.onpolicy needs distill.signal: live" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -23,6 +23,7 @@ from distill.models.encoders import encode, load_encoder, pad, save_encoder, tok
 from distill.models.probe import fit_probe
 from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
 from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
+from distill.tasks import export_run
 from distill.tasks.embedding import run as run_embedding
 from distill.tasks.text_classification import run as run_text_classification
 from distill.teachers.encoder_outputs import cached_token_states
@@ -428,3 +429,26 @@ def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_di
     assert not (tmp_path / "run-other").exists()  # checked before anything is written
     with pytest.raises(ValueError, match="distill.token_states needs a transformer student"):
         EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {}}, "distill": {"token_states": 1}})
+
+
+def test_export_of_text_students_round_trips_or_refuses_in_one_line(tmp_path, teacher_dir, student_dir):
+    """``distill export`` on a finished text-classification and embedding run: safetensors is written, reloaded
+    and checked; a format the task cannot take is refused naming the task's student and its formats."""
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    train = {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3}
+    text_recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
+    run_text_classification(text_recipe.model_copy(update={"baseline": False}), tmp_path / "text")
+    result = export_run(tmp_path / "text", "safetensors")
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] == 0.0
+    assert (tmp_path / "text" / "exports" / "safetensors" / "head.safetensors").exists()
+    with pytest.raises(DistillError, match=r"int8 .*task text_classification.*text classifier.*: safetensors$"):
+        export_run(tmp_path / "text", "int8")
+    embedding = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"path": str(student_dir), "train": train})
+    run_embedding(embedding, tmp_path / "embed")
+    result = export_run(tmp_path / "embed", "safetensors")
+    assert result["top1_agreement"] == 1.0 and result["compared_unit"].startswith("texts")
+    assert (tmp_path / "embed" / "exports" / "safetensors" / "projection.safetensors").exists()
+    from test_cli import assert_one_line_error, distill
+
+    refused = distill("export", tmp_path / "embed", "--format", "onnx")
+    assert_one_line_error(refused, "task embedding", "sentence encoder", "exported as: safetensors")

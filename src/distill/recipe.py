@@ -237,6 +237,10 @@ class LMRecipe(Strict):
                 f"distill.signal 'recorded' trains on traces written by distill generate: set data.source: jsonl "
                 f"(got {self.data.source!r})"
             )
+        if d.onpolicy is not None and d.alpha > 0:
+            raise ValueError(
+                f"distill.onpolicy trains on the generalised JSD alone; set distill.alpha: 0 (got {d.alpha})"
+            )
         if d.onpolicy is not None and (d.signal != "live" or self.data.source != "jsonl"):
             raise ValueError(
                 "distill.onpolicy needs distill.signal: live (the teacher scores the student's completions) and "
