@@ -44,6 +44,8 @@ LABELS = {
     "student": "student, distilled",
     "student_int8": "student, distilled, int8",
 }
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -62,7 +64,6 @@ ACCURACY_COLUMNS = [  # classifiers of images and of texts
     ("latency_ms_batch1", "latency/example (batch 1)", "{:.3f} ms"),
     ("throughput_per_s_batch1024", "throughput (batch 1024)", "{:,.0f}/s"),
 ]
-
 
 
 def accuracy_headline(models: dict) -> str:
@@ -90,6 +91,13 @@ def accuracy_headline(models: dict) -> str:
             f"({q['test_errors']} errors)."
         )
     return text
+
+
+def accuracy_view(columns: list, note: Callable[[dict], str]) -> ReportView:
+    """The report of a classifier (of images or of texts): the accuracy headline, test errors on the plot."""
+    return ReportView(
+        accuracy_headline, lambda models: columns, note, lambda models: Quality("test_errors", "test errors")
+    )
 
 
 def table(models: dict, columns: list) -> str:

@@ -67,8 +67,8 @@ class LMBatches:
         attention = torch.from_numpy(self.data.attention_mask[rows.numpy()]).long().to(device)
         next_tokens = torch.from_numpy(self.data.labels[rows.numpy()][:, 1:]).to(device)
         mask = next_tokens != IGNORE_INDEX
-        weight, bias = head_of(model)
         hidden = last_hidden(model, ids, attention)[:, :-1]
+        weight, bias = head_of(model)  # after the forward: under FSDP the root's parameters are gathered by it
         tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size)
         d = self.distill
         terms = {}

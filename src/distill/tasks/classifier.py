@@ -19,7 +19,7 @@ from distill.evaluate import classifier_metrics, predict_logits
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
 from distill.recipe import ModelSpec, Recipe, load_recipe_as
-from distill.report import ACCURACY_COLUMNS, Quality, ReportView, accuracy_headline
+from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import OnStep, cache_root, finish, int8_student, machine, prepare_run_dir, stage_step
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
@@ -180,9 +180,4 @@ def note(metrics: dict) -> str:
     )
 
 
-VIEW = ReportView(
-    headline=accuracy_headline,
-    columns=lambda models: ACCURACY_COLUMNS,
-    note=note,
-    quality=lambda models: Quality("test_errors", "test errors"),
-)
+VIEW = accuracy_view(ACCURACY_COLUMNS, note)

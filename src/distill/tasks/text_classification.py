@@ -37,7 +37,7 @@ from distill.models.encoders import (
 )
 from distill.models.probe import fit_probe
 from distill.recipe import TextClassificationRecipe, load_recipe_as
-from distill.report import ACCURACY_COLUMNS, Quality, ReportView, accuracy_headline
+from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import OnStep, cache_root, finish, machine, prepare_run_dir, stage_step, train_or_load
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
@@ -217,9 +217,4 @@ def note(metrics: dict) -> str:
     )
 
 
-VIEW = ReportView(
-    headline=accuracy_headline,
-    columns=lambda models: TEXT_COLUMNS,
-    note=note,
-    quality=lambda models: Quality("test_errors", "test errors"),
-)
+VIEW = accuracy_view(TEXT_COLUMNS, note)
