@@ -23,3 +23,16 @@ def tiny_recipe():
         "distill": {"temperature": 3.0, "alpha": 0.1},
         "eval": {"latency_runs": 5},
     }
+
+
+@pytest.fixture(autouse=True)
+def _outputs_on_accelerator(request):
+    """Tests marked ``on_accelerator`` (or every test, with DISTILL_SIMULATE_ACCELERATOR=1) run with each model
+    output behaving as an accelerator's tensor: a ``.numpy()`` on it fails as it would on a GPU."""
+    if request.node.get_closest_marker("on_accelerator") or os.environ.get("DISTILL_SIMULATE_ACCELERATOR") == "1":
+        from accelerator_sim import outputs_on_accelerator
+
+        with outputs_on_accelerator():
+            yield
+    else:
+        yield

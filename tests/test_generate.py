@@ -39,7 +39,10 @@ def recipe(tmp_path, teacher: dict, **sections):
 class FakeTeacher(BaseHTTPRequestHandler):
     lock = threading.Lock()
     in_flight = peak = requests = 0
-    faults: list[str] = []  # consumed one per request: "503", "429", "garbage", "slow", "400", "ok"
+    # consumed one per request: "503", "429" (Retry-After 0), "429:SECONDS" (Retry-After SECONDS), "garbage",
+    # "slow", "400", "ok"; "cut" / "cut503": a 200 / 503 whose body stops short of its Content-Length;
+    # "badlogprobs": valid JSON with malformed log-probabilities
+    faults: list[str] = []
 
     def log_message(self, *args):
         pass
@@ -54,21 +57,34 @@ class FakeTeacher(BaseHTTPRequestHandler):
             fault = cls.faults.pop(0) if cls.faults else "ok"
         try:
             time.sleep(0.05 if fault != "slow" else 0.3)
-            if fault in ("503", "429", "400"):
-                self.send_response(int(fault))
-                if fault == "429":
-                    self.send_header("Retry-After", "0")
+            status, _, after = fault.partition(":")
+            if status in ("503", "429", "400", "cut503"):
+                error = b'{"error": "injected"}'
+                self.send_response(503 if status == "cut503" else int(status))
+                if status == "429":
+                    self.send_header("Retry-After", after or "0")
+                if status == "cut503":  # promises more than it sends, then hangs up
+                    self.send_header("Content-Length", str(len(error) + 100))
                 self.end_headers()
-                self.wfile.write(b'{"error": "injected"}')
+                self.wfile.write(error)
                 return
-            prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+            chat = "messages" in body
+            prompt = body["messages"][-1]["content"] if chat else body["prompt"]
             number = int(prompt.split()[2])
             text = f"{number} + {number} = {2 * number}. The answer is {2 * number}"
-            choice = {"message": {"role": "assistant", "content": text}} if "messages" in body else {"text": text}
-            if "messages" in body and body.get("logprobs"):
-                choice["logprobs"] = {
-                    "content": [{"token": "x", "logprob": -0.1, "top_logprobs": [{"token": "x", "logprob": -0.1}]}]
-                }
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            if body.get("logprobs") and fault == "badlogprobs":  # an entry without its token; lists out of step
+                choice["logprobs"] = (
+                    {"content": [{"token": "x", "logprob": -0.1}, {"logprob": "NaN"}]}
+                    if chat
+                    else {"tokens": ["x", "y"], "token_logprobs": [-0.1], "top_logprobs": None}
+                )
+            elif body.get("logprobs"):
+                choice["logprobs"] = (
+                    {"content": [{"token": "x", "logprob": -0.1, "top_logprobs": [{"token": "x", "logprob": -0.1}]}]}
+                    if chat
+                    else {"tokens": ["x"], "token_logprobs": [-0.1], "top_logprobs": [{"x": -0.1}]}
+                )
             payload = (
                 b"{not json"
                 if fault == "garbage"
@@ -76,6 +92,9 @@ class FakeTeacher(BaseHTTPRequestHandler):
             )
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
+            if fault == "cut":  # promises the whole answer, sends half of it, hangs up
+                self.send_header("Content-Length", str(len(payload)))
+                payload = payload[: len(payload) // 2]
             self.end_headers()
             self.wfile.write(payload)
         finally:
@@ -104,7 +123,8 @@ def read_records(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("api", ["chat", "completions"])
 def test_served_teacher_survives_faults_at_its_concurrency(tmp_path, server, api):
-    FakeTeacher.faults = ["503", "garbage", "429", "slow", "ok", "503", "slow", "slow"]
+    FakeTeacher.faults = ["503", "garbage", "429", "slow", "ok", "503", "slow", "slow", "cut", "badlogprobs"]
+    FakeTeacher.faults += ["ok", "cut503", "429:0.02"]
     spec = recipe(tmp_path, served(server, api=api), sampling={"samples": 2, "logprobs": 1})
     out = tmp_path / "traces.jsonl"
     summary = generate(spec, out)
@@ -112,10 +132,9 @@ def test_served_teacher_survives_faults_at_its_concurrency(tmp_path, server, api
     assert sorted((r["id"], r["sample"]) for r in records) == sorted((f"p{i}", k) for i in range(12) for k in range(2))
     assert summary == summary | {"traces": 24, "kept": 24, "dropped": 0}
     assert FakeTeacher.peak == 3  # the configured concurrency, held and never exceeded
-    assert FakeTeacher.requests == 24 + 4  # each injected failure (503, garbage, 429, 503) cost one retry
+    assert FakeTeacher.requests == 24 + 8  # each injected failure (all but ok and slow) cost one retry
     assert all(r["correct"] for r in records)
-    if api == "chat":
-        assert records[0]["logprobs"][0]["top"] == {"x": -0.1}
+    assert all(r["logprobs"] == [{"token": "x", "logprob": -0.1, "top": {"x": -0.1}}] for r in records)
 
 
 def test_a_down_server_loses_nothing_and_a_rerun_finishes(tmp_path, server):
@@ -275,3 +294,134 @@ def test_top_logprobs_are_cut_to_k():
     token = {"token": "a", "logprob": -3.0, "top_logprobs": [{"token": t, "logprob": -i} for i, t in enumerate("xyza")]}
     answer = {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [token]}}]}
     assert parse_choice(answer, "chat", 3)["logprobs"][0]["top"] == {"x": 0, "y": -1, "z": -2}
+
+
+def chat_answer(logprobs) -> dict:
+    return {"choices": [{"message": {"content": "a"}, "logprobs": logprobs}]}
+
+
+def completions_answer(logprobs) -> dict:
+    return {"choices": [{"text": "a", "logprobs": logprobs}]}
+
+
+def entry(**fields) -> dict:
+    return {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": []} | fields]}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        chat_answer([{"token": "a", "logprob": -1.0}]),  # logprobs not an object
+        chat_answer({"content": "a"}),  # content not a list
+        chat_answer({"content": ["a"]}),  # an entry not an object
+        chat_answer({"content": [{"logprob": -1.0}]}),  # no token
+        chat_answer({"content": [{"token": "a"}]}),  # no logprob
+        chat_answer(entry(token=7)),
+        chat_answer(entry(logprob="NaN")),
+        chat_answer(entry(logprob=float("nan"))),  # json.loads reads a bare NaN so
+        chat_answer(entry(logprob=0.5)),  # not a log-probability
+        chat_answer(entry(logprob=float("-inf"))),  # a sampled token had a probability
+        chat_answer(entry(logprob=True)),
+        chat_answer(entry(logprob=-(10**400))),  # a float cannot hold it
+        chat_answer(entry(top_logprobs={"b": -2.0})),
+        chat_answer(entry(top_logprobs=[{"token": "b"}])),
+        chat_answer(entry(top_logprobs=[{"token": "b", "logprob": "high"}])),
+        completions_answer({"tokens": "ab", "token_logprobs": [-1.0, -2.0]}),
+        completions_answer({"tokens": ["a", "b"], "token_logprobs": [-1.0]}),
+        completions_answer({"tokens": ["a"]}),  # no token_logprobs
+        completions_answer({"tokens": ["a"], "token_logprobs": [None]}),
+        completions_answer({"tokens": ["a"], "token_logprobs": [-1.0], "top_logprobs": [{"a": -1.0}, {}]}),
+        completions_answer({"tokens": ["a"], "token_logprobs": [-1.0], "top_logprobs": [["a", -1.0]]}),
+        completions_answer({"tokens": ["a"], "token_logprobs": [-1.0], "top_logprobs": [{"a": "-1"}]}),
+        completions_answer({"tokens": 5, "token_logprobs": [-1.0]}),
+    ],
+)
+def test_malformed_logprobs_are_a_one_line_retry(answer):
+    from distill.teachers.served import Retryable, parse_choice
+
+    api = "chat" if "message" in answer["choices"][0] else "completions"
+    with pytest.raises(Retryable, match="^malformed log-probabilities from http://t/v1: .") as caught:
+        parse_choice(answer, api, 3, "http://t/v1")
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_logprobs_edge_cases_that_are_fine():
+    from distill.teachers.served import parse_choice
+
+    # a log-prob rounded a hair above 0 reads as 0; a masked alternative (-inf, probability 0) is dropped
+    tops = [{"token": "a", "logprob": 1e-5}, {"token": "b", "logprob": float("-inf")}]
+    fine = parse_choice(chat_answer(entry(logprob=1e-5, top_logprobs=tops)), "chat", 3)
+    assert fine["logprobs"] == [{"token": "a", "logprob": 0.0, "top": {"a": 0.0}}]
+    assert "logprobs" not in parse_choice(chat_answer(None), "chat", 3)
+    assert "logprobs" not in parse_choice(chat_answer({"content": None}), "chat", 3)
+    plain = completions_answer({"tokens": ["a", "b"], "token_logprobs": [-1, -2.5], "top_logprobs": None})
+    assert parse_choice(plain, "completions", 3)["logprobs"] == [
+        {"token": "a", "logprob": -1.0, "top": {}},
+        {"token": "b", "logprob": -2.5, "top": {}},
+    ]
+
+
+def test_cut_answers_and_bad_logprobs_are_retryable_with_a_clear_line(tmp_path, server):
+    from distill.teachers.served import Retryable, complete, request_body
+
+    spec = recipe(tmp_path, served(server, retries=0), sampling={"logprobs": 1})
+    endpoint = spec.teacher.endpoint
+    body = request_body(endpoint, spec.sampling, "what is 3 plus 3?", None, 0)
+    for fault, message in [
+        ("cut", rf"^answer from {server}/chat/completions cut short: IncompleteRead\("),
+        ("cut503", r"^HTTP 503 \{\"error\": \"injected\"\}$"),
+        ("badlogprobs", rf"^malformed log-probabilities from {server}: token 1: "),
+    ]:
+        FakeTeacher.faults = [fault]
+        with pytest.raises(Retryable, match=message):
+            complete(endpoint, body, 1)
+
+
+def test_retry_after_is_honoured_in_decimals_and_capped(tmp_path, server):
+    from distill.teachers.served import MAX_WAIT, complete, request_body, retry_after
+
+    assert MAX_WAIT == 60.0
+    values = ["7", "2.5", " 3 ", "3600", "inf", "-1", "nan", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", None]
+    assert [retry_after(v) for v in values] == [7.0, 2.5, 3.0, 60.0, 60.0, None, None, None, None, None]
+    spec = recipe(tmp_path, served(server))  # backoff 0.01, 4 retries
+    endpoint = spec.teacher.endpoint
+    body = request_body(endpoint, spec.sampling, "what is 3 plus 3?", None, 0)
+    FakeTeacher.faults = ["429:3600", "429:1.5", "429:Wed, 21 Oct 2015 07:28:00 GMT", "503"]
+    waits: list[float] = []
+    result = complete(endpoint, body, 0, sleep=waits.append, uniform=lambda low, high: high)
+    assert result["completion"].endswith("The answer is 6")
+    # capped Retry-After, decimal Retry-After, a date (not honoured: the back-off), no Retry-After (the back-off)
+    assert waits == pytest.approx([60.0, 1.5, 0.04, 0.08])
+
+
+def test_backoff_is_jittered_doubling_and_capped(monkeypatch):
+    import random
+
+    from distill.recipe import EndpointSpec
+    from distill.teachers import served as served_module
+
+    def refuse(endpoint, body):
+        raise served_module.Retryable("HTTP 503")
+
+    monkeypatch.setattr(served_module, "post", refuse)
+    endpoint = EndpointSpec(url="http://t/v1", retries=10, backoff=1.0)
+    highs = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0]  # doubling, capped at MAX_WAIT
+
+    def waits(uniform) -> list[float]:
+        slept: list[float] = []
+        with pytest.raises(served_module.Retryable, match="^HTTP "):
+            served_module.complete(endpoint, {}, 0, sleep=slept.append, uniform=uniform)
+        return slept
+
+    assert waits(lambda low, high: high) == highs
+    assert waits(lambda low, high: low) == [h / 2 for h in highs]  # equal jitter: never under half the back-off
+    seeded = waits(random.Random(0).uniform)
+    assert all(h / 2 <= w <= h for w, h in zip(seeded, highs, strict=True))
+    assert len(set(seeded)) == len(seeded)  # jittered, not the same wait for every client
+    assert seeded == waits(random.Random(0).uniform)  # a seeded draw repeats
+
+    def ready_now(endpoint, body):  # Retry-After: 0 makes no busy loop: the jittered back-off is still the least
+        raise served_module.Retryable("HTTP 429", wait=0.0)
+
+    monkeypatch.setattr(served_module, "post", ready_now)
+    assert waits(lambda low, high: low) == [h / 2 for h in highs]

@@ -15,11 +15,13 @@ from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 from distill.data.token_blocks import TokenData
 from distill.errors import DistillError
+from distill.losses.sparse import SparseTargets, sparse_targets_from_logits
 from distill.recipe import LMDistillSpec, TrainSpec
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import LMBatches
 from distill.tasks.causal_lm import run as run_lm
-from distill.teachers.lm_signals import LiveLMSignal
+from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
+from distill.teachers.onpolicy import OnPolicyBatches
 from distill.train import train_loop
 
 TEXT = " ".join(
@@ -94,16 +96,50 @@ def test_live_distillation_loss_matches_float64_reference(tok):
     assert "ce" not in terms  # alpha = 0: no hard-label pass
 
 
-def test_gradient_is_token_weighted_whatever_the_accumulation(tok, tmp_path):
-    """One step over a global batch gives the same weights with grad_accum 1 and 3 (blocks weigh differently)."""
+def signal_batches(signal: str, data: TokenData, tok, teacher) -> LMBatches | OnPolicyBatches:
+    """The micro-batch source of each teacher signal over ``data``: hard labels, the live teacher, stored sampled
+    targets (the cache), recorded top-k targets scoring only some trained positions, on-policy samples."""
+    vocab = len(tok)
+    if signal == "onpolicy":  # greedy samples: the same completions whatever rows share a micro-batch
+        return OnPolicyBatches(data, teacher, vocab, lam=1.0, max_new_tokens=4, temperature=0.0, chunk_size=4)
+    spec = LMDistillSpec(signal="live" if signal == "live" else "cache", alpha=0.3, temperature=2.0)
+    if signal == "hard":
+        return LMBatches(data, vocab_size=vocab, chunk_size=4)
+    if signal == "live":
+        return LMBatches(data, vocab, 4, spec, LiveLMSignal(teacher, spec.loss, spec.temperature))
+    ids = torch.from_numpy(data.input_ids).long()
+    with torch.no_grad():
+        logits = teacher(input_ids=ids, attention_mask=torch.from_numpy(data.attention_mask).long()).logits
+    mode = "sampled" if signal == "cache" else "topk"
+    targets = sparse_targets_from_logits(
+        logits, mode=mode, k=4, temperature=2.0, vocab_size=vocab, generator=torch.Generator().manual_seed(0)
+    )
+    scored = None if signal == "cache" else torch.from_numpy(data.labels != -100).roll(-1, 1)
+    if scored is not None:
+        scored[:, ::3] = False  # the teacher scored only some of the trained positions
+
+    def lookup(rows):
+        picked = SparseTargets(*(None if t is None else t[rows] for t in (targets.ids, targets.logp, targets.tail)))
+        return picked, None if scored is None else scored[rows]
+
+    return LMBatches(data, vocab, 4, spec, SparseSignal(lookup, 2.0))
+
+
+@pytest.mark.parametrize("signal", ["hard", "live", "cache", "recorded", "onpolicy"])
+def test_gradient_is_token_weighted_whatever_the_accumulation(tok, tmp_path, signal):
+    """One step over a global batch gives the same weights with grad_accum 1 and 3 (blocks weigh differently),
+    for every teacher signal (issue 17.4: recorded and on-policy terms were divided by their own counts)."""
     data = token_data(tok, blocks=6)
+    data.labels[:, :2] = -100  # every row has a prompt for the on-policy student to complete
+    teacher = tiny_llama(tok, layers=2, seed=9)
     results = []
     for accum in (1, 3):
         model = tiny_llama(tok, layers=2, seed=3)
         spec = TrainSpec(epochs=1, batch_size=6, grad_accum=accum, optimizer="sgd", lr=0.5, momentum=0.0)
-        batches = LMBatches(data, vocab_size=len(tok), chunk_size=4)
+        batches = signal_batches(signal, data, tok, teacher)
         trained = train_loop(f"a{accum}", model, spec, batches, tmp_path, Accelerator(), seed=0)
         results.append(torch.cat([p.detach().flatten() for p in trained.parameters()]))
+    assert not torch.equal(results[0], torch.cat([p.flatten() for p in tiny_llama(tok, layers=2, seed=3).parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
 
 

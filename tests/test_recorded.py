@@ -12,6 +12,7 @@ from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
+from distill.losses.sparse import chunked_sparse_kd_loss, sparse_kd_loss
 from distill.models.causal_lm import load_causal_lm
 from distill.recipe import LMDistillSpec
 from distill.tasks import parse_recipe
@@ -92,7 +93,8 @@ def test_rows_are_the_written_tokens_with_the_teachers_distribution_one_position
 
 def test_loss_is_cross_entropy_plus_top_k_kl_on_scored_positions(tok, traces):
     """Against a float64 reference: α·CE over every response token + (1 − α)·KL over the k recorded tokens plus
-    the tail bucket, averaged over the positions the teacher scored."""
+    the tail bucket, summed over the positions the teacher scored; both divided by the trained tokens (the
+    micro-batch's weight in the loop: the eos a trace did not write is trained but not scored)."""
     _, kept = traces
     data = encode_recorded(read_recorded(kept), tok, 64)
     student = tiny_llama(tok, layers=1, seed=7).double()
@@ -121,7 +123,7 @@ def test_loss_is_cross_entropy_plus_top_k_kl_on_scored_positions(tok, traces):
         p_tail = 1 - p.exp().sum()
         tail = q_tail * (q_tail.log() - p_tail.log()) if q_tail > 0 else 0.0
         kl.append((q * (q.log() - p)).sum() + tail)
-    kd = torch.stack(kl).mean()
+    kd = torch.stack(kl).sum() / trained.sum()
     torch.testing.assert_close(got["ce"].double(), ce, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got["kd"].double(), kd, atol=1e-3, rtol=1e-4)  # tails from float32 records
     torch.testing.assert_close(got["loss"].double(), 0.3 * ce + 0.7 * kd, atol=1e-3, rtol=1e-4)
@@ -194,3 +196,47 @@ def test_run_trains_on_traces_with_their_recorded_log_probs(tok, traces, tmp_pat
     kd = [entry["kd"] for entry in log if entry["stage"] == "student"]
     assert len(kd) == 9 and all(math.isfinite(v) and v >= 0 for v in kd)
     assert sum(kd[-3:]) < sum(kd[:3])  # the student moves towards the recorded distributions
+
+
+def test_short_top_lists_keep_token_zero_in_the_tail(tok):
+    """Issue 17.3: rows with fewer than k candidates were padded with id 0, which took token 0 out of the
+    student's tail. Top lists here hold 70% of the mass (tail 0.3) and token 0 is likely under the student."""
+    tops = [(5, {5: 0.4, 9: 0.2, 11: 0.1}), (7, {7: 0.7}), (12, {12: 0.5, 3: 0.2})]
+    steps = [
+        {"token": w, "logprob": math.log(top[w]), "top": {str(i): math.log(p) for i, p in top.items()}}
+        for w, top in tops
+    ]
+    data = encode_recorded(
+        [{"prompt": "the quick brown fox", "tokens": [w for w, _ in tops], "logprobs": steps}], tok, 32
+    )
+    targets, scored = data.recorded[torch.arange(1)]
+    vocab, width = len(tok), data.input_ids.shape[1]
+    torch.manual_seed(0)
+    hidden = torch.randn(width, 16, dtype=torch.float64)
+    hidden[:, 0] += 4
+    head = 0.3 * torch.randn(vocab, 16, dtype=torch.float64)
+    head[0] = 0
+    head[0, 0] = 2  # token 0 takes about half of the student's mass
+    hidden.requires_grad_(True)
+    head.requires_grad_(True)
+
+    def reference():
+        log_p = F.log_softmax(hidden @ head.T, -1)
+        total = 0.0
+        for t, (_, top) in zip(scored[0].nonzero()[:, 0].tolist(), tops, strict=True):
+            ids = torch.tensor(list(top))
+            q = torch.tensor(list(top.values()), dtype=torch.float64)
+            p_tail = 1 - log_p[t, ids].exp().sum()
+            total = total + (q * (q.log() - log_p[t, ids])).sum() + 0.3 * (math.log(0.3) - p_tail.log())
+        return total / len(tops)
+
+    want = reference()
+    want_grads = torch.autograd.grad(want, (hidden, head))
+    for loss in (
+        lambda: sparse_kd_loss((hidden @ head.T)[None], targets, mask=scored),
+        lambda: chunked_sparse_kd_loss(hidden[None], head, targets, mask=scored, chunk_size=2),
+    ):
+        got = loss()
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-6)  # records are float32
+        for g, w in zip(torch.autograd.grad(got, (hidden, head)), want_grads, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-6)

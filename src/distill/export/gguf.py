@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_path
 
@@ -106,7 +106,7 @@ def export_gguf(
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise DistillError(f"GGUF export has no llama.cpp name for the tensor {hf_name!r}")
-        data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+        data = to_numpy(tensor.float())
         if gguf_name.endswith("attn_q.weight"):
             data = _permute(data, n_head, n_head)
         elif gguf_name.endswith("attn_k.weight"):

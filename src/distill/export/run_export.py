@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_dir, write_json
 from distill.train import STAGE_DONE
@@ -135,7 +136,7 @@ def torch_logits(model: nn.Module, s: Student) -> np.ndarray:
         out = model(x, torch.from_numpy(s.mask).long())
     else:
         out = model(x)
-    return out.float().numpy()
+    return to_numpy(out.float())
 
 
 def check_export(fmt: str, s: Student, folder: Path) -> dict:

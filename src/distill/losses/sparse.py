@@ -43,7 +43,9 @@ MODES = ("sampled", "topk")
 class SparseTargets:
     """Per-position teacher signal: ``ids`` [..., k]; for top-k also ``logp`` [..., k] and ``tail`` [...].
 
-    ``logp`` are teacher log-probs at the distillation temperature, ``tail`` is log(1 − Σ exp(logp)).
+    ``logp`` are teacher log-probs at the distillation temperature, ``tail`` is log(1 − Σ exp(logp)). A row with
+    fewer than k candidates is padded with log-prob −inf and an id *already in the row*: every id listed counts
+    as a candidate, so a padding id of its own would be taken out of the student's tail.
     """
 
     ids: Tensor
@@ -274,6 +276,7 @@ def chunked_cross_entropy(
     labels: Tensor,
     *,
     mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
     student_bias: Tensor | None = None,
@@ -286,6 +289,7 @@ def chunked_cross_entropy(
         hard,
         temperature=1.0,
         mask=mask,
+        normalizer=normalizer,
         chunk_size=chunk_size,
         vocab_size=vocab_size,
         student_bias=student_bias,

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_dir
 from distill.models.cut import student_from_teacher
@@ -215,7 +216,7 @@ def encode(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int
     model.eval()
     outputs: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
     for chosen, ids, attention in batches_by_length(rows, pad_id, batch_size):
-        values = model(ids, attention).float().numpy()
+        values = to_numpy(model(ids, attention).float())
         for i, value in zip(chosen, values, strict=True):
             outputs[i] = value
     return np.stack(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

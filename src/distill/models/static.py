@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.decomposition import PCA
 from torch import nn
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_dir
 from distill.models.encoders import SentenceEncoder, load_tokenizer, pad
@@ -51,7 +52,7 @@ def token_vectors(encoder: SentenceEncoder, tokenizer, batch_size: int = 512) ->
     parts = []
     for start in range(0, len(rows), batch_size):
         ids, attention = pad(rows[start : start + batch_size], pad_id)
-        parts.append(encoder.pool(ids, attention).float().numpy())
+        parts.append(to_numpy(encoder.pool(ids, attention).float()))
     return np.concatenate(parts)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from distill.data.lm import load_lm_data, split_lm_data
 from distill.data.token_blocks import TokenData
+from distill.devices import to_numpy
 from distill.evaluate import lm_metrics
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
@@ -63,13 +64,14 @@ class LMBatches:
         return (self.data.labels[:, 1:] != IGNORE_INDEX).sum(axis=1)
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.data.input_ids[rows.numpy()]).long().to(device)
-        attention = torch.from_numpy(self.data.attention_mask[rows.numpy()]).long().to(device)
-        next_tokens = torch.from_numpy(self.data.labels[rows.numpy()][:, 1:]).to(device)
+        ids = torch.from_numpy(self.data.input_ids[to_numpy(rows)]).long().to(device)
+        attention = torch.from_numpy(self.data.attention_mask[to_numpy(rows)]).long().to(device)
+        next_tokens = torch.from_numpy(self.data.labels[to_numpy(rows)][:, 1:]).to(device)
         mask = next_tokens != IGNORE_INDEX
         hidden = last_hidden(model, ids, attention)[:, :-1]
         weight, bias = head_of(model)  # after the forward: under FSDP the root's parameters are gathered by it
-        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size)
+        size = float(mask.sum())  # = self.weights[rows].sum(): the loop weighs this micro-batch by it
+        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size, size)
         d = self.distill
         terms = {}
         if d is None or d.alpha > 0:

@@ -14,7 +14,7 @@ import yaml
 from distill.errors import DistillError
 from distill.export.quantize import WEIGHTS, load_int8
 from distill.export.run_export import Student, export_student
-from distill.io import atomic_path, write_json
+from distill.io import atomic_path, fsync_path, fsync_tree, write_json
 from distill.recipe import recipe_to_yaml
 from distill.report import ReportView, write_report
 from distill.train import STAGE_DONE, remove_checkpoints
@@ -60,15 +60,19 @@ def stage_step(name: str, on_step: OnStep) -> Callable[[int], None] | None:
 
 def train_or_load(folder: Path, *, resume: bool, load: Callable, train: Callable, save: Callable, accelerator=None):
     """``load(folder)`` when a resumed run finished this stage before, else ``train()`` it; the main process then
-    calls ``save(model, folder)``, drops the checkpoints and writes the marker (every process holds the same
-    weights)."""
+    calls ``save(model, folder)``, makes it durable, writes the marker and only then drops the checkpoints (a save
+    that replaces the whole folder drops them itself, once the new one is durable), so a power cut never loses
+    both the weights and the checkpoints (every process holds the same weights)."""
     if resume and (folder / STAGE_DONE).exists():
+        remove_checkpoints(folder)  # left by a crash between the marker and their removal
         return load(folder)
     model = train()
     if accelerator is None or accelerator.is_main_process:
         save(model, folder)
-        remove_checkpoints(folder)
+        fsync_tree(folder)  # some saves write files beside an atomic_dir, unsynced
+        fsync_path(folder.parent)
         write_json(folder / STAGE_DONE, {"stage": folder.name})
+        remove_checkpoints(folder)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return model

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.data.labeled_text import TextData, clauses, load_text_data
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.evaluate import folder_bytes, text_speed
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
@@ -119,7 +120,7 @@ def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: in
     labeled = data.train_labels != IGNORE_INDEX
     head = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
     with torch.no_grad():
-        predicted = head(torch.from_numpy(test)).argmax(-1).numpy()
+        predicted = to_numpy(head(torch.from_numpy(test)).argmax(-1))
     return round(float((predicted == data.test_labels).mean()), 6)
 
 
@@ -211,7 +212,7 @@ def run(
 
     def teacher_embeddings(texts: list[str], max_length: int) -> np.ndarray:
         pooled = torch.from_numpy(teacher_features(teacher, teacher_tok, texts, max_length, cache_dir, teacher_id))
-        return (F.normalize(pooled, dim=-1) if teacher.normalize else pooled).numpy()
+        return to_numpy(F.normalize(pooled, dim=-1) if teacher.normalize else pooled)
 
     teacher_out = {
         name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))
@@ -291,8 +292,8 @@ def load_student(run_dir: Path) -> Student:
         "sentence_encoder",
         reload(folder),
         folder,
-        ids.numpy(),
-        attention.numpy().astype(bool),
+        to_numpy(ids),
+        to_numpy(attention).astype(bool),
         tokenizer=tokenizer,
         reload=reload,
     )

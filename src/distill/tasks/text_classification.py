@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from distill.data.labeled_text import TextData, load_text_data
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.evaluate import classifier_scores, folder_bytes, text_speed
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
@@ -130,7 +131,7 @@ def run(
     teacher.head = head
     teacher.eval()
     with torch.no_grad():
-        teacher_train_logits = head(torch.from_numpy(train_features)).numpy()
+        teacher_train_logits = to_numpy(head(torch.from_numpy(train_features)))
         teacher_test_logits = head(torch.from_numpy(test_features))
     if not (out / "teacher" / "head.safetensors").exists():
         save_classifier_head(teacher, teacher_tok, out / "teacher", data.classes)
@@ -188,8 +189,8 @@ def load_student(run_dir: Path) -> Student:
         "text_classifier",
         model,
         folder,
-        ids.numpy(),
-        attention.numpy().astype(bool),
+        to_numpy(ids),
+        to_numpy(attention).astype(bool),
         tokenizer=tokenizer,
         reload=lambda export: load_encoder_classifier(export)[0],
     )

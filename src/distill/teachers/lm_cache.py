@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_path, sha256_file, write_json
 from distill.losses.sparse import MODES, SparseTargets, sparse_targets_from_logits
@@ -78,10 +79,10 @@ def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, bat
                 logits[b], mode=mode, k=k, temperature=params["temperature"], generator=gen, vocab_size=vocab_size
             )
             row = start - lo + b
-            shard["ids"][row] = t.ids.cpu().numpy()
+            shard["ids"][row] = to_numpy(t.ids)
             if mode == "topk":
-                shard["logp"][row] = t.logp.cpu().numpy()
-                shard["tail"][row] = t.tail.cpu().numpy()
+                shard["logp"][row] = to_numpy(t.logp)
+                shard["tail"][row] = to_numpy(t.tail)
     with atomic_path(path) as tmp, tmp.open("wb") as handle:  # np.save(path) would append ".npy" to the name
         np.save(handle, shard)
     return {"file": path.name, "blocks": hi - lo, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -258,7 +259,7 @@ class LMCache:
 
     def __getitem__(self, block_indices) -> SparseTargets:
         """Targets of the blocks at ``block_indices`` (a LongTensor, any shape): [*shape, seq_len, k]."""
-        idx = torch.as_tensor(block_indices).cpu().numpy().astype(np.int64)
+        idx = to_numpy(torch.as_tensor(block_indices)).astype(np.int64)
         flat = idx.reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
             raise IndexError(f"block index out of range 0..{len(self) - 1}")

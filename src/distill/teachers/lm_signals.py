@@ -1,5 +1,8 @@
 """Token-level teacher signals of causal LMs, one interface for all: ``signal.kd(tokens)`` is the KD term of a
-micro-batch of student tokens (a sum over its distilled positions divided by their count, as every LM loss).
+micro-batch of student tokens: a sum over its distilled positions divided by the micro-batch's weight (its
+trained tokens in the data), as every LM loss. Dividing by the positions a term happens to cover instead (the
+positions a recorded teacher scored, the tokens an on-policy student wrote) would make the step's gradient
+depend on how the batch is split over micro-batches and processes.
 
 - ``LiveLMSignal``: the teacher model runs beside the student on the same tokens (any divergence);
 - ``SparseSignal``: k targets per token stored ahead of time — the LM cache (``lm_cache``) or the
@@ -35,10 +38,16 @@ class StudentTokens:
     mask: Tensor  # [B, S-1] bool: position t's next token is trained
     chunk_size: int
     vocab_size: int
+    size: float  # what every term is divided by: the micro-batch's weight in the training loop (its trained tokens)
 
     def loss_kwargs(self, mask: Tensor | None = None) -> dict:
-        mask = self.mask if mask is None else mask
-        return {"mask": mask, "chunk_size": self.chunk_size, "vocab_size": self.vocab_size, "student_bias": self.bias}
+        return {
+            "mask": self.mask if mask is None else mask,
+            "normalizer": max(self.size, 1.0),
+            "chunk_size": self.chunk_size,
+            "vocab_size": self.vocab_size,
+            "student_bias": self.bias,
+        }
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import fsync_path, sha256_file
 
@@ -61,7 +62,7 @@ class LogitsCache:
 
     def __call__(self, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits for the training examples at ``indices``."""
-        ids = indices.cpu().numpy()
+        ids = to_numpy(indices)
         by_row = np.argsort(ids)
         picked = np.empty((len(ids), self.logits.shape[1]), dtype=self.logits.dtype)
         picked[by_row] = self.logits[ids[by_row]]  # read rows in disk order, store them in batch order
@@ -88,7 +89,7 @@ def build_logits_cache(
             task = progress.add_task("teacher", total=len(x))
             for start in range(0, len(x), batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-                logits = teacher(torch.arange(start, start + len(chunk)), chunk).numpy()
+                logits = to_numpy(teacher(torch.arange(start, start + len(chunk)), chunk))
                 if out is None:
                     shape = (len(x), logits.shape[1])
                     out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from distill.data.token_blocks import TokenData
+from distill.devices import to_numpy
 from distill.losses import IGNORE_INDEX
 from distill.models.causal_lm import head_of, last_hidden, unwrap
 from distill.teachers.lm_signals import LiveLMSignal, StudentTokens
@@ -95,7 +96,7 @@ class OnPolicyBatches:
         return random.Random(hash((self.seed, *rows[:4].tolist()))).random() < self.lam
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        index = rows.numpy()
+        index = to_numpy(rows)
         on_policy = self.on_policy(rows)
         if on_policy:
             prompts = [self.data.input_ids[i, : self.prompt_ends[i]].tolist() for i in index]
@@ -115,6 +116,9 @@ class OnPolicyBatches:
         mask = (labels[:, 1:] != IGNORE_INDEX).to(device)
         hidden = last_hidden(model, ids, attention)[:, :-1]
         weight, bias = head_of(model)
-        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size)
+        # Divided by the rows' weight (their trained tokens in the data), not by how many tokens the student wrote:
+        # that count is only known per micro-batch, and dividing by it would make the gradient depend on the split.
+        size = float(self.weights[index].sum())
+        tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size, size)
         loss = self.scorer.kd(tokens)
         return {"loss": loss, "jsd": loss.detach(), "on_policy": torch.tensor(float(on_policy))}

@@ -21,6 +21,7 @@ import torch
 
 from distill.data.lm import need_path
 from distill.data.token_blocks import TokenData, padded_token_data, prompt_response_rows, prompt_token_ids, read_jsonl
+from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.losses.sparse import SparseTargets
 
@@ -28,7 +29,7 @@ from distill.losses.sparse import SparseTargets
 @dataclass(frozen=True)
 class RecordedTargets:
     ids: np.ndarray  # int64 [N, S, k]: at position t, candidates for the token at t + 1
-    logp: np.ndarray  # float32 [N, S, k]: their teacher log-probabilities; -inf pads rows with fewer than k
+    logp: np.ndarray  # float32 [N, S, k]: their log-probabilities; -inf pads short lists (id: one of the list's)
     tail: np.ndarray  # float32 [N, S]: log of the teacher's probability of every other token
     scored: np.ndarray  # bool [N, S]: position t has the teacher's distribution of the token at t + 1
 
@@ -37,7 +38,7 @@ class RecordedTargets:
 
     def __getitem__(self, rows: torch.Tensor) -> tuple[SparseTargets, torch.Tensor]:
         """Sparse targets of ``rows`` (positions whose next token is trained) and the mask of scored ones."""
-        idx = rows.numpy()
+        idx = to_numpy(rows)
         targets = SparseTargets(
             ids=torch.from_numpy(self.ids[idx]),
             logp=torch.from_numpy(self.logp[idx]),
@@ -132,6 +133,9 @@ def encode_recorded(records: list[dict], tokenizer, max_length: int, *, chat_tem
         start = len(prompts[index]) - 1  # the last prompt position predicts the first response token
         fits = len(rows[row][0]) - len(prompts[index])  # response tokens left after cutting to max_length
         for j, top in enumerate((tops[index] or [])[:fits]):
+            # Pad short lists with a candidate already in the list (log-prob -inf: no teacher mass). Any other id
+            # would count as a candidate and be left out of the student's tail, so its gradient would be wrong.
+            ids[row, start + j] = next(iter(top))
             ids[row, start + j, : len(top)] = list(top)
             logp[row, start + j, : len(top)] = list(top.values())
             scored[row, start + j] = True

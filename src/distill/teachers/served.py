@@ -1,13 +1,17 @@
 """A teacher behind an OpenAI-compatible server (``/v1/chat/completions`` or ``/v1/completions``): llama.cpp's
 server, vLLM, TGI, or a hosted API. Requests run ``concurrency`` at a time; connection errors, timeouts, 429,
-5xx and malformed answers are retried with exponential back-off (honouring Retry-After); other 4xx stop the run,
-since retrying cannot fix them. A request that still fails is reported and left for the next run.
+5xx, answers cut short and malformed answers (bad JSON, bad log-probabilities) are retried with jittered
+exponential back-off (honouring Retry-After); other 4xx stop the run, since retrying cannot fix them. No single wait
+is longer than MAX_WAIT. A request that still fails is reported and left for the next run.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +22,14 @@ from distill.errors import DistillError
 from distill.recipe import EndpointSpec, GenerateRecipe, SamplingSpec
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# The longest wait before a retry, whether the server's Retry-After or our back-off asks for more: a server that
+# wants an hour (an exhausted quota) gets its retries sooner and the request is left for the next run, rather than
+# the run hanging with nothing printed.
+MAX_WAIT = 60.0
+# Servers round log-probabilities; one this little above 0 is a rounded 0, anything more is not a log-probability.
+LOGPROB_SLACK = 1e-4
+# What a malformed answer can raise while it is taken apart (OverflowError: a 400-digit integer as a log-prob).
+MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 
 
 class Retryable(Exception):
@@ -60,31 +72,121 @@ def post(endpoint: EndpointSpec, body: dict) -> dict:
     request = urllib.request.Request(endpoint.url.rstrip("/") + path, json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(request, timeout=endpoint.timeout) as response:
-            raw = response.read()
+            try:
+                raw = response.read()
+            except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, a reset or a timeout mid-body
+                raise Retryable(f"answer from {endpoint.url}{path} cut short: {exc!r:.200}") from None
     except urllib.error.HTTPError as exc:
-        detail = exc.read()[:200].decode("utf-8", "replace")
+        detail = error_detail(exc)
         if exc.code in RETRYABLE_STATUS:
-            after = exc.headers.get("Retry-After")
-            raise Retryable(f"HTTP {exc.code} {detail}", float(after) if after and after.isdigit() else None) from None
+            after = retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+            raise Retryable(f"HTTP {exc.code} {detail}", after) from None
         raise DistillError(f"teacher endpoint {endpoint.url}{path} answered HTTP {exc.code}: {detail}") from None
+    except http.client.HTTPException as exc:  # before any answer: RemoteDisconnected, a garbled status line
+        raise Retryable(f"answer from {endpoint.url}{path} cut short: {exc!r:.200}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Retryable(f"cannot reach {endpoint.url}: {reason}") from None
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, an over-long integer; deep nesting
         raise Retryable(f"malformed JSON from {endpoint.url}{path}: {raw[:80]!r}") from None
 
 
-def top_k(logprobs: dict, k: int) -> dict:
-    """The ``k`` most likely entries: llama.cpp's server adds the sampled token to the top list when it is not
-    among the top k, so a reply can hold k + 1."""
-    return dict(sorted(logprobs.items(), key=lambda item: item[1], reverse=True)[:k])
+def error_detail(exc: urllib.error.HTTPError) -> str:
+    """The start of an error answer's body on one line; a body that cannot be read must not hide the status."""
+    try:
+        return " ".join(exc.read(200).decode("utf-8", "replace").split())
+    except (http.client.HTTPException, OSError, ValueError, AttributeError):
+        return "(unreadable body)"
 
 
-def parse_choice(answer: dict, api: str, k: int) -> dict:
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (integer or decimal), at most MAX_WAIT; None for an HTTP date or junk, which leaves
+    the wait to the back-off."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return min(seconds, MAX_WAIT) if seconds >= 0 else None  # NaN fails >= 0; inf is capped
+
+
+def as_logprob(value: object) -> float:
+    """A log-probability: a finite number <= 0 (up to LOGPROB_SLACK above, read as 0); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -math.inf < value <= LOGPROB_SLACK:
+        raise ValueError(value)  # NaN fails the comparison too
+    return min(float(value), 0.0)
+
+
+def top_k(pairs, k: int) -> dict:
+    """The ``k`` most likely of the (token, log-prob) alternatives: llama.cpp's server adds the sampled token to the
+    top list when it is not among the top k, so a reply can hold k + 1. A -inf alternative (probability 0: a
+    masked token some servers still list) is dropped, as it carries nothing and JSON cannot hold it; -inf for the
+    sampled token itself is malformed, since a sampled token had a probability."""
+    top = {}
+    for token, value in pairs:
+        if not isinstance(token, str):
+            raise TypeError(token)
+        if value != -math.inf:
+            top[token] = as_logprob(value)
+    return dict(sorted(top.items(), key=lambda item: item[1], reverse=True)[:k])
+
+
+def unpack(entry, api: str) -> tuple:
+    """(token, log-prob, [(alternative, log-prob)]) of one token's entry, in either API's layout."""
+    if api == "chat":  # {"token", "logprob", "top_logprobs": [{"token", "logprob"}]}
+        tops = entry.get("top_logprobs") or []
+        if not isinstance(tops, list):
+            raise TypeError(tops)
+        return entry["token"], entry["logprob"], [(x["token"], x["logprob"]) for x in tops]
+    top = entry["top_logprobs"]  # {token: logprob} or null
+    if top is not None and not isinstance(top, dict):
+        raise TypeError(top)
+    return entry["token"], entry["token_logprob"], list((top or {}).items())
+
+
+def token_logprobs(logprobs: object, api: str, k: int) -> list[dict] | None:
+    """Per-token log-probabilities of a choice, None when it has none; ValueError naming the first bad part of a
+    malformed payload (wrong types, missing keys, lists of different lengths, a log-prob that is not a number <= 0).
+    """
+    if logprobs is None:
+        return None
+    if not isinstance(logprobs, dict):
+        raise ValueError(json.dumps(logprobs)[:80])
+    if api == "chat":  # {"content": [entry, ...]}
+        entries = logprobs.get("content")
+        if not entries:
+            return None
+        if not isinstance(entries, list):
+            raise ValueError(f"content: {json.dumps(entries)[:80]}")
+    else:  # {"tokens": [...], "token_logprobs": [...], "top_logprobs": [...] or null}, one entry per token
+        tokens, values, tops = (logprobs.get(key) for key in ("tokens", "token_logprobs", "top_logprobs"))
+        if not tokens:
+            return None
+        if tops is None and isinstance(tokens, list):
+            tops = [None] * len(tokens)
+        if not all(isinstance(x, list) and len(x) == len(tokens) for x in (tokens, values, tops)):
+            raise ValueError(
+                f"tokens, token_logprobs, top_logprobs not lists of one length: {json.dumps(logprobs)[:80]}"
+            )
+        keys = ("token", "token_logprob", "top_logprobs")  # one entry per token, so that an error can show it
+        entries = [dict(zip(keys, row, strict=True)) for row in zip(tokens, values, tops, strict=True)]
+    result = []
+    for i, entry in enumerate(entries):
+        try:
+            token, value, pairs = unpack(entry, api)
+            if not isinstance(token, str):
+                raise TypeError(token)
+            result.append({"token": token, "logprob": as_logprob(value), "top": top_k(pairs, k)})
+        except MALFORMED:
+            raise ValueError(f"token {i}: {json.dumps(entry)[:80]}") from None
+    return result
+
+
+def parse_choice(answer: dict, api: str, k: int, source: str = "the teacher endpoint") -> dict:
     """Completion text, finish reason and (when returned) per-token log-probabilities of the first choice, at most
-    ``k`` alternatives per token."""
+    ``k`` alternatives per token; Retryable for an answer without a completion or with malformed log-probabilities
+    (a server glitch another try may not repeat; writing it would poison the distillation targets)."""
     try:
         choice = answer["choices"][0]
         text = choice["message"]["content"] if api == "chat" else choice["text"]
@@ -93,36 +195,37 @@ def parse_choice(answer: dict, api: str, k: int) -> dict:
     except (KeyError, IndexError, TypeError):
         raise Retryable(f"answer without a completion: {json.dumps(answer)[:120]}") from None
     result = {"completion": text, "finish_reason": choice.get("finish_reason")}
-    logprobs = choice.get("logprobs")
-    if api == "chat" and logprobs and logprobs.get("content"):
-        result["logprobs"] = [
-            {
-                "token": t["token"],
-                "logprob": t["logprob"],
-                "top": top_k({x["token"]: x["logprob"] for x in t.get("top_logprobs", [])}, k),
-            }
-            for t in logprobs["content"]
-        ]
-    elif api == "completions" and logprobs and logprobs.get("tokens"):
-        tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])
-        result["logprobs"] = [
-            {"token": t, "logprob": lp, "top": top_k(top or {}, k)}
-            for t, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
-        ]
+    raw = choice.get("logprobs")
+    try:
+        logprobs = token_logprobs(raw, api, k)
+    except MALFORMED as exc:  # a ValueError of token_logprobs names the bad part; anything else, show the start
+        detail = exc if type(exc) is ValueError else json.dumps(raw)[:80]
+        raise Retryable(f"malformed log-probabilities from {source}: {detail}") from None
+    if logprobs:
+        result["logprobs"] = logprobs
     return result
 
 
-def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep) -> dict:
-    """``post`` + ``parse_choice`` with up to ``endpoint.retries`` retries, back-off doubling each time."""
-    delay = endpoint.backoff
+def backoff_wait(endpoint: EndpointSpec, attempt: int, retry_after: float | None, uniform=random.uniform) -> float:
+    """Seconds before retry ``attempt + 1``: the back-off doubles from ``endpoint.backoff`` up to MAX_WAIT, with equal
+    jitter (a uniform draw from its upper half) so that requests failed together do not all retry together, while
+    the wait still grows. A Retry-After (already at most MAX_WAIT) is the least wait: the server said when it is
+    ready, and the back-off still keeps a Retry-After of 0 from turning the retries into a busy loop."""
+    delay = min(endpoint.backoff * 2.0 ** min(attempt, 64), MAX_WAIT)  # min(attempt, 64): no float overflow
+    jittered = uniform(delay / 2, delay)
+    return jittered if retry_after is None else max(retry_after, jittered)
+
+
+def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep, uniform=random.uniform) -> dict:
+    """``post`` + ``parse_choice`` with up to ``endpoint.retries`` retries and ``backoff_wait`` between them;
+    ``sleep`` and ``uniform`` are there for tests."""
     for attempt in range(endpoint.retries + 1):
         try:
-            return parse_choice(post(endpoint, body), endpoint.api, k)
+            return parse_choice(post(endpoint, body), endpoint.api, k, endpoint.url)
         except Retryable as exc:
             if attempt == endpoint.retries:
                 raise
-            sleep(exc.wait if exc.wait is not None else delay)
-            delay *= 2
+            sleep(backoff_wait(endpoint, attempt, exc.wait, uniform))
     raise AssertionError("unreachable")
 
 
