@@ -8,7 +8,8 @@ import torch
 
 from distill.errors import DistillError
 from distill.losses.sparse import sparse_targets_from_logits
-from distill.teachers.lm_cache import LMCache, block_generator, build_lm_cache
+from distill.recipe import LMDistillSpec
+from distill.teachers.lm_cache import LMCache, block_generator, build_lm_cache, ensure_lm_cache
 
 N, S, V, V_PAD, TEMP = 7, 5, 40, 48, 2.0
 IDS = dict(teacher_id="teacher-a", data_id="data-1")
@@ -178,3 +179,17 @@ def test_checksum_verification(tmp_path):
     LMCache.open(tmp_path / "c", **IDS)  # size is right: only verify=True reads the bytes
     with pytest.raises(DistillError, match="checksum"):
         LMCache.open(tmp_path / "c", **IDS, verify=True)
+
+
+def test_a_run_reusing_a_cache_checks_every_shard_checksum(tmp_path):
+    """Issue 17.5: runs checked only each shard's size, so a same-size corrupted shard was served."""
+    spec = LMDistillSpec(signal="cache", cache_mode="sampled", cache_k=16, temperature=TEMP, cache_shard_blocks=2)
+    build(tmp_path / "c")
+    reuse = dict(teacher=None, train_ids=data(), d=spec, **IDS, vocab_size=V, seed=0, device="cpu")
+    assert len(ensure_lm_cache(tmp_path / "c", **reuse)) == N
+    shard = tmp_path / "c" / "shard-00001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DistillError, match="shard-00001.npy fails its checksum; delete it"):
+        ensure_lm_cache(tmp_path / "c", **reuse)

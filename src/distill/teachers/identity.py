@@ -1,13 +1,18 @@
-"""Identities of teachers, the keys of every teacher cache: a cache is only served to the weights it was
-built from. Each kind of teacher keeps the formula its caches were first keyed by, so existing caches hit."""
+"""Identities of teachers, the keys of every teacher cache: a cache is only served to the model it was built
+from. An identity hashes every file that decides the model's outputs — all weight files, config.json, the
+pooling modules of a sentence encoder, the tokenizer files — and the settings it runs with (dtype)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from distill.errors import DistillError
 from distill.io import sha256_file
+
+# README, licences, images and exported copies (onnx/, openvino/ subfolders) do not change what the model computes.
+IDENTITY_SUFFIXES = {".safetensors", ".bin", ".json", ".gguf", ".txt", ".model", ".pt"}
 
 
 def file_id(path: Path) -> str:
@@ -15,18 +20,38 @@ def file_id(path: Path) -> str:
     return sha256_file(path)[:16]
 
 
-def lm_id(path: Path, dtype: str) -> str:
-    """A causal LM (HF folder or GGUF file): every weight file's hash and the dtype it runs in."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
-    digest = hashlib.sha256(dtype.encode())
+def model_id(path: Path, *settings: str, subfolders: tuple[str, ...] = ()) -> str:
+    """A model file, or a folder's top-level files and those of ``subfolders``, with the settings it runs with."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    else:
+        folders = [path, *(path / name for name in subfolders)]
+        files = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file())
+        files = [p for p in files if p.suffix in IDENTITY_SUFFIXES and not p.name.startswith(".")]
+    digest = hashlib.sha256("\0".join(settings).encode())
     for file in files:
-        digest.update(sha256_file(file).encode())
+        name = file.name if path.is_file() else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{sha256_file(file)}\0".encode())
     return digest.hexdigest()[:16]
 
 
+def lm_id(path: Path, dtype: str) -> str:
+    """A causal LM (HF folder or GGUF file) and the dtype it runs in."""
+    return model_id(path, dtype)
+
+
 def encoder_id(folder: Path) -> str:
-    """A sentence-encoder folder: the checksum of its weights."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
+    """A sentence-encoder folder: weights, config, tokenizer and the modules (pooling, normalisation) it declares."""
+    if not (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))):
         raise DistillError(f"{folder} has no weights file (*.safetensors or *.bin)")
-    return sha256_file(files[0])[:16]
+    return model_id(folder, subfolders=_module_folders(folder))
+
+
+def _module_folders(folder: Path) -> tuple[str, ...]:
+    """The sentence-transformers module folders (e.g. 1_Pooling, 2_Normalize) ``modules.json`` names."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        return tuple(sorted({m["path"] for m in modules if m.get("path")}))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return ()  # no modules.json: a plain HF folder, mean pooling (models.encoders); an unreadable one fails there

@@ -290,7 +290,8 @@ def ensure_lm_cache(
             f"distill.loss {d.loss}: the LM teacher cache estimates forward_kl only; "
             "use distill.signal: live for other divergences"
         )
-    if not (path / "meta.json").exists():
+    built_before = (path / "meta.json").exists()
+    if not built_before:
         teacher.to(device)
 
         @torch.no_grad()
@@ -310,4 +311,6 @@ def ensure_lm_cache(
             seed=seed,
             shard_blocks=d.cache_shard_blocks,
         )
-    return LMCache.open(path, teacher_id=teacher_id, data_id=data_id, temperature=d.temperature)
+    # A cache made by an earlier run is checked shard by shard against its SHA-256 (a same-size corruption passes the
+    # size check); one this call just wrote was hashed as it was written.
+    return LMCache.open(path, teacher_id=teacher_id, data_id=data_id, temperature=d.temperature, verify=built_before)
