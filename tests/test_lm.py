@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import lm_fixtures
 import numpy as np
 import pytest
 import torch
 import yaml
 from accelerate import Accelerator
 from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
+from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
 from distill.data.token_blocks import TokenData
 from distill.errors import DistillError
@@ -141,6 +143,42 @@ def test_gradient_is_token_weighted_whatever_the_accumulation(tok, tmp_path, sig
         results.append(torch.cat([p.detach().flatten() for p in trained.parameters()]))
     assert not torch.equal(results[0], torch.cat([p.flatten() for p in tiny_llama(tok, layers=2, seed=3).parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_that_scales_its_logits_is_distilled_on_the_logits_it_outputs(tok):
+    """Issue 17.9: Granite divides its logits by ``logits_scaling`` (Cohere multiplies by ``logit_scale``): the
+    chunked losses fold that into the head, so they match the model's own outputs."""
+    torch.manual_seed(0)
+    config = GraniteConfig(**lm_fixtures._common(tok, 2), logits_scaling=4.0, tie_word_embeddings=False)
+    student, teacher = GraniteForCausalLM(config).eval(), GraniteForCausalLM(config).eval()
+    data = token_data(tok)
+    spec = LMDistillSpec(temperature=1.0, signal="live")
+    batches = LMBatches(data, len(tok), 7, spec, LiveLMSignal(teacher, spec.loss, spec.temperature))
+    terms = batches.loss(student, torch.arange(len(data)), torch.device("cpu"))
+    assert terms["loss"].item() == pytest.approx(reference_kl(student, teacher, data, len(tok)), rel=1e-4)
+    hard = LMBatches(data, vocab_size=len(tok), chunk_size=5).loss(student, torch.arange(len(data)), "cpu")
+    ids, attention = torch.from_numpy(data.input_ids).long(), torch.from_numpy(data.attention_mask).long()
+    with torch.no_grad():
+        log_p = student(input_ids=ids, attention_mask=attention).logits[:, :-1, : len(tok)].double().log_softmax(-1)
+    targets = torch.from_numpy(data.labels[:, 1:])
+    mask = targets != -100
+    expected = -log_p[mask].gather(-1, targets[mask][:, None]).mean().float()
+    torch.testing.assert_close(hard["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_softcapping_is_refused_in_one_line(tok, tmp_path):
+    """Gemma 2+ soft-caps its final logits, which the chunked losses do not apply: refused, not mis-trained."""
+    path, raw = write_recipe(tmp_path, tok, "live")
+    torch.manual_seed(0)
+    config = Gemma2Config(**lm_fixtures._common(tok, 2), head_dim=8, final_logit_softcapping=30.0)
+    save_tiny(Gemma2ForCausalLM(config), tok, tmp_path / "teacher")
+    with pytest.raises(DistillError, match="teacher soft-caps its final logits.*use distill.signal: cache"):
+        run_lm(load_recipe(path), tmp_path / "run")
+    raw["student"] = {"path": str(tmp_path / "teacher"), "train": raw["student"]["train"]}
+    raw["teacher"] = {"path": str(save_tiny(tiny_llama(tok, layers=2), tok, tmp_path / "llama"))}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DistillError, match="student soft-caps its final logits"):
+        run_lm(load_recipe(path), tmp_path / "run2")
 
 
 def write_recipe(tmp_path, tok, signal: str, **extra) -> tuple:

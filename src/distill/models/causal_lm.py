@@ -62,9 +62,38 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight and bias (of the unwrapped model)."""
-    head = unwrap(model).get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    """The LM head's weight and bias (of the unwrapped model), with the scale its forward applies to the logits
+    folded in, so that ``hidden @ weight.T + bias`` are the logits the model itself outputs."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    scale = logit_scale(inner.config)
+    if scale != 1.0:  # a scaled copy: autograd carries the factor back to the parameters
+        weight, bias = weight * scale, None if bias is None else bias * scale
+    return weight, bias
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_scale(config) -> float:
+    """The factor a model's forward multiplies its logits by after the LM head: Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``; 1 for every other model."""
+    text = _text_config(config)
+    scale = float(getattr(text, "logit_scale", None) or 1.0)
+    return scale / float(getattr(text, "logits_scaling", None) or 1.0)
+
+
+def refuse_logit_softcapping(model: nn.Module, role: str, hint: str = "") -> None:
+    """One line for a model that soft-caps its final logits (Gemma 2 and later: ``cap · tanh(z / cap)``): the
+    chunked losses compute ``h · Wᵀ + b`` and would train on other logits than the model outputs."""
+    cap = getattr(_text_config(unwrap(model).config), "final_logit_softcapping", None)
+    if cap:
+        raise DistillError(
+            f"the {role} soft-caps its final logits (final_logit_softcapping={cap}); distill's chunked LM losses "
+            f"do not apply that cap yet and would train on other logits than the model outputs{hint}"
+        )
 
 
 def default_cache_dir() -> Path:

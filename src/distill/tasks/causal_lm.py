@@ -33,6 +33,7 @@ from distill.models.causal_lm import (
     head_of,
     last_hidden,
     load_causal_lm,
+    refuse_logit_softcapping,
     resolve_model_path,
     save_causal_lm,
 )
@@ -106,6 +107,10 @@ def setup(recipe: LMRecipe) -> LMSetup:
     else:
         student, student_tokenizer = load_causal_lm(resolve_model_path(student_spec.path), dtype="float32")
     vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
+    if recipe.distill.signal == "live":  # the cache stores the teacher's own logits; recorded traces its log-probs
+        hint = ": use distill.signal: cache (it stores the teacher's own logits) or a teacher without the cap"
+        refuse_logit_softcapping(teacher, "teacher", hint)
+    refuse_logit_softcapping(student, "student", ": choose a student without final_logit_softcapping")
     if recipe.distill.signal == "recorded":  # the traces carry the teacher's targets
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
