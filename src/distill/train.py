@@ -116,13 +116,39 @@ def remove_checkpoints(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _rng_state() -> dict:
+    """The RNG streams training draws from (dropout, jitter, sampling). CUDA's only once the run has used CUDA:
+    asking earlier would start it for nothing. numpy and ``random`` are not drawn from in the loop."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    """Put back the RNG streams of a checkpoint, so a resumed run reaches the uninterrupted run's weights.
+    Checkpoints written before CUDA's streams were saved have none."""
+    torch.set_rng_state(state["torch_rng"])
+    cuda = state.get("cuda_rng")
+    if cuda is None:
+        return
+    if torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)  # applied when CUDA starts, if it has not yet
+    else:
+        print(
+            f"warning: the checkpoint holds the CUDA random state of {len(cuda)} device(s), this machine has "
+            f"{torch.cuda.device_count()}; resuming without it (the weights will differ slightly from those of an "
+            "uninterrupted run)"
+        )
+
+
 def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, scheduler, position: dict) -> None:
     """Write the checkpoint atomically; the one it replaces is kept as the previous good one."""
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        **_rng_state(),
         "position": position,
     }
     with atomic_path(path) as tmp:
@@ -279,7 +305,7 @@ def train_loop(
     state = _load_checkpoint(checkpoint) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng(state)
         position = state["position"]
         if accelerator.is_main_process:
             _trim_log(log_path, name, position["step"])
