@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from accelerator_sim import MESSAGE, outputs_on_accelerator
+
 from distill.devices import to_numpy
+from distill.tasks import parse_recipe, run_recipe
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
 
@@ -49,3 +50,17 @@ def test_logits_cache_reads_a_teacher_left_on_its_device(tmp_path):
         cache = build_logits_cache(tmp_path / "c", teacher, x, teacher_id="t", data_id="d", batch_size=4)
     expected = teacher.model(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(np.asarray(cache.logits), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("signal", ["cache", "live"])
+def test_a_classifier_run_with_every_model_output_on_an_accelerator(tmp_path, tiny_recipe, signal):
+    """The demo's task, whole, in process (the stand-in does not reach a subprocess): teacher, cache or live
+    teacher, both students, int8, evaluation, report — with the same results as a plain run."""
+    tiny_recipe["distill"]["signal"] = signal
+    tiny_recipe["data"]["limit_train"] = 300
+    with outputs_on_accelerator():
+        simulated = run_recipe(parse_recipe(tiny_recipe), tmp_path / "simulated")
+    plain = run_recipe(parse_recipe(tiny_recipe), tmp_path / "plain")
+    assert (tmp_path / "simulated" / "REPORT.md").is_file()
+    for name in ("teacher", "baseline", "student"):
+        assert simulated["models"][name]["test_errors"] == plain["models"][name]["test_errors"], name

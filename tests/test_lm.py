@@ -204,6 +204,7 @@ def write_recipe(tmp_path, tok, signal: str, **extra) -> tuple:
     return path, raw
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 @pytest.mark.parametrize("signal", ["cache", "live"])
 def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path, signal):
     path, _ = write_recipe(tmp_path, tok, signal)

@@ -151,6 +151,7 @@ def test_reasoning_gym_scorer_verifies_traces():
     assert reasoning_gym_score("The answer is 123456789", {"entry": entry}) < 1.0
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 def test_onpolicy_distillation_through_distill_run(tmp_path):
     """``distill.onpolicy`` in a causal-LM recipe: every student step (lam 1) completes the prompts with the student
     and trains on the teacher's JSD; the run ends with a report, and a bad combination is one line."""

