@@ -12,7 +12,7 @@ from distill.models.classifiers import mlp
 from distill.recipe import DistillSpec, TrainSpec
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
-from distill.train import Stage, jitter, length_grouped_order, train_stage
+from distill.train import Stage, jitter, length_grouped_order, micro_batches, train_stage
 
 
 def weights(run_dir, stage):
@@ -281,3 +281,16 @@ def test_length_grouped_order_is_a_shuffle_with_batches_of_similar_lengths():
     # batch order is shuffled, not sorted by length across the epoch
     longest = [lengths[b].max() for b in batches[:-1]]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+def test_every_process_runs_as_many_micro_batches_whatever_its_share():
+    """Issue 17.1: the collectives of DDP/FSDP need every rank in every micro-batch; empty shares become a
+    stand-in row weighed 0. One process keeps skipping them."""
+    rows = torch.tensor([7])  # a short last batch of one row
+    for rank in (0, 1):
+        parts = micro_batches(rows, rank, world=2, grad_accum=3)
+        assert len(parts) == 3
+        assert [real for _, real in parts] == ([True, False, False] if rank == 0 else [False, False, False])
+        assert all(chunk.tolist() == [7] for chunk, _ in parts)
+    single = micro_batches(torch.arange(2), 0, 1, 3)
+    assert [(c.tolist(), real) for c, real in single] == [([0], True), ([1], True)]

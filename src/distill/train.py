@@ -273,6 +273,19 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, generator: torch.
     return torch.cat(shuffled + short)
 
 
+def micro_batches(rows: torch.Tensor, rank: int, world: int, grad_accum: int) -> list[tuple[torch.Tensor, bool]]:
+    """This process's micro-batches of the global batch ``rows``, each with whether it is real.
+
+    Under several processes every rank runs exactly ``grad_accum`` of them, whatever its share: a rank that
+    skipped forward/backward on a short last batch would leave the others waiting in a collective forever. An
+    empty micro-batch runs a stand-in row (the batch's first) that the loop weighs 0. One process skips them.
+    """
+    parts = torch.tensor_split(rows[rank::world], grad_accum)
+    if world == 1:
+        return [(part, True) for part in parts if len(part)]
+    return [(part, True) if len(part) else (rows[:1], False) for part in parts]
+
+
 def epoch_order(batches: Batches, n_examples: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     lengths = getattr(batches, "lengths", None)
@@ -357,9 +370,9 @@ def train_loop(
             for batch in range(first, steps_per_epoch):
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
                 global_weight = weights[rows].sum().item()
-                chunks = [c for c in torch.tensor_split(rows[rank::world], spec.grad_accum) if len(c)]
+                chunks = micro_batches(rows, rank, world, spec.grad_accum)
                 terms_sum: dict[str, float] = {}
-                for part, chunk in enumerate(chunks):
+                for part, (chunk, real) in enumerate(chunks):
                     # Gradients are all-reduced (or reduce-scattered) only once, after the last micro-batch.
                     last = part == len(chunks) - 1
                     if fsdp:
@@ -378,7 +391,7 @@ def train_loop(
                             )
                         # Weight by this micro-batch's share of the global batch (DDP averages over world), so
                         # the gradient is the mean over every example (or token) of the global batch.
-                        share = weights[chunk].sum().item() * world / max(global_weight, 1e-12)
+                        share = weights[chunk].sum().item() * world / max(global_weight, 1e-12) if real else 0.0
                         accelerator.backward(loss * share)
                     for key, value in terms.items():
                         terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
