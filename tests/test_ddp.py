@@ -99,3 +99,50 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")
     for name, tensor in single.items():
         assert (sharded[name] - tensor).abs().max() < 1e-5, name
+
+
+def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
+    """FSDP over a one-process group (what bench/gpu_check.py runs on one GPU), in process: the same weights as a
+    plain run, through the chunked live-teacher loss and a short last batch."""
+    import torch
+    from accelerate import Accelerator
+    from lm_fixtures import tiny_llama, tiny_tokenizer
+    from test_lm import signal_batches, token_data
+
+    from distill.recipe import TrainSpec
+    from distill.train import train_loop
+
+    from distill import parallel
+
+    sharded = []
+    shard = parallel.shard
+    monkeypatch.setattr(parallel, "shard", lambda model, *args: sharded.append(model) or shard(model, *args))
+    tok = tiny_tokenizer()
+    data = token_data(tok, blocks=7)
+    teacher = tiny_llama(tok, layers=2, seed=9)
+    trained = {}
+    for fsdp in (False, True):
+        spec = TrainSpec(epochs=1, batch_size=4, grad_accum=2, optimizer="adamw", lr=1e-2, fsdp=fsdp)
+        if fsdp:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            model = train_loop(
+                f"s{fsdp}",
+                tiny_llama(tok, layers=2, seed=3),
+                spec,
+                signal_batches("live", data, tok, teacher),
+                tmp_path,
+                Accelerator(),
+                seed=0,
+            )
+        finally:
+            if fsdp:
+                torch.distributed.destroy_process_group()
+        trained[fsdp] = model.state_dict()
+    assert len(sharded) == 1  # the FSDP run did shard
+    assert trained[True].keys() == trained[False].keys()
+    for name, tensor in trained[False].items():
+        torch.testing.assert_close(trained[True][name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -325,7 +325,8 @@ def train_loop(
     elif log_path.exists() and accelerator.is_main_process:
         _trim_log(log_path, name, 0)
     rank, world = accelerator.process_index, accelerator.num_processes
-    fsdp = spec.fsdp and world > 1
+    # One process shards too when a process group exists (torchrun --nproc_per_node 1; bench/gpu_check.py on one GPU).
+    fsdp = spec.fsdp and (world > 1 or torch.distributed.is_initialized())
     if fsdp:  # the optimizer is built on the sharded parameters
         names = parallel.parameter_names(model)
         template = parallel.shard(model, accelerator.mixed_precision, accelerator.device)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from distill.data.token_blocks import read_jsonl
 from distill.errors import DistillError
@@ -116,7 +117,7 @@ def generate_local(model, tokenizer, texts: list[str], sampling: SamplingSpec, s
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     finally:
         tokenizer.padding_side = side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -178,7 +179,7 @@ def _top_logprobs(step_logits: list[torch.Tensor], ids: list[int], k: int) -> li
 
 def local_completions(recipe: GenerateRecipe, jobs: list[Job]) -> Iterable[tuple[Job, dict]]:
     model, tokenizer = load_causal_lm(resolve_model_path(recipe.teacher.path), dtype=recipe.teacher.dtype)
-    model.eval()
+    model.to(PartialState().device).eval()  # the accelerator when there is one: generation is the slow part
     for group in batched(jobs, recipe.sampling.batch_size):
         texts = [render_prompt(tokenizer, job.record["prompt"], recipe) for job in group]
         seed = recipe.seed * 1_000_003 + hash_key(group[0])
