@@ -109,10 +109,9 @@ def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
     from lm_fixtures import tiny_llama, tiny_tokenizer
     from test_lm import signal_batches, token_data
 
+    from distill import parallel
     from distill.recipe import TrainSpec
     from distill.train import train_loop
-
-    from distill import parallel
 
     sharded = []
     shard = parallel.shard
