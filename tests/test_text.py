@@ -410,6 +410,18 @@ def test_teacher_token_states_match_one_text_at_a_time_and_are_cached(tmp_path, 
     (file,) = tmp_path.glob("tokens-teacher-*.safetensors")  # a second call reads the file, not the encoder
     again = cached_token_states(None, rows, tok.pad_token_id, tmp_path, "teacher")
     assert torch.equal(again.states, states.states) and file.exists()
+    # issue 17.5: a same-size corruption (or a cut file) is caught by the recorded SHA-256 and recomputed
+    raw = bytearray(file.read_bytes())
+    raw[-2] ^= 0x40
+    file.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="corrupt or from an older version; recomputing"):
+        healed = cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher")
+    assert torch.equal(healed.states, states.states)
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert torch.equal(
+            cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher").states, states.states
+        )
 
 
 def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_dir, student_dir):

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from distill.devices import to_numpy
 from distill.io import atomic_path
 from distill.models.encoders import SentenceEncoder, batches_by_length, encode, pad_id_of, rows_digest, tokenize
 from distill.teachers.logits_cache import build_logits_cache
@@ -83,8 +87,34 @@ def cached_token_states(encoder, rows, pad_id: int, cache_dir: Path, teacher_id:
     """``token_states`` computed once and kept in ``cache_dir`` under the teacher and the token ids."""
     path = Path(cache_dir) / f"tokens-{teacher_id}-{rows_digest(rows)}.safetensors"
     if path.is_file():
-        return TokenStates(**load_file(str(path)))
+        cached = _read_token_states(path, len(rows))
+        if cached is not None:
+            return cached
+        warnings.warn(f"token-state cache {path} is corrupt or from an older version; recomputing it", stacklevel=2)
     computed = token_states(encoder, rows, pad_id)
     with atomic_path(path) as tmp:
-        save_file({"states": computed.states, "offsets": computed.offsets}, str(tmp))
+        tensors = {"states": computed.states, "offsets": computed.offsets}
+        save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)})
     return computed
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(to_numpy(tensors[name].contiguous()).tobytes())
+    return digest.hexdigest()
+
+
+def _read_token_states(path: Path, n_rows: int) -> TokenStates | None:
+    """The cached states when the file reads back whole (its SHA-256 matches) and fits the rows; else None."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("sha256")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception:  # safetensors raises its own error types for a cut or garbled file
+        return None
+    if recorded != _digest(tensors) or set(tensors) != {"states", "offsets"}:
+        return None
+    states = TokenStates(**tensors)
+    fits = len(states.offsets) == n_rows + 1 and int(states.offsets[-1]) == states.states.shape[0]
+    return states if fits else None
