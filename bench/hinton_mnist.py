@@ -20,6 +20,7 @@ from pathlib import Path
 
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
+from distill.train import STAGE_DONE
 
 TEACHERS = {
     # The paper's teacher: 784-1200-1200-10 with dropout, trained with ±2 px jitter. The paper's dropout
@@ -87,6 +88,16 @@ def recipe(
     return parse_recipe(raw)
 
 
+def reused_stages(out: Path) -> list[str]:
+    """The stages of run folder ``out`` that an earlier call finished or started: this call resumes them, so its
+    wall time is not the time of the run."""
+    return [
+        stage
+        for stage in ("teacher", "baseline", "student")
+        if (out / stage / STAGE_DONE).exists() or (out / stage / "checkpoint.pt").exists()
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -130,16 +141,22 @@ def main() -> int:
             args.temperature,
             args.student_jitter,
         )
+        reused = reused_stages(out)
         models = run(spec, out, resume=True)["models"]
+        minutes = (time.perf_counter() - start) / 60
         row = {
             "seed": seed,
             **{f"{k}_errors": models[k]["test_errors"] for k in ("teacher", "baseline", "student")},
-            "minutes": round((time.perf_counter() - start) / 60, 1),
+            # the wall time of training this seed's run; null (not measured) when stages came from an earlier call
+            "minutes": None if reused else round(minutes, 1),
+            "reused_stages": reused,
+            "teacher_from_checkpoint": checkpoint is not None,
         }
         rows.append(row)
+        timing = f"{minutes:.1f} min" if not reused else f"time not measured: resumed {', '.join(reused)}"
         print(
             f"seed {seed}: teacher {row['teacher_errors']}  hard-label student {row['baseline_errors']}  "
-            f"distilled student {row['student_errors']}  (paper: 67 / 146 / 74)",
+            f"distilled student {row['student_errors']}  (paper: 67 / 146 / 74); {timing}",
             flush=True,
         )
 

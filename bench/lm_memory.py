@@ -149,8 +149,10 @@ def main() -> int:
             "time": chunked["seconds"] / plain["seconds"],
             "value_rel_diff": abs(chunked["value"] - plain["value"]) / abs(plain["value"]),
         }
-        # At --quick sizes the [V, H] head gradient, which both keep, outweighs the logits: no memory bar.
-        r["pass"] = (args.quick or r["memory"] <= 0.25) and r["time"] <= 1.2 and r["value_rel_diff"] <= 1e-4
+        # At --quick sizes the [V, H] head gradient, which both keep, outweighs the logits: no memory bar. The JSON
+        # says so (memory_bar null, not true): a bar that was not checked is not reported as passed.
+        r["memory_bar"] = None if args.quick else r["memory"] <= 0.25
+        r["pass"] = (args.quick or r["memory_bar"]) and r["time"] <= 1.2 and r["value_rel_diff"] <= 1e-4
         ok &= r["pass"]
         vocab, hidden = CONFIGS[config]
         print(
@@ -159,6 +161,8 @@ def main() -> int:
             f"value rel diff {r['value_rel_diff']:.1e} (bar 1e-4): {'PASS' if r['pass'] else 'FAIL'}"
         )
     summary = {"tokens": tokens, "device": args.device, "chunk_size": chunk_size, "pass": ok}
+    if args.quick:
+        summary["quick"] = "a check of the script: the memory bar is not applied, so pass covers time and value only"
     print(json.dumps({**summary, "runs": runs, "ratios": ratios}))
     return 0 if ok else 1
 

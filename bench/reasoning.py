@@ -71,9 +71,15 @@ def train(name, model, batches, out: Path, epochs: int, lr: float, seed: int):
         log_every=50,
         checkpoint_every=500,
     )
+    resumed = (out / name / "checkpoint.pt").exists()  # an earlier call trained some or all of it
     start = time.perf_counter()
     model = train_loop(name, model, spec, batches, out, make_accelerator(), seed=seed, resume=True)
-    return model.eval(), time.perf_counter() - start
+    return model.eval(), None if resumed else time.perf_counter() - start
+
+
+def seconds(value: float | None) -> float | None:
+    """Rounded seconds, or None (JSON null): not measured, because an earlier call did (some of) that work."""
+    return None if value is None else round(value, 1)
 
 
 def accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int) -> float:
@@ -143,8 +149,8 @@ def on_policy_student(args, tokenizer, teacher, traces, heldout, out: Path) -> d
         seed=args.seed,
     )
     student = build(tokenizer, args.student_hidden, args.student_layers, args.seed + 1)
-    model, seconds = train("c_on_policy", student, gkd, out, args.student_epochs, 2e-3, args.seed)
-    return {"accuracy": accuracy(model, tokenizer, heldout, 48), "train_seconds": round(seconds, 1)}
+    model, train_seconds = train("c_on_policy", student, gkd, out, args.student_epochs, 2e-3, args.seed)
+    return {"accuracy": accuracy(model, tokenizer, heldout, 48), "train_seconds": seconds(train_seconds)}
 
 
 def main() -> int:
@@ -183,7 +189,7 @@ def main() -> int:
     teacher_dir = out / "teacher"
     if (teacher_dir / "model.safetensors").exists():
         teacher = load_causal_lm(teacher_dir)[0].eval()
-        teacher_seconds = 0.0
+        teacher_seconds = None  # trained by an earlier call: not measured here
     else:
         data = encode_pairs([(p["prompt"], p["solution"]) for p in worked], tokenizer, MAX_LENGTH)
         teacher, teacher_seconds = train(
@@ -217,9 +223,12 @@ def main() -> int:
             "verify": {"method": "exact"},
         }
     )
+    written = out / "traces.jsonl"
+    reused_traces = sum(1 for line in written.open() if line.strip()) if written.exists() else 0
     start = time.perf_counter()
-    summary = generate(recipe, out / "traces.jsonl")
-    generate_seconds = time.perf_counter() - start
+    summary = generate(recipe, written)
+    # Only a call that wrote every trace timed the writing; resumed or reused traces: not measured (null).
+    generate_seconds = None if reused_traces else time.perf_counter() - start
     kept = [json.loads(line) for line in (out / "traces.kept.jsonl").read_text().splitlines()]
     traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
     final = {r["id"]: r["predicted"] for r in traces}
@@ -233,7 +242,7 @@ def main() -> int:
         "b_traces": encode_pairs([(r["prompt"], r["response"]) for r in kept], tokenizer, MAX_LENGTH),
     }
     for name, data in student_data.items():
-        model, seconds = train(
+        model, train_seconds = train(
             name,
             build(tokenizer, args.student_hidden, args.student_layers, args.seed + 1),
             LMBatches(data, len(tokenizer), 512),
@@ -243,7 +252,10 @@ def main() -> int:
             args.seed,
         )
         tokens = answer_tokens if name.startswith("a") else trace_tokens
-        results[name] = {"accuracy": accuracy(model, tokenizer, heldout, tokens), "train_seconds": round(seconds, 1)}
+        results[name] = {
+            "accuracy": accuracy(model, tokenizer, heldout, tokens),
+            "train_seconds": seconds(train_seconds),
+        }
         print(f"{name}: {results[name]}", flush=True)
     if not args.skip_on_policy:
         results["c_on_policy"] = on_policy_student(args, tokenizer, teacher, student_data["b_traces"], heldout, out)
@@ -264,6 +276,12 @@ def main() -> int:
         f"(b) traces {acc['b_traces']}, (c) on-policy {acc.get('c_on_policy', 'skipped')}; "
         f"(b) - (a) = {100 * gap:+.1f} points (bar: teacher ≥ 90%, ≥ +20): {'PASS' if passed else 'FAIL'}"
     )
+    timed = {"teacher": teacher_seconds, "traces": generate_seconds}
+    timed |= {name: r.get("train_seconds") for name, r in results.items() if name != "teacher"}
+    print(
+        "seconds: "
+        + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} not measured (reused)" for k, v in timed.items())
+    )
     figures = {
         "bench": "reasoning",
         "problems": {
@@ -273,7 +291,11 @@ def main() -> int:
             **task,
         },
         "traces": summary
-        | {"generate_seconds": round(generate_seconds, 1), "teacher_train_seconds": round(teacher_seconds, 1)},
+        | {
+            "generate_seconds": seconds(generate_seconds),
+            "reused_traces": reused_traces,
+            "teacher_train_seconds": seconds(teacher_seconds),
+        },
         "models": results,
         "lam": args.lam,
         "beta": args.beta,

