@@ -46,7 +46,11 @@ def test_truncated_or_missing_idx_is_reported(tmp_path):
 def test_labeled_fraction_and_extra_unlabeled(tmp_path):
     extra = np.random.default_rng(1).random((40, 64)).astype(np.float32)
     np.save(tmp_path / "extra.npy", extra)
-    data = load_data(DataSpec(source="digits", labeled_fraction=0.25, unlabeled_path=str(tmp_path / "extra.npy")))
+    data = load_data(
+        DataSpec(
+            source="digits", labeled_fraction=0.25, unlabeled_path=str(tmp_path / "extra.npy"), validation_fraction=0
+        )
+    )
     n = len(data.train_x) - 40
     labeled = data.train_y[:n] != IGNORE_INDEX
     assert labeled.sum() == round(0.25 * n)
@@ -62,11 +66,11 @@ def test_npy_and_csv_sources(tmp_path):
     for split, n in (("train", 30), ("test", 10)):
         np.save(tmp_path / f"{split}_x.npy", rng.random((n, 5)).astype(np.float32))
         np.save(tmp_path / f"{split}_y.npy", rng.integers(0, 3, n))
-    data = load_data(DataSpec(source="npy", path=str(tmp_path)))
+    data = load_data(DataSpec(source="npy", path=str(tmp_path), validation_fraction=0))
     assert data.train_x.shape == (30, 5) and data.num_classes == 3
     (tmp_path / "train.csv").write_text("a,b,label\n1,2,0\n3,4,\n5,6,1\n")
     (tmp_path / "test.csv").write_text("a,b,label\n1,2,1\n")
-    data = load_data(DataSpec(source="csv", path=str(tmp_path)))
+    data = load_data(DataSpec(source="csv", path=str(tmp_path), validation_fraction=0))
     assert data.train_y.tolist() == [0, IGNORE_INDEX, 1]
     with pytest.raises(DistillError, match="no column 'y'"):
         load_data(DataSpec(source="csv", path=str(tmp_path), label_column="y"))

@@ -40,6 +40,12 @@ class DataSpec(Strict):
     unlabeled_path: str | None = Field(default=None, description=".npy of extra unlabeled training inputs")
     limit_train: int | None = Field(default=None, gt=0)
     limit_test: int | None = Field(default=None, gt=0)
+    validation_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=0.5,
+        description="labeled training examples held out (seeded, stratified) to validate every stage; 0: none",
+    )
 
 
 class ModelSpec(Strict):
@@ -77,6 +83,15 @@ class TrainSpec(Strict):
     )
     log_every: int = Field(default=20, gt=0)
     checkpoint_every: int = Field(default=200, gt=0, description="optimizer steps between checkpoints")
+    eval_every: int | None = Field(
+        default=None, gt=0, description="optimizer steps between validations (default: once per epoch)"
+    )
+    select_by: Literal["loss", "accuracy", "kl", "agreement"] = Field(
+        default="loss", description="validation metric whose best value picks the weights the stage keeps"
+    )
+    patience: int | None = Field(
+        default=None, gt=0, description="stop after this many validations without a better select_by value"
+    )
 
     @model_validator(mode="after")
     def _accum_divides_batch(self) -> TrainSpec:
@@ -132,6 +147,21 @@ class Recipe(Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     baseline: bool = Field(default=True, description="also train the student on hard labels only")
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> Recipe:
+        if self.teacher.train.select_by in ("kl", "agreement"):
+            raise ValueError(
+                f"teacher.train.select_by {self.teacher.train.select_by!r} compares with a teacher; the teacher "
+                "itself is selected by loss or accuracy"
+            )
+        for name, train in (("teacher", self.teacher.train), ("student", self.student.train)):
+            if train.patience and self.data.validation_fraction == 0:
+                raise ValueError(
+                    f"{name}.train.patience needs a validation split: set data.validation_fraction > 0 "
+                    "(e.g. 0.1) or drop patience"
+                )
+        return self
 
 
 # ---- causal language models (task: causal_lm) ----

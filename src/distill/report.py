@@ -198,14 +198,26 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     curves = plot_curves(run_dir)
     if curves:
         plots.append(("Training curves (every loss term)", curves))
-    parts = [f"# {title}", "", summary, "", table(models, columns), "", note, "", distill]
+    warnings = [f"**Warning:** {line}" for line in metrics.get("warnings", [])]  # what went wrong comes first
+    parts = [
+        f"# {title}",
+        "",
+        *[w + "\n" for w in warnings],
+        summary,
+        "",
+        table(models, columns),
+        "",
+        note,
+        "",
+        distill,
+    ]
     for heading, image in plots:
         parts += ["", f"## {heading}", "", f"![{heading}]({image.name})"]
     target = run_dir / "REPORT.md"
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(parts) + "\n")
     with atomic_path(run_dir / "report.html") as tmp:
-        tmp.write_text(html_report(title, summary, models, columns, [note, distill], plots))
+        tmp.write_text(html_report(title, " ".join([*warnings, summary]), models, columns, [note, distill], plots))
     return target
 
 

@@ -43,6 +43,10 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
+Validator = Callable[[nn.Module], dict[str, float]]  # the model → its metrics on the validation split
+LOWER_IS_BETTER = {"loss": True, "kl": True, "accuracy": False, "agreement": False}
+
+
 @dataclass
 class Stage:
     """One model to train: hard labels only when ``teacher`` is None, else distillation."""
@@ -112,7 +116,7 @@ def previous_checkpoint(path: Path) -> Path:
 
 def remove_checkpoints(folder: Path) -> None:
     """A finished stage's weights are saved: its checkpoints are no longer needed."""
-    for path in (folder / "checkpoint.pt", previous_checkpoint(folder / "checkpoint.pt")):
+    for path in (folder / "checkpoint.pt", previous_checkpoint(folder / "checkpoint.pt"), folder / "best.pt"):
         path.unlink(missing_ok=True)
 
 
@@ -245,6 +249,7 @@ def train_stage(
     input_shape: tuple[int, ...],
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
+    validator: Validator | None = None,
 ) -> nn.Module:
     """Train a classifier ``stage.model`` in place and return it (unwrapped)."""
     # Hard labels only: unlabeled examples carry no signal. ``example_ids`` index the teacher cache.
@@ -256,7 +261,16 @@ def train_stage(
         train_x, train_y = train_x[keep], train_y[keep]
     batches = ClassifierBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), example_ids, stage, input_shape)
     return train_loop(
-        stage.name, stage.model, stage.train, batches, run_dir, accelerator, seed=seed, resume=resume, on_step=on_step
+        stage.name,
+        stage.model,
+        stage.train,
+        batches,
+        run_dir,
+        accelerator,
+        seed=seed,
+        resume=resume,
+        on_step=on_step,
+        validator=validator,
     )
 
 
@@ -305,8 +319,15 @@ def train_loop(
     seed: int,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
+    validator: Validator | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place on ``batches`` and return it (unwrapped)."""
+    """Train ``model`` in place on ``batches`` and return it (unwrapped).
+
+    With a ``validator``, the model is validated every ``spec.eval_every`` steps (default: each epoch) and at the
+    end; each result is logged, the weights with the best ``spec.select_by`` are kept (``RUN/<stage>/best.pt``) and
+    returned, and ``spec.patience`` validations without improvement stop the stage early. The checkpoint holds the
+    best value, its step and the count since, so a resumed run makes the same choices.
+    """
     weights = torch.as_tensor(np.asarray(batches.weights, dtype=np.float64))
     n_examples = len(weights)
     steps_per_epoch = math.ceil(n_examples / spec.batch_size)
@@ -314,12 +335,13 @@ def train_loop(
 
     checkpoint = run_dir / name / "checkpoint.pt"
     log_path = run_dir / "log.jsonl"
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    best_path = run_dir / name / "best.pt"
+    position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "stale": 0, "stopped": False}
     state = _load_checkpoint(checkpoint) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         _restore_rng(state)
-        position = state["position"]
+        position = {**position, **state["position"]}
         if accelerator.is_main_process:
             _trim_log(log_path, name, position["step"])
     elif log_path.exists() and accelerator.is_main_process:
@@ -351,6 +373,29 @@ def train_loop(
         if accelerator.is_main_process:
             _save_checkpoint(checkpoint, model_state, optimizer_state, scheduler, position)
 
+    def validate(log) -> None:
+        """Validate, log, keep the weights when they are the best so far, count validations since."""
+        model.eval()
+        with torch.no_grad():
+            metrics = validator(model if fsdp else accelerator.unwrap_model(model))
+        model.train()
+        value, best = metrics[spec.select_by], position["best"]
+        better = best is None or (value < best["value"] if LOWER_IS_BETTER[spec.select_by] else value > best["value"])
+        if better:
+            position["best"], position["stale"] = {"step": step, "value": value}, 0
+            model_state = parallel.full_states(model, optimizer, names)[0] if fsdp else None
+            if accelerator.is_main_process:
+                with atomic_path(best_path) as tmp:  # durable before any checkpoint that points to it
+                    torch.save(model_state or accelerator.unwrap_model(model).state_dict(), tmp)
+        else:
+            position["stale"] += 1
+        position["stopped"] = bool(spec.patience and position["stale"] >= spec.patience)
+        entry = {"stage": name, "step": step, "validation": metrics, "best": better, "stopped": position["stopped"]}
+        if accelerator.is_main_process:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
+    every = spec.eval_every or steps_per_epoch
     step = position["step"]
     started, seen = time.perf_counter(), 0
     progress = Progress(
@@ -366,9 +411,13 @@ def train_loop(
     with progress, log_path.open("a") as log:
         task = progress.add_task(name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], spec.epochs):
+            if position["stopped"]:
+                break
             order = epoch_order(batches, n_examples, spec.batch_size, seed, epoch)
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
+                if position["stopped"]:
+                    break
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
                 global_weight = weights[rows].sum().item()
                 chunks = micro_batches(rows, rank, world, spec.grad_accum)
@@ -404,7 +453,7 @@ def train_loop(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 seen += len(rows)
-                position = {
+                position |= {
                     "step": step,
                     "epoch": epoch + (batch + 1) // steps_per_epoch,
                     "batch": (batch + 1) % steps_per_epoch,
@@ -423,8 +472,39 @@ def train_loop(
                         log.flush()
                     progress.update(task, info=f"loss {terms_sum['loss']:.4f}")
                 progress.update(task, completed=step)
-                if step % spec.checkpoint_every == 0 or position["batch"] == 0:
+                if validator is not None and (step % every == 0 or step == total_steps):
+                    validate(log)
+                if step % spec.checkpoint_every == 0 or position["batch"] == 0 or position["stopped"]:
                     save()
                 if on_step is not None:
                     on_step(step)
-    return parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model)
+    trained = parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model)
+    if position["best"] is not None and position["best"]["step"] != step:  # the best weights, not the last
+        trained.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    return trained
+
+
+def validation_summary(run_dir: Path, stage: str) -> dict | None:
+    """The stage's validations as logged: the first, the best and the last, and whether it stopped early."""
+    log_path = Path(run_dir) / "log.jsonl"
+    if not log_path.exists():
+        return None
+    entries = []
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("stage") == stage and "validation" in entry:
+            entries.append(entry)
+    if not entries:
+        return None
+    best = [e for e in entries if e["best"]][-1]
+    return {
+        "validations": len(entries),
+        "first": {"step": entries[0]["step"], **entries[0]["validation"]},
+        "best": {"step": best["step"], **best["validation"]},
+        "last": {"step": entries[-1]["step"], **entries[-1]["validation"]},
+        "stopped_early": entries[-1]["stopped"],
+        "still_improving": best is entries[-1] and len(entries) > 1,
+    }

@@ -34,6 +34,8 @@ class ArrayData:
     test_y: np.ndarray
     num_classes: int
     input_shape: tuple[int, ...]  # per-example shape for image models, e.g. (1, 28, 28)
+    val_x: np.ndarray | None = None  # labeled examples held out of training (data.validation_fraction)
+    val_y: np.ndarray | None = None
 
     @property
     def num_features(self) -> int:
@@ -196,7 +198,37 @@ def load_data(spec: DataSpec, seed: int = 0) -> ArrayData:
         data = replace(data, train_x=data.train_x[: spec.limit_train], train_y=data.train_y[: spec.limit_train])
     if spec.limit_test:
         data = replace(data, test_x=data.test_x[: spec.limit_test], test_y=data.test_y[: spec.limit_test])
-    return with_unlabeled(data, spec, seed)
+    return with_validation(with_unlabeled(data, spec, seed), spec.validation_fraction, seed)
+
+
+def with_validation(data: ArrayData, fraction: float, seed: int) -> ArrayData:
+    """Hold out ``fraction`` of the labeled training examples, class by class (seeded), as the validation split
+    every stage is checked on; the test split is never touched."""
+    if fraction == 0:
+        return data
+    labeled = np.flatnonzero(data.train_y != IGNORE_INDEX)
+    rng = np.random.default_rng(seed + 104_729)
+    held = []
+    for label in range(data.num_classes):
+        members = rng.permutation(labeled[data.train_y[labeled] == label])
+        if len(members) == 0:
+            continue  # a class with no labeled example: nothing to validate it on, nor to train it on
+        if len(members) < 2:
+            raise DistillError(
+                f"class {label} has {len(members)} labeled training example: the validation split needs one and "
+                "training another; add labeled examples or set data.validation_fraction: 0"
+            )
+        held.extend(members[: max(1, round(fraction * len(members)))])
+    held = np.sort(np.asarray(held, dtype=np.int64))
+    keep = np.ones(len(data.train_y), dtype=bool)
+    keep[held] = False
+    return replace(
+        data,
+        train_x=data.train_x[keep],
+        train_y=data.train_y[keep],
+        val_x=data.train_x[held],
+        val_y=data.train_y[held],
+    )
 
 
 def with_unlabeled(data: ArrayData, spec: DataSpec, seed: int) -> ArrayData:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 from distill.data.arrays import ArrayData, load_data
@@ -25,7 +26,7 @@ from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
-from distill.train import Stage, make_accelerator, train_stage
+from distill.train import Stage, Validator, make_accelerator, train_stage, validation_summary
 
 
 def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
@@ -44,8 +45,16 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         teacher = load_classifier(teacher_weights, recipe.teacher.model, data.input_shape, data.num_classes)
     else:
         teacher, teacher_weights = train_or_load(
-            "teacher", recipe.teacher.model, {"train": recipe.teacher.train}, data, out, accelerator, **common
+            "teacher",
+            recipe.teacher.model,
+            {"train": recipe.teacher.train},
+            data,
+            out,
+            accelerator,
+            **common | {"validator": validator(data)},
         )
+    teacher_on_validation = predict_logits(teacher, data.val_x) if data.val_x is not None else None
+    check = validator(data, teacher_on_validation)
     live = LiveTeacher(teacher, accelerator.device)
     teacher_id = file_id(teacher_weights)
     if recipe.distill.signal == "cache":
@@ -70,8 +79,9 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
             data,
             out,
             accelerator,
-            **common | {"seed": student_seed},
+            **common | {"seed": student_seed, "validator": check},
         )
+    warnings = teacher_warnings(check, teacher, models.get("baseline", (None,))[0])
     models["student"] = train_or_load(
         "student",
         recipe.student.model,
@@ -79,7 +89,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         data,
         out,
         accelerator,
-        **common | {"seed": student_seed},
+        **common | {"seed": student_seed, "validator": check},
     )
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
         return {}
@@ -90,7 +100,10 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     distill = recipe.distill.model_dump(mode="json")
     environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
-    return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment)
+    validation = {name: validation_summary(out, name) for name in models if name != "student_int8"}
+    warnings += student_warnings(results, validation, teacher_weak=bool(warnings))
+    extra = {"validation": validation, "warnings": warnings}
+    return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment, **extra)
 
 
 def train_or_load(
@@ -104,6 +117,7 @@ def train_or_load(
     seed: int,
     resume: bool,
     on_step: OnStep,
+    validator: Validator | None = None,
 ) -> tuple[torch.nn.Module, Path]:
     """Build the model (seeded) and train it, unless a resumed run finished it; its weights file."""
     folder = out / name
@@ -123,6 +137,7 @@ def train_or_load(
             input_shape=data.input_shape,
             resume=resume,
             on_step=stage_step(name, on_step),
+            validator=validator,
         )
 
     model = train_or_load_stage(
@@ -134,6 +149,60 @@ def train_or_load(
         accelerator=accelerator,
     )
     return model, folder / "model.safetensors"
+
+
+def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Validator | None:
+    """A model → its loss and accuracy on the validation split (and, given the teacher's logits there, its
+    agreement with and KL to the teacher); None without a validation split."""
+    if data.val_x is None:
+        return None
+    labels = torch.from_numpy(data.val_y)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        logits = predict_logits(model, data.val_x)
+        metrics = {
+            "loss": round(F.cross_entropy(logits, labels).item(), 6),
+            "accuracy": round((logits.argmax(-1) == labels).double().mean().item(), 6),
+        }
+        if teacher_logits is not None:
+            log_p, log_t = logits.log_softmax(-1), teacher_logits.log_softmax(-1)
+            metrics["agreement"] = round((logits.argmax(-1) == log_t.argmax(-1)).double().mean().item(), 6)
+            metrics["kl"] = round((log_t.exp() * (log_t - log_p)).sum(-1).mean().item(), 6)
+        return metrics
+
+    return evaluate
+
+
+def teacher_warnings(check: Validator | None, teacher: torch.nn.Module, baseline) -> list[str]:
+    """One line, printed now and put first in the report, when the teacher is no better than the student trained
+    alone on the validation split: soft labels cannot lift the student above such a teacher."""
+    if check is None or baseline is None:
+        return []
+    t, b = check(teacher)["accuracy"], check(baseline)["accuracy"]
+    if t > b:
+        return []
+    line = (
+        f"the teacher is not better than the student trained alone on the validation split ({t:.2%} vs {b:.2%} "
+        "accuracy): soft labels cannot beat a teacher worse than the student alone; train the teacher longer or "
+        "larger (teacher.train.epochs, teacher.model) or start from a stronger checkpoint (teacher.checkpoint)"
+    )
+    print(f"warning: {line}", flush=True)
+    return [line]
+
+
+def student_warnings(results: dict, validation: dict, *, teacher_weak: bool) -> list[str]:
+    """When the distilled student loses to the baseline on the test split: that first, with the likely reason."""
+    if "baseline" not in results or results["student"]["test_errors"] <= results["baseline"]["test_errors"]:
+        return []
+    s, b = results["student"]["test_errors"], results["baseline"]["test_errors"]
+    summary = validation.get("student") or {}
+    if teacher_weak:
+        reason = "the teacher is no better than the student alone (above)"
+    elif summary.get("still_improving"):
+        reason = "the student was still improving on validation when training ended: train it longer"
+    else:
+        reason = "try another distill.temperature (e.g. 2-10) or a hard-label weight distill.alpha (e.g. 0.1-0.5)"
+    return [f"the distilled student makes more test errors than the student trained alone ({s} vs {b}): {reason}"]
 
 
 def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:

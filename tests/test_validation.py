@@ -1,0 +1,122 @@
+"""The validation split (issue 18): carved from the labeled training examples, every stage validated on it, the best
+weights kept, early stopping, exact resume, and the teacher checked before the students learn from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.data.arrays import ArrayData, load_data, with_validation
+from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX
+from distill.recipe import DataSpec
+from distill.tasks import parse_recipe, run_recipe
+
+
+def test_validation_is_carved_from_labeled_training_examples_per_class():
+    data = load_data(DataSpec(source="digits", labeled_fraction=0.5, validation_fraction=0.2), seed=1)
+    full = load_data(DataSpec(source="digits", labeled_fraction=0.5, validation_fraction=0.0), seed=1)
+    np.testing.assert_array_equal(data.test_x, full.test_x)  # the test split is never touched
+    assert len(data.train_x) + len(data.val_x) == len(full.train_x)
+    assert (data.val_y != IGNORE_INDEX).all()  # only labeled examples validate
+    labeled = np.bincount(full.train_y[full.train_y != IGNORE_INDEX], minlength=10)
+    np.testing.assert_array_equal(np.bincount(data.val_y, minlength=10), np.maximum(1, np.round(0.2 * labeled)))
+    rows = {row.tobytes() for row in full.train_x}
+    assert all(row.tobytes() in rows for row in data.val_x)
+    assert not {row.tobytes() for row in data.val_x} & {row.tobytes() for row in data.train_x}
+    again = load_data(DataSpec(source="digits", labeled_fraction=0.5, validation_fraction=0.2), seed=1)
+    np.testing.assert_array_equal(again.val_x, data.val_x)  # seeded
+
+
+def test_a_class_too_small_to_split_and_patience_without_validation_are_one_line():
+    x = np.zeros((5, 2), dtype=np.float32)
+    data = ArrayData(x, np.array([0, 0, 0, 1, IGNORE_INDEX]), x[:1], np.array([0]), 2, (2,))
+    with pytest.raises(DistillError, match="class 1 has 1 labeled training example.*validation_fraction: 0"):
+        with_validation(data, 0.1, seed=0)
+    with pytest.raises(DistillError, match="student.train.patience needs a validation split"):
+        parse_recipe({"data": {"validation_fraction": 0}, "student": {"train": {"patience": 2}}})
+    with pytest.raises(DistillError, match="teacher itself is selected by loss or accuracy"):
+        parse_recipe({"teacher": {"train": {"select_by": "kl"}}})
+
+
+def log_entries(run_dir, stage):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["stage"] == stage and "validation" in e]
+
+
+def test_every_stage_is_validated_and_keeps_its_best_weights(tmp_path, tiny_recipe):
+    tiny_recipe["student"]["train"] |= {"epochs": 6, "eval_every": 7, "select_by": "kl", "lr": 0.5}
+    metrics = run_recipe(parse_recipe(tiny_recipe), tmp_path / "run")
+    for stage in ("teacher", "baseline", "student"):
+        entries = log_entries(tmp_path / "run", stage)
+        assert entries and entries[-1]["step"] == metrics["validation"][stage]["last"]["step"]
+    student = log_entries(tmp_path / "run", "student")
+    assert [e["step"] for e in student][:3] == [7, 14, 21]
+    assert {"loss", "accuracy", "agreement", "kl"} <= set(student[0]["validation"])
+    best = min(student, key=lambda e: e["validation"]["kl"])
+    assert metrics["validation"]["student"]["best"]["step"] == best["step"]
+    # the kept weights are the best ones: validating them again gives the logged best KL
+    from distill.models.classifiers import load_classifier
+    from distill.tasks.classifier import validator
+
+    recipe = parse_recipe(tiny_recipe)
+    data = load_data(recipe.data, recipe.seed)
+    teacher = load_classifier(tmp_path / "run/teacher/model.safetensors", recipe.teacher.model, (1, 8, 8), 10)
+    from distill.evaluate import predict_logits
+
+    check = validator(data, predict_logits(teacher, data.val_x))
+    kept = load_classifier(tmp_path / "run/student/model.safetensors", recipe.student.model, (1, 8, 8), 10)
+    assert check(kept)["kl"] == pytest.approx(best["validation"]["kl"], abs=2e-6)
+    assert not (tmp_path / "run/student/best.pt").exists()  # dropped with the checkpoints once the stage is done
+
+
+def test_patience_stops_early_and_a_resumed_run_makes_the_same_choices(tmp_path, tiny_recipe):
+    # a learning rate this high makes the validation loss stop improving soon
+    tiny_recipe["student"]["train"] |= {"epochs": 12, "eval_every": 3, "patience": 2, "lr": 3.0, "checkpoint_every": 4}
+    recipe = parse_recipe(tiny_recipe)
+    run_recipe(recipe, tmp_path / "straight")
+    entries = log_entries(tmp_path / "straight", "student")
+    assert entries[-1]["stopped"] and entries[-1]["step"] < 12 * 21
+    assert [e["best"] for e in entries[-2:]] == [False, False]
+
+    class Interrupted(Exception):
+        pass
+
+    stop_at = entries[-2]["step"] + 1  # between the last two validations: best, stale count and best.pt in play
+
+    def interrupt(stage, step):
+        if (stage, step) == ("student", stop_at):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, tmp_path / "resumed", on_step=interrupt)
+    run_recipe(recipe, tmp_path / "resumed", resume=True)
+    assert log_entries(tmp_path / "resumed", "student") == entries
+    for stage in ("baseline", "student"):
+        a = load_file(tmp_path / "straight" / stage / "model.safetensors")
+        b = load_file(tmp_path / "resumed" / stage / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_a_teacher_worse_than_the_student_alone_is_said_at_run_time_and_first_in_the_report(
+    tmp_path, tiny_recipe, capsys
+):
+    tiny_recipe["teacher"]["train"] |= {"epochs": 1, "lr": 0.001}  # a teacher that has barely learnt anything
+    metrics = run_recipe(parse_recipe(tiny_recipe), tmp_path / "run")
+    assert "warning: the teacher is not better than the student trained alone" in capsys.readouterr().out
+    assert metrics["warnings"][0].startswith("the teacher is not better than the student trained alone")
+    report = (tmp_path / "run" / "REPORT.md").read_text().splitlines()
+    assert report[2].startswith("**Warning:** the teacher is not better")
+    if metrics["models"]["student"]["test_errors"] > metrics["models"]["baseline"]["test_errors"]:
+        assert "the teacher is no better than the student alone" in metrics["warnings"][1]
+
+
+def test_a_good_teacher_raises_no_warning(tmp_path, tiny_recipe):
+    tiny_recipe["teacher"]["train"] |= {"epochs": 8}
+    metrics = run_recipe(parse_recipe(tiny_recipe), tmp_path / "run")
+    assert metrics["validation"]["teacher"]["best"]["accuracy"] > metrics["validation"]["baseline"]["best"]["accuracy"]
+    assert not [w for w in metrics["warnings"] if w.startswith("the teacher")]
