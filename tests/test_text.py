@@ -211,7 +211,9 @@ def test_text_classification_end_to_end_and_resume(tmp_path, teacher_dir, studen
     metrics = run_text_classification(recipe, tmp_path / "run")
     models = metrics["models"]
     assert set(models) == {"teacher", "baseline", "student"}
-    assert metrics["data"]["labeled_train_texts"] == 30 and metrics["data"]["train_texts"] == 150
+    # 30 labeled texts: 3 (one per class, 10 %) held out to validate the students and check the teacher
+    assert metrics["data"]["labeled_train_texts"] == 27 and metrics["data"]["validation_texts"] == 3
+    assert metrics["data"]["train_texts"] == 147 and set(metrics["validation"]) == {"baseline", "student"}
     # A random 4-layer encoder + probe separates the three topics; the distilled student follows it.
     assert models["teacher"]["test_accuracy"] > 0.8
     assert models["student"]["agreement_with_teacher"] > 0.6
@@ -467,3 +469,16 @@ def test_export_of_text_students_round_trips_or_refuses_in_one_line(tmp_path, te
 
     refused = distill("export", tmp_path / "embed", "--format", "onnx")
     assert_one_line_error(refused, "task embedding", "sentence encoder", "exported as: safetensors")
+
+
+def test_text_classification_says_when_the_teacher_is_no_better_than_the_student_alone(
+    tmp_path, teacher_dir, student_dir, capsys
+):
+    """Issue 18: a probe regularised to near-uniform logits is a teacher soft labels cannot help; the run says so."""
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=150, n_test=60)
+    recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
+    weak = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"probe_c": 1e-6})})
+    metrics = run_text_classification(weak, tmp_path / "run")
+    assert "warning: the teacher is not better than the student trained alone" in capsys.readouterr().out
+    assert metrics["warnings"][0].startswith("the teacher is not better")
+    assert (tmp_path / "run" / "REPORT.md").read_text().splitlines()[2].startswith("**Warning:** the teacher")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
@@ -89,6 +90,19 @@ def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
             float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()), 6
         )
         scores["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
+    return scores
+
+
+def validation_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict:
+    """What a classifier stage is validated on: loss and accuracy on the labels, and, when the teacher's logits
+    are given, agreement with it and forward KL to it (``train.select_by`` picks one)."""
+    scores = {
+        "loss": round(F.cross_entropy(logits, labels).item(), 6),
+        "accuracy": round((logits.argmax(-1) == labels).double().mean().item(), 6),
+    }
+    if teacher_logits is not None:
+        scores["agreement"] = round((logits.argmax(-1) == teacher_logits.argmax(-1)).double().mean().item(), 6)
+        scores["kl"] = round(float(forward_kl(logits, teacher_logits)), 6)
     return scores
 
 

@@ -367,6 +367,13 @@ class TextDataSpec(Strict):
     limit_train: int | None = Field(default=None, gt=0)
     limit_test: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=2, description="tokens per text, special tokens included")
+    validation_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=0.5,
+        description="text_classification: labeled training texts held out (seeded, per class) to validate the "
+        "students and check the teacher; 0: none",
+    )
     clauses: bool = Field(
         default=False,
         description="embedding task: also distill on the clauses of each training text (split at , ; : ( ) -- "

@@ -11,7 +11,7 @@ import bz2
 import csv
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ class TextData:
     test_texts: list[str]
     test_labels: np.ndarray
     classes: list[str]
+    val_texts: list[str] | None = None  # labeled training texts held out (text_classification)
+    val_labels: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -160,8 +162,9 @@ def clauses(texts: list[str], min_words: int = 3) -> list[str]:
     return out
 
 
-def load_text_data(spec, seed: int = 0) -> TextData:
-    """Read ``spec.source``, index the labels, cut to the limits and hide labels outside the labeled part."""
+def load_text_data(spec, seed: int = 0, *, validation: bool = False) -> TextData:
+    """Read ``spec.source``, index the labels, cut to the limits and hide labels outside the labeled part; with
+    ``validation``, hold out ``spec.validation_fraction`` of the labeled texts per class (seeded)."""
     train_texts, train_names, test_texts, test_names = _read_source(spec, seed)
     if not train_texts:
         raise DistillError(f"data.source {spec.source}: the training set is empty")
@@ -189,4 +192,31 @@ def load_text_data(spec, seed: int = 0) -> TextData:
             f"classes {', '.join(classes[i] for i in missing[:5])} have no labeled training example after "
             "data.limit_train / data.labeled_fraction; raise them"
         )
-    return TextData(train_texts, train_labels, test_texts, test_labels, classes)
+    data = TextData(train_texts, train_labels, test_texts, test_labels, classes)
+    return with_validation(data, spec.validation_fraction, seed) if validation else data
+
+
+def with_validation(data: TextData, fraction: float, seed: int) -> TextData:
+    """``fraction`` of each class's labeled texts held out as the validation split; the test split is untouched."""
+    if fraction == 0:
+        return data
+    rng = np.random.default_rng(seed + 104_729)
+    held = []
+    for label, name in enumerate(data.classes):
+        members = rng.permutation(np.flatnonzero(data.train_labels == label))
+        if len(members) < 2:
+            raise DistillError(
+                f"class {name!r} has {len(members)} labeled training text: the validation split needs one and "
+                "training another; add labeled texts, raise data.labeled_fraction or set data.validation_fraction: 0"
+            )
+        held.extend(members[: max(1, round(fraction * len(members)))])
+    held = sorted(int(i) for i in held)
+    keep = np.ones(len(data.train_texts), dtype=bool)
+    keep[held] = False
+    return replace(
+        data,
+        train_texts=[t for t, k in zip(data.train_texts, keep, strict=True) if k],
+        train_labels=data.train_labels[keep],
+        val_texts=[data.train_texts[i] for i in held],
+        val_labels=data.train_labels[held],
+    )

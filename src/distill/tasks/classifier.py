@@ -11,17 +11,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from distill.data.arrays import ArrayData, load_data
 from distill.errors import DistillError
-from distill.evaluate import classifier_metrics, predict_logits
+from distill.evaluate import classifier_metrics, predict_logits, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
 from distill.recipe import ModelSpec, Recipe, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.common import OnStep, cache_root, finish, int8_student, machine, prepare_run_dir, stage_step
+from distill.tasks.common import (
+    OnStep,
+    cache_root,
+    finish,
+    int8_student,
+    machine,
+    prepare_run_dir,
+    stage_step,
+    student_warnings,
+    teacher_warnings,
+)
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
 from distill.teachers.live import LiveTeacher
@@ -81,7 +90,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
             accelerator,
             **common | {"seed": student_seed, "validator": check},
         )
-    warnings = teacher_warnings(check, teacher, models.get("baseline", (None,))[0])
+    warnings = check_teacher(check, teacher, models.get("baseline", (None,))[0])
     models["student"] = train_or_load(
         "student",
         recipe.student.model,
@@ -152,57 +161,17 @@ def train_or_load(
 
 
 def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Validator | None:
-    """A model → its loss and accuracy on the validation split (and, given the teacher's logits there, its
-    agreement with and KL to the teacher); None without a validation split."""
+    """A model → its scores on the validation split (``evaluate.validation_scores``); None without a split."""
     if data.val_x is None:
         return None
     labels = torch.from_numpy(data.val_y)
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        logits = predict_logits(model, data.val_x)
-        metrics = {
-            "loss": round(F.cross_entropy(logits, labels).item(), 6),
-            "accuracy": round((logits.argmax(-1) == labels).double().mean().item(), 6),
-        }
-        if teacher_logits is not None:
-            log_p, log_t = logits.log_softmax(-1), teacher_logits.log_softmax(-1)
-            metrics["agreement"] = round((logits.argmax(-1) == log_t.argmax(-1)).double().mean().item(), 6)
-            metrics["kl"] = round((log_t.exp() * (log_t - log_p)).sum(-1).mean().item(), 6)
-        return metrics
-
-    return evaluate
+    return lambda model: validation_scores(predict_logits(model, data.val_x), labels, teacher_logits)
 
 
-def teacher_warnings(check: Validator | None, teacher: torch.nn.Module, baseline) -> list[str]:
-    """One line, printed now and put first in the report, when the teacher is no better than the student trained
-    alone on the validation split: soft labels cannot lift the student above such a teacher."""
+def check_teacher(check: Validator | None, teacher: torch.nn.Module, baseline) -> list[str]:
     if check is None or baseline is None:
         return []
-    t, b = check(teacher)["accuracy"], check(baseline)["accuracy"]
-    if t > b:
-        return []
-    line = (
-        f"the teacher is not better than the student trained alone on the validation split ({t:.2%} vs {b:.2%} "
-        "accuracy): soft labels cannot beat a teacher worse than the student alone; train the teacher longer or "
-        "larger (teacher.train.epochs, teacher.model) or start from a stronger checkpoint (teacher.checkpoint)"
-    )
-    print(f"warning: {line}", flush=True)
-    return [line]
-
-
-def student_warnings(results: dict, validation: dict, *, teacher_weak: bool) -> list[str]:
-    """When the distilled student loses to the baseline on the test split: that first, with the likely reason."""
-    if "baseline" not in results or results["student"]["test_errors"] <= results["baseline"]["test_errors"]:
-        return []
-    s, b = results["student"]["test_errors"], results["baseline"]["test_errors"]
-    summary = validation.get("student") or {}
-    if teacher_weak:
-        reason = "the teacher is no better than the student alone (above)"
-    elif summary.get("still_improving"):
-        reason = "the student was still improving on validation when training ended: train it longer"
-    else:
-        reason = "try another distill.temperature (e.g. 2-10) or a hard-label weight distill.alpha (e.g. 0.1-0.5)"
-    return [f"the distilled student makes more test errors than the student trained alone ({s} vs {b}): {reason}"]
+    return teacher_warnings(check(teacher), check(baseline))
 
 
 def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:

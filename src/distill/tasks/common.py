@@ -101,3 +101,34 @@ def finish(out: Path, recipe, task: str, models: dict, view: ReportView, **secti
     write_json(out / "metrics.json", metrics)
     write_report(out, view)
     return metrics
+
+
+def teacher_warnings(teacher: dict, baseline: dict) -> list[str]:
+    """One line, printed now and put first in the report, when the teacher is no better than the student trained
+    alone on the validation split (``evaluate.validation_scores`` of each): higher accuracy, or on a tie (small
+    splits often tie) a lower loss. Soft labels cannot lift the student above such a teacher."""
+    if (teacher["accuracy"], -teacher["loss"]) > (baseline["accuracy"], -baseline["loss"]):
+        return []
+    line = (
+        f"the teacher is not better than the student trained alone on the validation split (accuracy "
+        f"{teacher['accuracy']:.2%} vs {baseline['accuracy']:.2%}, loss {teacher['loss']:.4f} vs "
+        f"{baseline['loss']:.4f}): soft labels cannot lift a student above a teacher no better than itself; make the "
+        "teacher stronger (train it longer or larger, or start from a better checkpoint)"
+    )
+    print(f"warning: {line}", flush=True)
+    return [line]
+
+
+def student_warnings(results: dict, validation: dict, *, teacher_weak: bool) -> list[str]:
+    """When the distilled student loses to the baseline on the test split: that first, with the likely reason."""
+    if "baseline" not in results or results["student"]["test_errors"] <= results["baseline"]["test_errors"]:
+        return []
+    s, b = results["student"]["test_errors"], results["baseline"]["test_errors"]
+    summary = validation.get("student") or {}
+    if teacher_weak:
+        reason = "the teacher is no better than the student alone (above)"
+    elif summary.get("still_improving"):
+        reason = "the student was still improving on validation when training ended: train it longer"
+    else:
+        reason = "try another distill.temperature (e.g. 2-10) or a hard-label weight distill.alpha (e.g. 0.1-0.5)"
+    return [f"the distilled student makes more test errors than the student trained alone ({s} vs {b}): {reason}"]

@@ -20,7 +20,7 @@ from torch import nn
 from distill.data.labeled_text import TextData, load_text_data
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.evaluate import classifier_scores, folder_bytes, text_speed
+from distill.evaluate import classifier_scores, folder_bytes, text_speed, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.losses import IGNORE_INDEX
 from distill.models import count_parameters
@@ -39,10 +39,20 @@ from distill.models.encoders import (
 from distill.models.probe import fit_probe
 from distill.recipe import TextClassificationRecipe, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.common import OnStep, cache_root, finish, machine, prepare_run_dir, stage_step, train_or_load
+from distill.tasks.common import (
+    OnStep,
+    cache_root,
+    finish,
+    machine,
+    prepare_run_dir,
+    stage_step,
+    student_warnings,
+    teacher_warnings,
+    train_or_load,
+)
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
-from distill.train import Stage, make_accelerator, stage_loss, train_loop
+from distill.train import Stage, make_accelerator, stage_loss, train_loop, validation_summary
 
 
 @dataclass
@@ -70,7 +80,19 @@ class TextBatches:
 
 
 def train_student(
-    name, base, tokenizer, data: TextData, rows, teacher_logits, recipe, out, accelerator, steps, resume, on_step
+    name,
+    base,
+    tokenizer,
+    data: TextData,
+    rows,
+    teacher_logits,
+    recipe,
+    out,
+    accelerator,
+    steps,
+    resume,
+    on_step,
+    validator=None,
 ):
     """Fine-tune a copy of ``base`` (distilled when ``teacher_logits`` is given) and save it, unless a resumed run
     finished it."""
@@ -94,7 +116,16 @@ def train_student(
         )
         step = stage_step(name, on_step)
         return train_loop(
-            name, model, stage.train, batches, out, accelerator, seed=recipe.seed, resume=resume, on_step=step
+            name,
+            model,
+            stage.train,
+            batches,
+            out,
+            accelerator,
+            seed=recipe.seed,
+            resume=resume,
+            on_step=step,
+            validator=validator,
         ).eval()
 
     return train_or_load(
@@ -110,7 +141,7 @@ def run(
     recipe: TextClassificationRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None
 ) -> dict:
     out = Path(out)
-    data = load_text_data(recipe.data, recipe.seed)
+    data = load_text_data(recipe.data, recipe.seed, validation=True)
     teacher_path = Path(recipe.teacher.path).expanduser()
     teacher_encoder, teacher_tok = load_encoder(teacher_path)
     base_encoder, student_tok = student_encoder(recipe.student, teacher_encoder, teacher_tok)
@@ -133,6 +164,18 @@ def run(
     with torch.no_grad():
         teacher_train_logits = to_numpy(head(torch.from_numpy(train_features)))
         teacher_test_logits = head(torch.from_numpy(test_features))
+    check = None
+    if data.val_texts:  # the students are validated, and the teacher checked, on held-out labeled texts
+        val_features = teacher_features(teacher_encoder, teacher_tok, data.val_texts, max_length, cache_dir, teacher_id)
+        with torch.no_grad():
+            teacher_val_logits = head(torch.from_numpy(val_features))
+        val_rows = tokenize(student_tok, data.val_texts, max_length)
+        val_labels = torch.from_numpy(data.val_labels)
+
+        def check(model: nn.Module) -> dict[str, float]:
+            logits = torch.from_numpy(encode(model, val_rows, base.pad_id))
+            return validation_scores(logits, val_labels, teacher_val_logits)
+
     if not (out / "teacher" / "head.safetensors").exists():
         save_classifier_head(teacher, teacher_tok, out / "teacher", data.classes)
 
@@ -144,8 +187,13 @@ def run(
     trained = {}
     common = {"recipe": recipe, "out": out, "accelerator": accelerator, "steps": steps, "resume": resume}
     common["on_step"] = on_step
+    common["validator"] = check
+    warnings = []
     if recipe.baseline:
         trained["baseline"] = train_student("baseline", base, student_tok, data, rows, None, **common)
+        if check is not None:
+            teacher_scores = validation_scores(teacher_val_logits, val_labels, None)
+            warnings = teacher_warnings(teacher_scores, check(trained["baseline"]))
     trained["student"] = train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]
@@ -164,11 +212,13 @@ def run(
         "classes": len(data.classes),
         "max_length": max_length,
         "student_steps": steps,
+        "validation_texts": len(data.val_texts or []),
     }
     distill = recipe.distill.model_dump(mode="json")
-    return finish(
-        out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, machine=machine(speed=speed)
-    )
+    validation = {name: validation_summary(out, name) for name in trained}
+    warnings += student_warnings(results, validation, teacher_weak=bool(warnings))
+    extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed)}
+    return finish(out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, **extra)
 
 
 def _scores(model: nn.Module, logits: torch.Tensor, data: TextData, teacher_logits, folder: Path) -> dict:
