@@ -34,6 +34,21 @@ def run(
 
 
 @app.command()
+def init(
+    task: Annotated[str, typer.Argument(help="classification, causal_lm, text_classification or embedding")],
+    data: Annotated[Path, typer.Option("--data", help="your training data (a folder, or a text/jsonl file)")],
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="the model to distil")] = None,
+    out: Annotated[Path, typer.Option("--out", help="where to write the recipe")] = Path("recipe.yaml"),
+    force: Annotated[bool, typer.Option(help="replace an existing recipe file")] = False,
+) -> None:
+    """Write a commented starting recipe for your teacher and data (validated before it is written)."""
+    from distill.tasks.starter import write_starter
+
+    written = write_starter(task, teacher, data, out, force=force)
+    print(f"wrote {written}: edit it, then `distill run {written} --out runs/{written.stem}`")
+
+
+@app.command()
 def cache(
     recipe: Annotated[Path, typer.Argument(help="a causal_lm recipe YAML")],
     out: Annotated[Path, typer.Option("--out", help="run folder whose cache/ receives it")] = Path("runs/latest"),

@@ -1,0 +1,68 @@
+"""`distill init`: a commented starting recipe per task that validates, and one line for what it cannot use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from test_cli import distill
+
+from distill.errors import DistillError
+from distill.tasks import load_recipe, task_of
+from distill.tasks.starter import write_starter
+
+
+@pytest.fixture
+def folders(tmp_path):
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for split in ("train", "test"):
+        np.save(npy / f"{split}_x.npy", np.zeros((4, 3), dtype=np.float32))
+        np.save(npy / f"{split}_y.npy", np.zeros(4, dtype=np.int64))
+    csv = tmp_path / "texts"
+    csv.mkdir()
+    for split in ("train", "test"):
+        (csv / f"{split}.csv").write_text("text,label\na b,x\n")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("task", "teacher", "data", "source"),
+    [
+        ("classification", None, "npy", "npy"),
+        ("causal_lm", "teacher", "corpus.jsonl", "jsonl"),
+        ("text_classification", "teacher", "texts", "csv"),
+        ("embedding", "teacher", "texts", "csv"),
+    ],
+)
+def test_init_writes_a_commented_recipe_that_validates(folders, task, teacher, data, source):
+    out = folders / f"{task}.yaml"
+    write_starter(task, teacher and folders / teacher, folders / data, out)
+    text = out.read_text()
+    assert text.startswith("# ") and "  # " in text  # commented
+    recipe = load_recipe(out)
+    assert task_of(recipe) == task
+    raw = yaml.safe_load(text)
+    sources = [raw["data"]] if isinstance(raw["data"], dict) else raw["data"]
+    assert sources[0]["source"] == source and sources[0]["path"] == str((folders / data).resolve())
+
+
+def test_init_bad_inputs_are_one_line(folders):
+    with pytest.raises(DistillError, match="unknown task 'regression'"):
+        write_starter("regression", None, folders / "npy", folders / "r.yaml")
+    with pytest.raises(DistillError, match="causal_lm needs --teacher PATH"):
+        write_starter("causal_lm", None, folders / "corpus.jsonl", folders / "r.yaml")
+    with pytest.raises(DistillError, match="--data .*nowhere does not exist"):
+        write_starter("classification", None, folders / "nowhere", folders / "r.yaml")
+    with pytest.raises(DistillError, match="cannot tell what it holds"):
+        write_starter("classification", None, folders / "teacher", folders / "r.yaml")
+    write_starter("classification", None, folders / "npy", folders / "r.yaml")
+    with pytest.raises(DistillError, match="already exists; pass --force"):
+        write_starter("classification", None, folders / "npy", folders / "r.yaml")
+    result = distill("init", "embedding", "--data", folders / "texts", "--out", folders / "e.yaml")
+    assert result.returncode == 2 and "needs --teacher PATH" in result.stderr
+    assert not (folders / "e.yaml").exists()
+    done = distill("init", "classification", "--data", folders / "npy", "--out", folders / "c.yaml")
+    assert done.returncode == 0 and "wrote" in done.stdout
