@@ -28,7 +28,7 @@ def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
     """With a short last batch (129 examples, batch 64: one row, which only rank 0 gets) and more micro-batches
     than a rank has rows (issue 17.1: a rank with nothing to do skipped its step and the others hung)."""
     tiny_recipe["teacher"]["model"]["dropout"] = 0.0  # dropout masks are drawn per process: not comparable
-    tiny_recipe["data"] |= {"limit_train": 129, "labeled_fraction": 1.0}
+    tiny_recipe["data"] |= {"limit_train": 129, "labeled_fraction": 1.0, "validation_fraction": 0.0}
     tiny_recipe["student"]["train"]["grad_accum"] = 2
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe))
@@ -53,7 +53,7 @@ def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tm
 
     path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
     # 17 blocks, batches of 8: a last batch of one block, which rank 1 has no share of (issue 17.1)
-    raw["data"]["limit_train_blocks"] = 17
+    raw["data"] |= {"limit_train_blocks": 17, "validation_fraction": 0.0}
     raw["student"]["train"] |= {"fsdp": True, "batch_size": 8, "grad_accum": 2, "max_grad_norm": 1.0}
     path.write_text(yaml.safe_dump(raw))
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -273,3 +273,22 @@ def test_metrics_json_is_complete(tok, tmp_path):
     for key in ("parameters", "file_bytes", "perplexity", "agreement_with_teacher", "kl_to_teacher", "tokens_per_s"):
         assert student[key] is not None
     assert metrics["task"] == "causal_lm" and metrics["data"]["block_size"] == 16
+
+
+def test_lm_stages_are_validated_and_an_untrained_teacher_is_called_out(tok, tmp_path, capsys):
+    """Issue 18: training blocks held out as a validation split; both students are validated there (loss, top-1,
+    agreement and KL with the teacher); a teacher the trained baseline beats (here: random weights) is said."""
+    path, _ = write_recipe(tmp_path, tok, "live")
+    metrics = run_lm(load_recipe(path), tmp_path / "run")
+    assert metrics["data"]["validation_blocks"] >= 1
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    checks = [e for e in log if "validation" in e]
+    assert {e["stage"] for e in checks} == {"baseline", "student"}
+    assert set(checks[0]["validation"]) == {"loss", "accuracy", "agreement", "kl"}
+    assert metrics["validation"]["student"]["last"]["step"] == max(e["step"] for e in checks if e["stage"] == "student")
+    baseline_loss = metrics["validation"]["baseline"]["best"]["loss"]
+    assert "warning: the teacher is not better than the student trained alone" in capsys.readouterr().out
+    assert (
+        metrics["warnings"][0].startswith("the teacher is not better")
+        and f"{baseline_loss:.4f}" in metrics["warnings"][0]
+    )

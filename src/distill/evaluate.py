@@ -163,6 +163,29 @@ def lm_perplexity(model: nn.Module, heldout, *, vocab_size: int, batch_size: int
 
 
 @torch.inference_mode()
+def lm_validation(model: nn.Module, teacher: nn.Module | None, blocks, *, vocab_size: int, batch_size: int) -> dict:
+    """What an LM stage is validated on, on its own device: next-token loss and top-1 accuracy, and with a
+    teacher its top-1 agreement and KL per target token (the teacher runs on its device, batch by batch)."""
+    device = next(model.parameters()).device
+    sums, tokens = {"loss": 0.0, "accuracy": 0.0, "agreement": 0.0, "kl": 0.0}, 0
+    for ids, attention, mask, targets in heldout_batches(blocks, batch_size):
+        logp = _target_log_probs(model, ids.to(device), attention.to(device), mask.to(device), vocab_size)
+        targets = targets.to(device)
+        sums["loss"] -= logp.gather(-1, targets[:, None]).sum().item()
+        sums["accuracy"] += (logp.argmax(-1) == targets).sum().item()
+        if teacher is not None:
+            on = next(teacher.parameters()).device
+            teacher_logp = _target_log_probs(teacher, ids.to(on), attention.to(on), mask.to(on), vocab_size).to(device)
+            sums["agreement"] += (logp.argmax(-1) == teacher_logp.argmax(-1)).sum().item()
+            sums["kl"] += PER_POSITION["forward_kl"](logp, teacher_logp).sum().item()
+        tokens += len(targets)
+    if tokens == 0:
+        raise DistillError("the validation blocks have no target tokens; raise data.validation_fraction")
+    keys = ("loss", "accuracy", "agreement", "kl") if teacher is not None else ("loss", "accuracy")
+    return {key: round(sums[key] / tokens, 6) for key in keys}
+
+
+@torch.inference_mode()
 def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_size: int, threads: int) -> dict:
     """Held-out perplexity, top-1 agreement with and KL from ``models["teacher"]``, size and tokens/s.
 

@@ -176,6 +176,12 @@ class LMDataSpec(Strict):
     )
     block_size: int = Field(default=128, ge=2, description="tokens per packed block (text) or max length (pairs)")
     heldout_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    validation_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=0.5,
+        description="training blocks held out to validate every stage and check the teacher; 0: none",
+    )
     limit_train_blocks: int | None = Field(default=None, gt=0)
     limit_heldout_blocks: int | None = Field(default=None, gt=0)
     split: str = "train"

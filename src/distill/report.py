@@ -129,6 +129,10 @@ def plot_curves(run_dir: Path) -> Path | None:
         for key in ("loss", "kd", "ce"):
             if key in entry:
                 series.setdefault((entry["stage"], key), []).append((entry["step"], entry[key]))
+        if "validation" in entry:
+            series.setdefault((entry["stage"], "validation loss"), []).append(
+                (entry["step"], entry["validation"]["loss"])
+            )
     stages = sorted({stage for stage, _ in series}, key=list(LABELS).index)
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):

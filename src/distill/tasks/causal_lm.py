@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.data.lm import load_lm_data, split_lm_data
-from distill.data.token_blocks import TokenData
+from distill.data.token_blocks import TokenData, split_holdout
 from distill.devices import to_numpy
-from distill.evaluate import lm_metrics
+from distill.evaluate import lm_metrics, lm_validation
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 from distill.losses import IGNORE_INDEX
@@ -40,14 +40,24 @@ from distill.models.causal_lm import (
 from distill.models.cut import student_from_teacher
 from distill.recipe import LMDistillSpec, LMRecipe, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.common import OnStep, cache_root, finish, int8_student, machine, prepare_run_dir, stage_step
+from distill.tasks.common import (
+    OnStep,
+    cache_root,
+    finish,
+    int8_student,
+    machine,
+    prepare_run_dir,
+    stage_step,
+    student_warnings,
+    teacher_warnings,
+)
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
-from distill.train import make_accelerator, train_loop
+from distill.train import make_accelerator, train_loop, validation_summary
 
 
 @dataclass
@@ -92,7 +102,8 @@ class LMSetup:
     student_init: nn.Module
     vocab_size: int
     train: TokenData
-    heldout: TokenData
+    heldout: TokenData  # the test split of the report
+    validation: TokenData | None  # training blocks held out to validate every stage and check the teacher
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -115,8 +126,11 @@ def setup(recipe: LMRecipe) -> LMSetup:
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
         train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+    validation = None
+    if recipe.data.validation_fraction > 0:
+        train, validation = split_holdout(train, recipe.data.validation_fraction, recipe.seed + 104_729)
     teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
-    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout)
+    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation)
 
 
 def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
@@ -170,7 +184,18 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def train_or_load(name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, accelerator, *, resume, on_step):
+def validator(s: LMSetup, recipe: LMRecipe, teacher: nn.Module | None):
+    """A model → its next-token loss and accuracy on the validation blocks (and agreement and KL with
+    ``teacher``); None without a validation split."""
+    if s.validation is None:
+        return None
+    size = {"vocab_size": s.vocab_size, "batch_size": recipe.eval.batch_size}
+    return lambda model: lm_validation(model, teacher, s.validation, **size)
+
+
+def train_or_load(
+    name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, accelerator, *, resume, on_step, validate=None
+):
     def train() -> nn.Module:
         model = copy.deepcopy(s.student_init)
         torch.manual_seed(recipe.seed + 1)
@@ -185,6 +210,7 @@ def train_or_load(name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, a
             seed=recipe.seed,
             resume=resume,
             on_step=stage_step(name, on_step),
+            validator=validate,
         )
 
     return train_or_load_stage(
@@ -205,10 +231,16 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     d = recipe.distill
     models: dict[str, nn.Module] = {"teacher": s.teacher, "student_init": s.student_init}
     stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
+    check = validator(s, recipe, s.teacher)
+    warnings = []
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
-        models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage)
-    models["student"] = train_or_load("student", s, student_batches(recipe, out, s, accelerator), **stage)
+        models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage, validate=check)
+        if check is not None:
+            teacher_scores = validator(s, recipe, None)(s.teacher)
+            warnings = teacher_warnings(teacher_scores, check(models["baseline"]), by_loss=True)
+    batches = student_batches(recipe, out, s, accelerator)
+    models["student"] = train_or_load("student", s, batches, **stage, validate=check)
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
         return {}
     files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}
@@ -223,9 +255,15 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     if "student_int8" in results:  # dynamic int8 modules hide their packed weights from .parameters()
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     data = {"train_blocks": len(s.train), "heldout_blocks": len(s.heldout), "block_size": recipe.data.block_size}
+    data["validation_blocks"] = 0 if s.validation is None else len(s.validation)
     environment = machine(cpu_threads=recipe.eval.threads)
     distill = d.model_dump(mode="json")
-    return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, machine=environment)
+    validation = {name: validation_summary(out, name) for name in ("baseline", "student") if name in models}
+    warnings += student_warnings(
+        results, validation, teacher_weak=bool(warnings), quality="perplexity", noun="held-out perplexity"
+    )
+    extra = {"validation": validation, "warnings": warnings, "machine": environment}
+    return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, **extra)
 
 
 def build_cache(recipe: LMRecipe, out: Path) -> Path:

@@ -103,11 +103,13 @@ def finish(out: Path, recipe, task: str, models: dict, view: ReportView, **secti
     return metrics
 
 
-def teacher_warnings(teacher: dict, baseline: dict) -> list[str]:
+def teacher_warnings(teacher: dict, baseline: dict, *, by_loss: bool = False) -> list[str]:
     """One line, printed now and put first in the report, when the teacher is no better than the student trained
-    alone on the validation split (``evaluate.validation_scores`` of each): higher accuracy, or on a tie (small
-    splits often tie) a lower loss. Soft labels cannot lift the student above such a teacher."""
-    if (teacher["accuracy"], -teacher["loss"]) > (baseline["accuracy"], -baseline["loss"]):
+    alone on the validation split (the validation scores of each): higher accuracy, or on a tie (small splits
+    often tie) a lower loss; ``by_loss`` (language models): a lower loss. Soft labels cannot lift the student
+    above such a teacher."""
+    rank = (lambda m: -m["loss"]) if by_loss else (lambda m: (m["accuracy"], -m["loss"]))
+    if rank(teacher) > rank(baseline):
         return []
     line = (
         f"the teacher is not better than the student trained alone on the validation split (accuracy "
@@ -119,11 +121,16 @@ def teacher_warnings(teacher: dict, baseline: dict) -> list[str]:
     return [line]
 
 
-def student_warnings(results: dict, validation: dict, *, teacher_weak: bool) -> list[str]:
-    """When the distilled student loses to the baseline on the test split: that first, with the likely reason."""
-    if "baseline" not in results or results["student"]["test_errors"] <= results["baseline"]["test_errors"]:
+def student_warnings(
+    results: dict, validation: dict, *, teacher_weak: bool, quality: str = "test_errors", noun: str = "test errors"
+) -> list[str]:
+    """When the distilled student loses to the baseline on the test split (a higher ``quality``, which is lower
+    when better): that first, with the likely reason read from the numbers."""
+    if "baseline" not in results or results["student"][quality] <= results["baseline"][quality]:
         return []
-    s, b = results["student"]["test_errors"], results["baseline"]["test_errors"]
+    s, b = results["student"][quality], results["baseline"][quality]
+    if isinstance(s, float):
+        s, b = f"{s:.4g}", f"{b:.4g}"
     summary = validation.get("student") or {}
     if teacher_weak:
         reason = "the teacher is no better than the student alone (above)"
@@ -131,4 +138,6 @@ def student_warnings(results: dict, validation: dict, *, teacher_weak: bool) -> 
         reason = "the student was still improving on validation when training ended: train it longer"
     else:
         reason = "try another distill.temperature (e.g. 2-10) or a hard-label weight distill.alpha (e.g. 0.1-0.5)"
-    return [f"the distilled student makes more test errors than the student trained alone ({s} vs {b}): {reason}"]
+    return [
+        f"the distilled student is worse than the student trained alone on the test split ({noun} {s} vs {b}): {reason}"
+    ]
