@@ -67,6 +67,11 @@ def full_states(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[
     return get_model_state_dict(model, options=FULL), optimizer_state
 
 
+def full_model_state(model: nn.Module) -> dict:
+    """The unsharded model state dict on the CPU of rank 0 (a collective: every process calls it)."""
+    return get_model_state_dict(model, options=FULL)
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, names: list[str]) -> None:
     """Load a one-process (index-keyed) optimizer state into the optimizer of the sharded model."""
     named = _renumber(state, dict(enumerate(names)))

@@ -378,12 +378,14 @@ def train_loop(
         model.eval()
         with torch.no_grad():
             metrics = validator(model if fsdp else accelerator.unwrap_model(model))
+        if fsdp:  # the root keeps its parameters gathered after a forward; no backward will reshard them now
+            model.reshard()
         model.train()
         value, best = metrics[spec.select_by], position["best"]
         better = best is None or (value < best["value"] if LOWER_IS_BETTER[spec.select_by] else value > best["value"])
         if better:
             position["best"], position["stale"] = {"step": step, "value": value}, 0
-            model_state = parallel.full_states(model, optimizer, names)[0] if fsdp else None
+            model_state = parallel.full_model_state(model) if fsdp else None
             if accelerator.is_main_process:
                 with atomic_path(best_path) as tmp:  # durable before any checkpoint that points to it
                     torch.save(model_state or accelerator.unwrap_model(model).state_dict(), tmp)
