@@ -3,6 +3,7 @@ process with the same global batch; one process writes the run folder and the re
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -145,3 +146,41 @@ def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
     assert trained[True].keys() == trained[False].keys()
     for name, tensor in trained[False].items():
         torch.testing.assert_close(trained[True][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("signal", ["cache", "recorded"])
+def test_two_processes_reach_the_single_process_weights_with_stored_lm_targets(tmp_path, signal):
+    """Issue 17.4: the KD term of the stored signals (the LM cache; log-probs recorded with traces, which score
+    only some trained positions) weighs every token alike whatever the split over processes (DDP here)."""
+    from lm_fixtures import tiny_tokenizer
+    from test_lm import write_recipe
+
+    from distill.tasks import parse_recipe
+    from distill.teachers.generate import generate
+
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), signal, baseline=False)
+    raw["student"]["train"] |= {"batch_size": 6, "grad_accum": 2}
+    if signal == "recorded":
+        prompts = tmp_path / "prompts.jsonl"
+        lines = [{"id": i, "prompt": f"the {w} of the"} for i, w in enumerate(["fox", "dog", "king", "sea", "sky"])]
+        prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        spec = {
+            "task": "generate",
+            "prompts": {"path": str(prompts), "chat_template": False},
+            "teacher": {"path": raw["teacher"]["path"]},
+            "sampling": {"temperature": 1.0, "max_new_tokens": 10, "samples": 3, "logprobs": 4, "batch_size": 8},
+            "verify": {"method": "none"},
+        }
+        generate(parse_recipe(spec), tmp_path / "traces.jsonl")
+        raw["data"] = {"source": "jsonl", "path": str(tmp_path / "traces.kept.jsonl"), "block_size": 32}
+        raw["distill"] |= {"temperature": 1.0, "alpha": 0.3}
+    path.write_text(yaml.safe_dump(raw))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = run_two_processes(path, tmp_path / "two", env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    parallel = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    for name, tensor in single.items():
+        assert (parallel[name] - tensor).abs().max() < 1e-5, name
