@@ -25,6 +25,26 @@ def run_two_processes(recipe, out, env, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=180)
 
 
+def one_and_two_processes(recipe, tmp_path) -> subprocess.CompletedProcess:
+    """``distill run`` of ``recipe`` in one process (``tmp_path/one``) and in two (``tmp_path/two``), one thread
+    each; both must succeed. The two-process run's result."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*CLI, "run", recipe, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = run_two_processes(recipe, tmp_path / "two", env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return two
+
+
+def assert_same_weights(tmp_path, stage: str) -> None:
+    """The stage's weights of the one- and the two-process run agree to 1e-5."""
+    single = load_file(tmp_path / "one" / stage / "model.safetensors")
+    parallel = load_file(tmp_path / "two" / stage / "model.safetensors")
+    assert single.keys() == parallel.keys()
+    for name, tensor in single.items():
+        assert (parallel[name] - tensor).abs().max() < 1e-5, (stage, name)
+
+
 def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
     """With a short last batch (129 examples, batch 64: one row, which only rank 0 gets) and more micro-batches
     than a rank has rows (issue 17.1: a rank with nothing to do skipped its step and the others hung)."""
@@ -33,17 +53,10 @@ def test_two_processes_reach_the_single_process_weights(tmp_path, tiny_recipe):
     tiny_recipe["student"]["train"]["grad_accum"] = 2
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*CLI, "run", recipe, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
-    two = run_two_processes(recipe, tmp_path / "two", env)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two = one_and_two_processes(recipe, tmp_path)
     assert two.stdout.count("report:") == 1  # the main process reports, once
     for stage in ("teacher", "baseline", "student"):
-        single = load_file(tmp_path / "one" / stage / "model.safetensors")
-        parallel = load_file(tmp_path / "two" / stage / "model.safetensors")
-        for name, tensor in single.items():
-            assert (parallel[name] - tensor).abs().max() < 1e-5, (stage, name)
+        assert_same_weights(tmp_path, stage)
     assert (tmp_path / "two" / "REPORT.md").exists()
 
 
@@ -57,16 +70,8 @@ def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tm
     raw["data"] |= {"limit_train_blocks": 17, "validation_fraction": 0.0}
     raw["student"]["train"] |= {"fsdp": True, "batch_size": 8, "grad_accum": 2, "max_grad_norm": 1.0}
     path.write_text(yaml.safe_dump(raw))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
-    two = run_two_processes(path, tmp_path / "two", env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    single = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    sharded = load_file(tmp_path / "two" / "student" / "model.safetensors")
-    assert single.keys() == sharded.keys()
-    for name, tensor in single.items():
-        assert (sharded[name] - tensor).abs().max() < 1e-5, name
+    one_and_two_processes(path, tmp_path)
+    assert_same_weights(tmp_path, "student")
 
 
 def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
@@ -175,12 +180,5 @@ def test_two_processes_reach_the_single_process_weights_with_stored_lm_targets(t
         raw["data"] = {"source": "jsonl", "path": str(tmp_path / "traces.kept.jsonl"), "block_size": 32}
         raw["distill"] |= {"temperature": 1.0, "alpha": 0.3}
     path.write_text(yaml.safe_dump(raw))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*CLI, "run", path, "--out", tmp_path / "one"], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
-    two = run_two_processes(path, tmp_path / "two", env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    single = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    parallel = load_file(tmp_path / "two" / "student" / "model.safetensors")
-    for name, tensor in single.items():
-        assert (parallel[name] - tensor).abs().max() < 1e-5, name
+    one_and_two_processes(path, tmp_path)
+    assert_same_weights(tmp_path, "student")

@@ -151,15 +151,27 @@ def heldout_batches(heldout, batch_size: int):
         yield ids, torch.from_numpy(heldout.attention_mask[rows]).long(), mask, next_tokens[mask]
 
 
+def _add_token_scores(sums: dict, logp: torch.Tensor, targets: torch.Tensor, teacher_logp: torch.Tensor | None):
+    """Add a batch's summed next-token loss, top-1 hits, and top-1 agreement and KL with the teacher to ``sums``."""
+    sums["loss"] += -logp.gather(-1, targets[:, None]).sum().item()
+    sums["accuracy"] += (logp.argmax(-1) == targets).sum().item()
+    if teacher_logp is not None:
+        sums["agreement"] += (logp.argmax(-1) == teacher_logp.argmax(-1)).sum().item()
+        sums["kl"] += PER_POSITION["forward_kl"](logp, teacher_logp).sum().item()
+
+
+def _token_sums() -> dict:
+    return {"loss": 0.0, "accuracy": 0, "agreement": 0, "kl": 0.0}
+
+
 @torch.inference_mode()
 def lm_perplexity(model: nn.Module, heldout, *, vocab_size: int, batch_size: int = 8) -> float:
     """Held-out perplexity of one model (``lm_metrics`` compares several against a teacher)."""
-    nll, tokens = 0.0, 0
+    sums, tokens = _token_sums(), 0
     for ids, attention, mask, targets in heldout_batches(heldout, batch_size):
-        logp = _target_log_probs(model.eval(), ids, attention, mask, vocab_size)
-        nll -= logp.gather(-1, targets[:, None]).sum().item()
+        _add_token_scores(sums, _target_log_probs(model.eval(), ids, attention, mask, vocab_size), targets, None)
         tokens += len(targets)
-    return math.exp(nll / tokens)
+    return math.exp(sums["loss"] / tokens)
 
 
 @torch.inference_mode()
@@ -167,17 +179,14 @@ def lm_validation(model: nn.Module, teacher: nn.Module | None, blocks, *, vocab_
     """What an LM stage is validated on, on its own device: next-token loss and top-1 accuracy, and with a
     teacher its top-1 agreement and KL per target token (the teacher runs on its device, batch by batch)."""
     device = next(model.parameters()).device
-    sums, tokens = {"loss": 0.0, "accuracy": 0.0, "agreement": 0.0, "kl": 0.0}, 0
+    sums, tokens = _token_sums(), 0
     for ids, attention, mask, targets in heldout_batches(blocks, batch_size):
         logp = _target_log_probs(model, ids.to(device), attention.to(device), mask.to(device), vocab_size)
-        targets = targets.to(device)
-        sums["loss"] -= logp.gather(-1, targets[:, None]).sum().item()
-        sums["accuracy"] += (logp.argmax(-1) == targets).sum().item()
+        teacher_logp = None
         if teacher is not None:
             on = next(teacher.parameters()).device
             teacher_logp = _target_log_probs(teacher, ids.to(on), attention.to(on), mask.to(on), vocab_size).to(device)
-            sums["agreement"] += (logp.argmax(-1) == teacher_logp.argmax(-1)).sum().item()
-            sums["kl"] += PER_POSITION["forward_kl"](logp, teacher_logp).sum().item()
+        _add_token_scores(sums, logp, targets.to(device), teacher_logp)
         tokens += len(targets)
     if tokens == 0:
         raise DistillError("the validation blocks have no target tokens; raise data.validation_fraction")
@@ -193,19 +202,16 @@ def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_
     whose next token is a training target (prompts and padding excluded); padded vocab rows are dropped.
     """
     teacher = models["teacher"]
-    sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in models}
+    sums = {name: _token_sums() for name in models}
     tokens = 0
     for model in models.values():
         model.eval().to("cpu")
     for ids, attention, mask, targets in heldout_batches(heldout, batch_size):
         tokens += len(targets)
         teacher_logp = _target_log_probs(teacher, ids, attention, mask, vocab_size)
-        teacher_top = teacher_logp.argmax(-1)
         for name, model in models.items():
             logp = teacher_logp if model is teacher else _target_log_probs(model, ids, attention, mask, vocab_size)
-            sums[name]["nll"] += -logp.gather(-1, targets[:, None]).sum().item()
-            sums[name]["agree"] += (logp.argmax(-1) == teacher_top).sum().item()
-            sums[name]["kl"] += PER_POSITION["forward_kl"](logp, teacher_logp).sum().item()
+            _add_token_scores(sums[name], logp, targets, teacher_logp)
     if tokens == 0:
         raise DistillError("the held-out split has no target tokens; raise data.heldout_fraction")
     timing_ids = torch.from_numpy(heldout.input_ids[:batch_size]).long()
@@ -216,8 +222,8 @@ def lm_metrics(models: dict[str, nn.Module], heldout, *, vocab_size: int, batch_
             "parameters": count_parameters(model),
             "file_bytes": weight_bytes(model),
             "heldout_tokens": tokens,
-            "perplexity": math.exp(sums[name]["nll"] / tokens),
-            "agreement_with_teacher": None if is_teacher else sums[name]["agree"] / tokens,
+            "perplexity": math.exp(sums[name]["loss"] / tokens),
+            "agreement_with_teacher": None if is_teacher else sums[name]["agreement"] / tokens,
             "kl_to_teacher": None if is_teacher else sums[name]["kl"] / tokens,
             "tokens_per_s": lm_tokens_per_second(model, timing_ids, threads=threads),
         }

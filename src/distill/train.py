@@ -385,10 +385,11 @@ def train_loop(
         better = best is None or (value < best["value"] if LOWER_IS_BETTER[spec.select_by] else value > best["value"])
         if better:
             position["best"], position["stale"] = {"step": step, "value": value}, 0
-            model_state = parallel.full_model_state(model) if fsdp else None
+            # under FSDP gathering the weights is a collective: every process takes part
+            model_state = parallel.full_model_state(model) if fsdp else accelerator.unwrap_model(model).state_dict()
             if accelerator.is_main_process:
                 with atomic_path(best_path) as tmp:  # durable before any checkpoint that points to it
-                    torch.save(model_state or accelerator.unwrap_model(model).state_dict(), tmp)
+                    torch.save(model_state, tmp)
         else:
             position["stale"] += 1
         position["stopped"] = bool(spec.patience and position["stale"] >= spec.patience)

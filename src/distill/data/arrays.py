@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.data.splits import held_out_per_class
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.recipe import DataSpec
@@ -206,20 +207,9 @@ def with_validation(data: ArrayData, fraction: float, seed: int) -> ArrayData:
     every stage is checked on; the test split is never touched."""
     if fraction == 0:
         return data
-    labeled = np.flatnonzero(data.train_y != IGNORE_INDEX)
-    rng = np.random.default_rng(seed + 104_729)
-    held = []
-    for label in range(data.num_classes):
-        members = rng.permutation(labeled[data.train_y[labeled] == label])
-        if len(members) == 0:
-            continue  # a class with no labeled example: nothing to validate it on, nor to train it on
-        if len(members) < 2:
-            raise DistillError(
-                f"class {label} has {len(members)} labeled training example: the validation split needs one and "
-                "training another; add labeled examples or set data.validation_fraction: 0"
-            )
-        held.extend(members[: max(1, round(fraction * len(members)))])
-    held = np.sort(np.asarray(held, dtype=np.int64))
+    hint = "add labeled examples or set data.validation_fraction: 0"
+    names = [str(label) for label in range(data.num_classes)]
+    held = held_out_per_class(data.train_y, names, fraction, seed, unit="example", hint=hint)
     keep = np.ones(len(data.train_y), dtype=bool)
     keep[held] = False
     return replace(

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.fetch import fetch_text_asset
+from distill.data.splits import held_out_per_class
 from distill.data.token_blocks import read_jsonl
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
@@ -200,23 +201,15 @@ def with_validation(data: TextData, fraction: float, seed: int) -> TextData:
     """``fraction`` of each class's labeled texts held out as the validation split; the test split is untouched."""
     if fraction == 0:
         return data
-    rng = np.random.default_rng(seed + 104_729)
-    held = []
-    for label, name in enumerate(data.classes):
-        members = rng.permutation(np.flatnonzero(data.train_labels == label))
-        if len(members) < 2:
-            raise DistillError(
-                f"class {name!r} has {len(members)} labeled training text: the validation split needs one and "
-                "training another; add labeled texts, raise data.labeled_fraction or set data.validation_fraction: 0"
-            )
-        held.extend(members[: max(1, round(fraction * len(members)))])
-    held = sorted(int(i) for i in held)
+    hint = "add labeled texts, raise data.labeled_fraction or set data.validation_fraction: 0"
+    names = [repr(name) for name in data.classes]
+    held = held_out_per_class(data.train_labels, names, fraction, seed, unit="text", hint=hint)
     keep = np.ones(len(data.train_texts), dtype=bool)
     keep[held] = False
     return replace(
         data,
         train_texts=[t for t, k in zip(data.train_texts, keep, strict=True) if k],
         train_labels=data.train_labels[keep],
-        val_texts=[data.train_texts[i] for i in held],
+        val_texts=[data.train_texts[i] for i in held.tolist()],
         val_labels=data.train_labels[held],
     )

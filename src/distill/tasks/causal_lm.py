@@ -50,6 +50,7 @@ from distill.tasks.common import (
     stage_step,
     student_warnings,
     teacher_warnings,
+    validated_scores,
 )
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import lm_id
@@ -75,9 +76,10 @@ class LMBatches:
         return (self.data.labels[:, 1:] != IGNORE_INDEX).sum(axis=1)
 
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.data.input_ids[to_numpy(rows)]).long().to(device)
-        attention = torch.from_numpy(self.data.attention_mask[to_numpy(rows)]).long().to(device)
-        next_tokens = torch.from_numpy(self.data.labels[to_numpy(rows)][:, 1:]).to(device)
+        index = to_numpy(rows)
+        ids = torch.from_numpy(self.data.input_ids[index]).long().to(device)
+        attention = torch.from_numpy(self.data.attention_mask[index]).long().to(device)
+        next_tokens = torch.from_numpy(self.data.labels[index][:, 1:]).to(device)
         mask = next_tokens != IGNORE_INDEX
         hidden = last_hidden(model, ids, attention)[:, :-1]
         weight, bias = head_of(model)  # after the forward: under FSDP the root's parameters are gathered by it
@@ -236,9 +238,10 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
         models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage, validate=check)
-        if check is not None:
+        if check is not None and accelerator.is_main_process:  # the main process writes the log
             teacher_scores = validator(s, recipe, None)(s.teacher)
-            warnings = teacher_warnings(teacher_scores, check(models["baseline"]), by_loss=True)
+            baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
+            warnings = teacher_warnings(teacher_scores, baseline_scores, by_loss=True)
     batches = student_batches(recipe, out, s, accelerator)
     models["student"] = train_or_load("student", s, batches, **stage, validate=check)
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process

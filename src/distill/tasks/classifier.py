@@ -30,6 +30,7 @@ from distill.tasks.common import (
     stage_step,
     student_warnings,
     teacher_warnings,
+    validated_scores,
 )
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
@@ -90,7 +91,10 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
             accelerator,
             **common | {"seed": student_seed, "validator": check},
         )
-    warnings = check_teacher(check, teacher, models.get("baseline", (None,))[0])
+    warnings = []
+    if check is not None and recipe.baseline and accelerator.is_main_process:  # the main process writes the log
+        scores = {name: validated_scores(out, name, check, models[name][0]) for name in ("teacher", "baseline")}
+        warnings = teacher_warnings(scores["teacher"], scores["baseline"])
     models["student"] = train_or_load(
         "student",
         recipe.student.model,
@@ -166,12 +170,6 @@ def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Va
         return None
     labels = torch.from_numpy(data.val_y)
     return lambda model: validation_scores(predict_logits(model, data.val_x), labels, teacher_logits)
-
-
-def check_teacher(check: Validator | None, teacher: torch.nn.Module, baseline) -> list[str]:
-    if check is None or baseline is None:
-        return []
-    return teacher_warnings(check(teacher), check(baseline))
 
 
 def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:

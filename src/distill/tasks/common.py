@@ -17,7 +17,7 @@ from distill.export.run_export import Student, export_student
 from distill.io import atomic_path, fsync_path, fsync_tree, write_json
 from distill.recipe import recipe_to_yaml
 from distill.report import ReportView, write_report
-from distill.train import STAGE_DONE, remove_checkpoints
+from distill.train import STAGE_DONE, remove_checkpoints, validation_summary
 
 OnStep = Callable[[str, int], None] | None
 
@@ -101,6 +101,13 @@ def finish(out: Path, recipe, task: str, models: dict, view: ReportView, **secti
     write_json(out / "metrics.json", metrics)
     write_report(out, view)
     return metrics
+
+
+def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
+    """A stage's scores on the validation split: as logged for the weights it kept (its best), or computed with
+    ``check`` when the log has none (a teacher loaded from a checkpoint, a run folder from before validation)."""
+    summary = validation_summary(out, stage)
+    return summary["best"] if summary else check(model)
 
 
 def teacher_warnings(teacher: dict, baseline: dict, *, by_loss: bool = False) -> list[str]:

@@ -49,6 +49,7 @@ from distill.tasks.common import (
     student_warnings,
     teacher_warnings,
     train_or_load,
+    validated_scores,
 )
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
@@ -193,7 +194,8 @@ def run(
         trained["baseline"] = train_student("baseline", base, student_tok, data, rows, None, **common)
         if check is not None:
             teacher_scores = validation_scores(teacher_val_logits, val_labels, None)
-            warnings = teacher_warnings(teacher_scores, check(trained["baseline"]))
+            baseline_scores = validated_scores(out, "baseline", check, trained["baseline"])
+            warnings = teacher_warnings(teacher_scores, baseline_scores)
     trained["student"] = train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]
