@@ -482,3 +482,23 @@ def test_text_classification_says_when_the_teacher_is_no_better_than_the_student
     assert "warning: the teacher is not better than the student trained alone" in capsys.readouterr().out
     assert metrics["warnings"][0].startswith("the teacher is not better")
     assert (tmp_path / "run" / "REPORT.md").read_text().splitlines()[2].startswith("**Warning:** the teacher")
+
+
+def test_text_classification_auto_chooses_on_validation_and_needs_enough_of_it(tmp_path, teacher_dir, student_dir):
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=300, n_test=30)
+    recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
+    distill = recipe.distill.model_copy(update={"temperature": "auto", "alpha": 0.0})
+    small = recipe.model_copy(update={"distill": distill})  # 60 labeled texts: 6 validate, too few to choose on
+    with pytest.raises(DistillError, match=r"which has 6 labeled texts \(needs 20\+\)"):
+        run_text_classification(small, tmp_path / "small")
+    assert not (tmp_path / "small").exists()
+    data = recipe.data.model_copy(update={"labeled_fraction": 1.0, "validation_fraction": 0.1})
+    student = recipe.student.model_copy(update={"train": recipe.student.train.model_copy(update={"epochs": 1})})
+    metrics = run_text_classification(
+        recipe.model_copy(update={"distill": distill, "data": data, "student": student}), tmp_path / "run"
+    )
+    auto = metrics["auto"]
+    assert [row["temperature"] for row in auto["table"]] == [1.0, 2.0, 4.0, 8.0] and auto["epochs_each"] == 1
+    best = min(auto["table"], key=lambda row: row["loss"])
+    assert auto["choice"] == {"temperature": best["temperature"]} == {"temperature": metrics["distill"]["temperature"]}
+    assert "## Automatic settings" in (tmp_path / "run" / "REPORT.md").read_text()

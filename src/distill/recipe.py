@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import DistillError
 from distill.losses.divergences import PER_POSITION
@@ -106,15 +106,49 @@ class TeacherSpec(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
 
 
+Auto = Literal["auto"]
+
+
 class DistillSpec(Strict):
     loss: str = "forward_kl"
-    temperature: float = Field(default=4.0, gt=0.0)
-    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="weight of hard-label cross-entropy")
+    temperature: float | Auto = Field(
+        default=4.0, description="softening of both distributions; auto: chosen by a sweep on validation"
+    )
+    alpha: float | Auto = Field(
+        default=0.0, description="weight of hard-label cross-entropy; auto: chosen by the sweep"
+    )
+    auto_epochs: int | None = Field(
+        default=None,
+        gt=0,
+        description="epochs each candidate of the auto sweep trains (default: a quarter of student.train.epochs, "
+        "at least 1)",
+    )
     t2_scaling: bool = True
     beta: float = Field(default=0.5, ge=0.0, le=1.0, description="jsd only")
     skew: float = Field(default=0.1, ge=0.0, lt=1.0, description="skew_kl only")
     signal: Literal["cache", "live"] = "cache"
     cache_dir: str | None = Field(default=None, description="where the teacher cache lives; default RUN/cache")
+
+    @field_validator("temperature", "alpha", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("must be a number, or auto")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be > 0, or auto")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_is_a_weight(cls, value):
+        if value != "auto" and not 0 <= value <= 1:
+            raise ValueError("must be between 0 and 1, or auto")
+        return value
 
     @model_validator(mode="after")
     def _known_loss(self) -> DistillSpec:
@@ -124,6 +158,20 @@ class DistillSpec(Strict):
 
     def divergence_kwargs(self) -> dict[str, float]:
         return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.skew}}.get(self.loss, {})
+
+    @property
+    def auto_keys(self) -> list[str]:
+        """The settings left to the sweep on the validation split."""
+        return [key for key in ("temperature", "alpha") if getattr(self, key) == "auto"]
+
+
+def auto_needs_validation(distill: DistillSpec, validation_fraction: float) -> None:
+    """Validator body: ``auto`` settings are chosen on the validation split, so there must be one."""
+    if distill.auto_keys and validation_fraction == 0:
+        raise ValueError(
+            f"distill.{distill.auto_keys[0]}: auto is chosen on the validation split: set "
+            "data.validation_fraction > 0 (e.g. 0.1) or give a number"
+        )
 
 
 class StudentSpec(Strict):
@@ -150,6 +198,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _patience_needs_validation(self) -> Recipe:
+        auto_needs_validation(self.distill, self.data.validation_fraction)
         if self.teacher.train.select_by in ("kl", "agreement"):
             raise ValueError(
                 f"teacher.train.select_by {self.teacher.train.select_by!r} compares with a teacher; the teacher "
@@ -232,6 +281,15 @@ class OnPolicySpec(Strict):
 
 class LMDistillSpec(DistillSpec):
     temperature: float = Field(default=1.0, gt=0.0)
+    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="weight of next-token cross-entropy")
+
+    @field_validator("temperature", "alpha", mode="before")
+    @classmethod
+    def _no_auto(cls, value):
+        if value == "auto":
+            raise ValueError("auto is for classification and text_classification recipes; give a number")
+        return value
+
     signal: Literal["cache", "live", "recorded"] = Field(
         default="cache",
         description="recorded: the top log-probabilities stored with the traces (data.source jsonl written by "
@@ -378,7 +436,8 @@ class TextDataSpec(Strict):
         ge=0.0,
         lt=0.5,
         description="text_classification: labeled training texts held out (seeded, per class) to validate the "
-        "students and check the teacher; 0: none",
+        "students and check the teacher; embedding: a seeded random part of each source's training texts (labeled "
+        "or not), never trained on, to validate the student against the teacher's embeddings; 0: none",
     )
     clauses: bool = Field(
         default=False,
@@ -443,6 +502,7 @@ class TextClassificationRecipe(Strict):
 
     @model_validator(mode="after")
     def _embedding_only_options(self) -> TextClassificationRecipe:
+        auto_needs_validation(self.distill, self.data.validation_fraction)
         if self.student.static is not None:
             raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
         if self.data.clauses:
@@ -478,6 +538,21 @@ class EmbeddingRecipe(Strict):
     def _token_states_need_a_transformer(self) -> EmbeddingRecipe:
         if self.distill.token_states and self.student.static is not None:
             raise ValueError("distill.token_states needs a transformer student; a static table has no token states")
+        return self
+
+    @model_validator(mode="after")
+    def _selected_by_loss(self) -> EmbeddingRecipe:
+        train = self.student.train
+        if train.select_by != "loss":  # accuracy, kl and agreement need classes or logits; embeddings have neither
+            raise ValueError(
+                f"student.train.select_by {train.select_by!r} has nothing to measure in task: embedding (no classes, "
+                "no logits); use select_by: loss, the distance to the teacher's embeddings of the validation texts"
+            )
+        if train.patience and not any(spec.validation_fraction for spec in self.data):
+            raise ValueError(
+                "student.train.patience needs a validation split: set data.validation_fraction > 0 (e.g. 0.1) or "
+                "drop patience"
+            )
         return self
 
 

@@ -126,6 +126,8 @@ def plot_curves(run_dir: Path) -> Path | None:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if entry.get("stage") not in LABELS:  # the auto sweep's short runs are summed up in their own table
+            continue
         for key in ("loss", "kd", "ce"):
             if key in entry:
                 series.setdefault((entry["stage"], key), []).append((entry["step"], entry[key]))
@@ -198,6 +200,7 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     summary = view.headline(models)
     columns = view.columns(models)
     distill = f"Distillation: `{json.dumps(metrics.get('distill', {}))}`"
+    auto_note, auto_rows = auto_section(metrics.get("auto"))
     plots = [("Quality and size per model", plot_models(run_dir, models, view.quality(models)))]
     curves = plot_curves(run_dir)
     if curves:
@@ -214,6 +217,7 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
         note,
         "",
         distill,
+        *(["", "## Automatic settings", "", auto_note, "", auto_rows] if auto_note else []),
     ]
     for heading, image in plots:
         parts += ["", f"## {heading}", "", f"![{heading}]({image.name})"]
@@ -221,8 +225,28 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(parts) + "\n")
     with atomic_path(run_dir / "report.html") as tmp:
-        tmp.write_text(html_report(title, " ".join([*warnings, summary]), models, columns, [note, distill], plots))
+        notes = [note, distill, *([auto_note] if auto_note else [])]
+        tmp.write_text(html_report(title, " ".join([*warnings, summary]), models, columns, notes, plots))
     return target
+
+
+AUTO_COLUMNS = ("temperature", "alpha", "loss", "accuracy", "agreement", "kl", "seconds")
+
+
+def auto_section(auto: dict | None) -> tuple[str, str]:
+    """The sentence and the Markdown table of an auto sweep (metrics.json ``auto``); empty strings without one."""
+    if not auto:
+        return "", ""
+    chosen = ", ".join(f"{key} {value:g}" for key, value in auto["choice"].items())
+    sentence = (
+        f"Chosen on the validation split: {chosen} — the best validation {auto['select_by']} of "
+        f"{auto['candidates']} short student runs ({auto['epochs_each']} epoch(s) each, {auto['seconds']:.0f} s in "
+        "all, on the teacher outputs the run already had)."
+    )
+    keys = [key for key in AUTO_COLUMNS if key in auto["table"][0]]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |" for row in auto["table"]]
+    return sentence, "\n".join(lines)
 
 
 def html_report(title: str, summary: str, models: dict, columns: list, notes: list[str], plots: list) -> str:

@@ -18,11 +18,15 @@ from distill.errors import DistillError
 from distill.evaluate import classifier_metrics, predict_logits, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
-from distill.recipe import ModelSpec, Recipe, load_recipe_as
+from distill.recipe import DistillSpec, ModelSpec, Recipe, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
+    auto_epochs,
     cache_root,
+    candidate_scores,
+    check_auto_data,
+    choose_auto,
     finish,
     int8_student,
     machine,
@@ -46,6 +50,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
     for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
         build_classifier(spec, data.input_shape, data.num_classes)
+    check_auto_data(recipe.distill, 0 if data.val_y is None else len(data.val_y))
     accelerator = make_accelerator(recipe.mixed_precision)
     prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
@@ -95,10 +100,25 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
     if check is not None and recipe.baseline and accelerator.is_main_process:  # the main process writes the log
         scores = {name: validated_scores(out, name, check, models[name][0]) for name in ("teacher", "baseline")}
         warnings = teacher_warnings(scores["teacher"], scores["baseline"])
+
+    def candidate(name: str, settings: DistillSpec, epochs: int) -> dict:
+        short = recipe.student.train.model_copy(update={"epochs": epochs})
+        kwargs = {"train": short, "teacher": signal, "distill": settings}
+        train(name, recipe.student.model, kwargs, data, out, accelerator, student_seed, resume, on_step, check)
+        return candidate_scores(out, name, accelerator)
+
+    distill, auto = choose_auto(
+        recipe.distill,
+        out,
+        candidate,
+        epochs=auto_epochs(recipe.distill, recipe.student.train.epochs),
+        select_by=recipe.student.train.select_by,
+        accelerator=accelerator,
+    )
     models["student"] = train_or_load(
         "student",
         recipe.student.model,
-        {"train": recipe.student.train, "teacher": signal, "distill": recipe.distill},
+        {"train": recipe.student.train, "teacher": signal, "distill": distill},
         data,
         out,
         accelerator,
@@ -111,11 +131,11 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
     results = evaluate_models(recipe, models, data)
     if "student_int8" in results:
         results["student_int8"]["parameters"] = results["student"]["parameters"]
-    distill = recipe.distill.model_dump(mode="json")
+    distill = distill.model_dump(mode="json")
     environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
     validation = {name: validation_summary(out, name) for name in models if name != "student_int8"}
-    warnings += student_warnings(results, validation, teacher_weak=bool(warnings))
-    extra = {"validation": validation, "warnings": warnings}
+    warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
+    extra = {"validation": validation, "warnings": warnings} | ({"auto": auto} if auto else {})
     return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment, **extra)
 
 
@@ -134,34 +154,35 @@ def train_or_load(
 ) -> tuple[torch.nn.Module, Path]:
     """Build the model (seeded) and train it, unless a resumed run finished it; its weights file."""
     folder = out / name
-
-    def train() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        model = build_classifier(spec, data.input_shape, data.num_classes)
-        torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
-        stage = Stage(name=name, model=model, **stage_kwargs)
-        return train_stage(
-            stage,
-            data.train_x,
-            data.train_y,
-            out,
-            accelerator,
-            seed=seed,
-            input_shape=data.input_shape,
-            resume=resume,
-            on_step=stage_step(name, on_step),
-            validator=validator,
-        )
-
     model = train_or_load_stage(
         folder,
         resume=resume,
         load=lambda f: load_classifier(f / "model.safetensors", spec, data.input_shape, data.num_classes),
-        train=train,
+        train=lambda: train(name, spec, stage_kwargs, data, out, accelerator, seed, resume, on_step, validator),
         save=lambda m, f: save_classifier(m, f, spec, data.input_shape, data.num_classes),
         accelerator=accelerator,
     )
     return model, folder / "model.safetensors"
+
+
+def train(name, spec, stage_kwargs, data, out, accelerator, seed, resume, on_step, validator) -> torch.nn.Module:
+    """A model built from ``seed`` and trained as stage ``name``."""
+    torch.manual_seed(seed)
+    model = build_classifier(spec, data.input_shape, data.num_classes)
+    torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
+    stage = Stage(name=name, model=model, **stage_kwargs)
+    return train_stage(
+        stage,
+        data.train_x,
+        data.train_y,
+        out,
+        accelerator,
+        seed=seed,
+        input_shape=data.input_shape,
+        resume=resume,
+        on_step=stage_step(name, on_step),
+        validator=validator,
+    )
 
 
 def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Validator | None:

@@ -3,8 +3,10 @@ with one marker, the int8 copy of the student, and the ending (metrics.json and 
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +17,9 @@ from distill.errors import DistillError
 from distill.export.quantize import WEIGHTS, load_int8
 from distill.export.run_export import Student, export_student
 from distill.io import atomic_path, fsync_path, fsync_tree, write_json
-from distill.recipe import recipe_to_yaml
+from distill.recipe import DistillSpec, recipe_to_yaml
 from distill.report import ReportView, write_report
-from distill.train import STAGE_DONE, remove_checkpoints, validation_summary
+from distill.train import LOWER_IS_BETTER, STAGE_DONE, remove_checkpoints, validation_summary
 
 OnStep = Callable[[str, int], None] | None
 
@@ -129,7 +131,13 @@ def teacher_warnings(teacher: dict, baseline: dict, *, by_loss: bool = False) ->
 
 
 def student_warnings(
-    results: dict, validation: dict, *, teacher_weak: bool, quality: str = "test_errors", noun: str = "test errors"
+    results: dict,
+    validation: dict,
+    *,
+    teacher_weak: bool,
+    auto: bool = False,
+    quality: str = "test_errors",
+    noun: str = "test errors",
 ) -> list[str]:
     """When the distilled student loses to the baseline on the test split (a higher ``quality``, which is lower
     when better): that first, with the likely reason read from the numbers."""
@@ -143,8 +151,101 @@ def student_warnings(
         reason = "the teacher is no better than the student alone (above)"
     elif summary.get("still_improving"):
         reason = "the student was still improving on validation when training ended: train it longer"
+    elif auto:
+        reason = (
+            "the temperature and α were already the best of the sweep on validation (below), so the teacher's lead "
+            "over the student alone is too small to carry over: a stronger teacher or more unlabeled inputs help most"
+        )
     else:
         reason = "try another distill.temperature (e.g. 2-10) or a hard-label weight distill.alpha (e.g. 0.1-0.5)"
     return [
         f"the distilled student is worse than the student trained alone on the test split ({noun} {s} vs {b}): {reason}"
     ]
+
+
+# The auto sweep's grid. Coordinate search: the temperatures first, then α at the chosen temperature (6 short runs
+# when both are auto, not 12). The values span what the literature and our benches use (BENCHMARKS.md).
+AUTO_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+AUTO_ALPHAS = (0.0, 0.1, 0.5)
+AUTO_ALPHA_WHILE_SWEEPING_T = 0.1
+AUTO_TABLE = "auto.json"
+AUTO_MIN_VALIDATION = 20  # fewer held-out examples cannot tell the candidates apart
+
+
+def check_auto_data(distill: DistillSpec, validation_examples: int, noun: str = "examples") -> None:
+    """Before any work: an ``auto`` setting needs a validation split big enough to choose on."""
+    if distill.auto_keys and validation_examples < AUTO_MIN_VALIDATION:
+        raise DistillError(
+            f"distill.{distill.auto_keys[0]}: auto chooses on the validation split, which has {validation_examples} "
+            f"labeled {noun} (needs {AUTO_MIN_VALIDATION}+): add labeled data, raise data.validation_fraction or "
+            "give a number"
+        )
+
+
+Candidate = Callable[[str, DistillSpec, int], dict]  # (stage name, settings, epochs) → its best validation scores
+
+
+def auto_epochs(distill: DistillSpec, student_epochs: int) -> int:
+    """Epochs each candidate of the sweep trains: ``distill.auto_epochs``, else a quarter of the student's."""
+    return distill.auto_epochs or max(1, student_epochs // 4)
+
+
+def choose_auto(
+    distill: DistillSpec, out: Path, candidate: Candidate, *, epochs: int, select_by: str, accelerator=None
+) -> tuple[DistillSpec, dict | None]:
+    """``distill`` with its ``auto`` settings chosen, and the sweep's record (None when nothing was auto).
+
+    Each candidate is a short student run (``epochs``) from the student's initial weights on the teacher outputs
+    the run already has, so the sweep costs student time only; it is ranked by its best validation ``select_by``
+    (ties: the loss). Every finished candidate is added to ``RUN/auto.json`` at once, so a resumed run skips it,
+    and its folder is removed."""
+    if not distill.auto_keys:
+        return distill, None
+    main = accelerator is None or accelerator.is_main_process
+    path = out / AUTO_TABLE
+    table = json.loads(path.read_text())["table"] if path.exists() else []
+
+    def run(temperature: float, alpha: float) -> dict:
+        for row in table:
+            if (row["temperature"], row["alpha"]) == (temperature, alpha):
+                return row
+        name = f"auto-T{temperature:g}-a{alpha:g}"
+        started = time.perf_counter()
+        scores = candidate(name, distill.model_copy(update={"temperature": temperature, "alpha": alpha}), epochs)
+        row = {"temperature": temperature, "alpha": alpha, **scores, "seconds": round(time.perf_counter() - started, 1)}
+        table.append(row)
+        if main:
+            write_json(path, {"table": table})
+            shutil.rmtree(out / name, ignore_errors=True)
+        return row
+
+    def rank(row: dict) -> tuple[float, float]:
+        value = row[select_by] if LOWER_IS_BETTER[select_by] else -row[select_by]
+        return value, row["loss"]
+
+    temperatures = AUTO_TEMPERATURES if distill.temperature == "auto" else (distill.temperature,)
+    alphas = AUTO_ALPHAS if distill.alpha == "auto" else (distill.alpha,)
+    sweep_alpha = AUTO_ALPHA_WHILE_SWEEPING_T if distill.alpha == "auto" else distill.alpha
+    best = min((run(t, sweep_alpha) for t in temperatures), key=rank)
+    best = min((run(best["temperature"], a) for a in alphas), key=rank)
+    choice = {key: best[key] for key in distill.auto_keys}
+    record = {
+        "choice": choice,
+        "select_by": select_by,
+        "epochs_each": epochs,
+        "candidates": len(table),
+        "seconds": round(sum(row["seconds"] for row in table), 1),
+        "table": table,
+    }
+    settings = ", ".join(f"{key} {value:g}" for key, value in choice.items())
+    if main:
+        print(f"auto: chose {settings} from {len(table)} short runs on the validation split", flush=True)
+    return distill.model_copy(update=choice), record
+
+
+def candidate_scores(out: Path, name: str, accelerator=None) -> dict:
+    """A finished sweep candidate's best validation scores, as its log says (read once every process is done, so
+    the main process has written them)."""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return validation_summary(out, name)["best"]

@@ -37,11 +37,15 @@ from distill.models.encoders import (
     tokenize,
 )
 from distill.models.probe import fit_probe
-from distill.recipe import TextClassificationRecipe, load_recipe_as
+from distill.recipe import DistillSpec, TextClassificationRecipe, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
+    auto_epochs,
     cache_root,
+    candidate_scores,
+    check_auto_data,
+    choose_auto,
     finish,
     machine,
     prepare_run_dir,
@@ -94,9 +98,10 @@ def train_student(
     resume,
     on_step,
     validator=None,
+    distill=None,
 ):
-    """Fine-tune a copy of ``base`` (distilled when ``teacher_logits`` is given) and save it, unless a resumed run
-    finished it."""
+    """Fine-tune a copy of ``base`` (distilled with ``distill``, default the recipe's, when ``teacher_logits`` is
+    given) and save it, unless a resumed run finished it."""
     spec = recipe.student.train
     keep = np.ones(len(rows), dtype=bool) if teacher_logits is not None else data.train_labels != IGNORE_INDEX
     ids = np.flatnonzero(keep)
@@ -106,8 +111,8 @@ def train_student(
     def train() -> nn.Module:
         model = copy.deepcopy(base)
         torch.manual_seed(recipe.seed + 1)
-        distill = recipe.distill if teacher_logits is not None else None  # the targets come from TextBatches
-        stage = Stage(name, model, spec.model_copy(update={"epochs": epochs}), distill=distill)
+        settings = (distill or recipe.distill) if teacher_logits is not None else None  # targets: TextBatches
+        stage = Stage(name, model, spec.model_copy(update={"epochs": epochs}), distill=settings)
         batches = TextBatches(
             [rows[i] for i in ids],
             torch.from_numpy(data.train_labels[ids]),
@@ -149,6 +154,7 @@ def run(
     accelerator = make_accelerator("no")
     if accelerator.num_processes > 1:
         raise DistillError("task: text_classification runs in one process; launch it without torchrun")
+    check_auto_data(recipe.distill, len(data.val_texts or []), "texts")
     prepare_run_dir(recipe, out, resume=resume, force=force)
     cache_dir = cache_root(recipe.distill, out)
 
@@ -196,6 +202,17 @@ def run(
             teacher_scores = validation_scores(teacher_val_logits, val_labels, None)
             baseline_scores = validated_scores(out, "baseline", check, trained["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
+    steps_per_epoch = math.ceil(len(rows) / recipe.student.train.batch_size)
+
+    def candidate(name: str, settings: DistillSpec, epochs: int) -> dict:
+        short = common | {"steps": epochs * steps_per_epoch, "distill": settings}
+        train_student(name, base, student_tok, data, rows, teacher_train_logits, **short)
+        return candidate_scores(out, name)
+
+    epochs = auto_epochs(recipe.distill, recipe.student.train.epochs)
+    select_by = recipe.student.train.select_by
+    distill, auto = choose_auto(recipe.distill, out, candidate, epochs=epochs, select_by=select_by)
+    common["distill"] = distill
     trained["student"] = train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]
@@ -216,10 +233,11 @@ def run(
         "student_steps": steps,
         "validation_texts": len(data.val_texts or []),
     }
-    distill = recipe.distill.model_dump(mode="json")
     validation = {name: validation_summary(out, name) for name in trained}
-    warnings += student_warnings(results, validation, teacher_weak=bool(warnings))
+    warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
     extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed)}
+    extra |= {"auto": auto} if auto else {}
+    distill = distill.model_dump(mode="json")
     return finish(out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, **extra)
 
 
