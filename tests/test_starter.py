@@ -66,3 +66,11 @@ def test_init_bad_inputs_are_one_line(folders):
     assert not (folders / "e.yaml").exists()
     done = distill("init", "classification", "--data", folders / "npy", "--out", folders / "c.yaml")
     assert done.returncode == 0 and "wrote" in done.stdout
+
+
+@pytest.mark.parametrize(("task", "data"), [("classification", "npy"), ("text_classification", "texts")])
+def test_init_leaves_the_distillation_settings_to_the_validation_sweep(folders, task, data):
+    out = folders / f"{task}.yaml"
+    write_starter(task, folders / "teacher", folders / data, out)
+    recipe = load_recipe(out)
+    assert recipe.distill.auto_keys == ["temperature", "alpha"] and recipe.data.validation_fraction > 0

@@ -37,6 +37,9 @@ def test_a_class_too_small_to_split_and_patience_without_validation_are_one_line
     data = ArrayData(x, np.array([0, 0, 0, 1, IGNORE_INDEX]), x[:1], np.array([0]), 2, (2,))
     with pytest.raises(DistillError, match="class 1 has 1 labeled training example.*validation_fraction: 0"):
         with_validation(data, 0.1, seed=0)
+    missing = ArrayData(x, np.array([0, 0, 0, 0, IGNORE_INDEX]), x[:1], np.array([1]), 2, (2,))
+    with pytest.raises(DistillError, match="class 1 has no labeled training example: the validation split would miss"):
+        with_validation(missing, 0.1, seed=0)
     with pytest.raises(DistillError, match="student.train.patience needs a validation split"):
         parse_recipe({"data": {"validation_fraction": 0}, "student": {"train": {"patience": 2}}})
     with pytest.raises(DistillError, match="teacher itself is selected by loss or accuracy"):

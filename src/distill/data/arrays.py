@@ -208,7 +208,7 @@ def with_validation(data: ArrayData, fraction: float, seed: int) -> ArrayData:
     every stage is checked on; the test split is never touched."""
     if fraction == 0:
         return data
-    hint = "add labeled examples or set data.validation_fraction: 0"
+    hint = "add labeled examples, raise data.labeled_fraction or set data.validation_fraction: 0"
     names = [str(label) for label in range(data.num_classes)]
     held = held_out_per_class(data.train_y, names, fraction, seed, unit="example", hint=hint)
     keep = np.ones(len(data.train_y), dtype=bool)
