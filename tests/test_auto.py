@@ -11,16 +11,16 @@ import pytest
 from safetensors.torch import load_file
 
 from distill.errors import DistillError
-from distill.recipe import DistillSpec
+from distill.recipe import DistillSpec, TrainSpec
 from distill.tasks import parse_recipe, run_recipe
-from distill.tasks.common import AUTO_ALPHAS, AUTO_TEMPERATURES, choose_auto
+from distill.tasks.common import AUTO_ALPHAS, AUTO_TEMPERATURES, auto_budget, choose_auto
 
 
 def fake_candidate(scores: dict, calls: list):
     """A candidate whose validation scores are looked up by (temperature, alpha)."""
 
-    def candidate(name: str, settings: DistillSpec, epochs: int) -> dict:
-        calls.append((name, settings.temperature, settings.alpha, epochs))
+    def candidate(name: str, settings: DistillSpec, budget: TrainSpec) -> dict:
+        calls.append((name, settings.temperature, settings.alpha, budget.epochs))
         return scores[(settings.temperature, settings.alpha)]
 
     return candidate
@@ -31,7 +31,7 @@ def test_the_sweep_takes_temperatures_then_alphas_at_the_best_temperature(tmp_pa
     scores = {key: {"loss": value, "accuracy": 0.5} for key, value in losses.items()}
     calls = []
     spec = DistillSpec(temperature="auto", alpha="auto", loss="reverse_kl")
-    chosen, record = choose_auto(spec, tmp_path, fake_candidate(scores, calls), epochs=2, select_by="loss")
+    chosen, record = choose_auto(spec, tmp_path, fake_candidate(scores, calls), train=TrainSpec(epochs=8))
     assert [(t, a) for _, t, a, _ in calls] == [(1, 0.1), (2, 0.1), (4, 0.1), (8, 0.1), (4, 0.0), (4, 0.5)]
     assert all(epochs == 2 for *_, epochs in calls)
     assert (chosen.temperature, chosen.alpha, chosen.loss) == (4.0, 0.5, "reverse_kl")  # the rest kept
@@ -39,7 +39,7 @@ def test_the_sweep_takes_temperatures_then_alphas_at_the_best_temperature(tmp_pa
     assert record["table"] == json.loads((tmp_path / "auto.json").read_text())["table"]
     # a resumed sweep trains none of the candidates it already has
     again = []
-    choose_auto(spec, tmp_path, fake_candidate(scores, again), epochs=2, select_by="loss")
+    choose_auto(spec, tmp_path, fake_candidate(scores, again), train=TrainSpec(epochs=8))
     assert again == []
 
 
@@ -51,13 +51,20 @@ def test_the_sweep_ranks_by_select_by_and_breaks_ties_by_loss(tmp_path):
         (8.0, 0.3): {"loss": 0.1, "accuracy": 0.7},  # best loss, worse accuracy
     }
     spec = DistillSpec(temperature="auto", alpha=0.3)
-    chosen, record = choose_auto(spec, tmp_path, fake_candidate(scores, []), epochs=1, select_by="accuracy")
+    chosen, record = choose_auto(spec, tmp_path, fake_candidate(scores, []), train=TrainSpec(select_by="accuracy"))
     assert (chosen.temperature, chosen.alpha) == (4.0, 0.3) and record["choice"] == {"temperature": 4.0}
     assert record["candidates"] == 4
-    fixed, none = choose_auto(
-        DistillSpec(temperature=2.0), tmp_path / "x", fake_candidate({}, []), epochs=1, select_by="loss"
-    )
+    fixed, none = choose_auto(DistillSpec(temperature=2.0), tmp_path / "x", fake_candidate({}, []), train=TrainSpec())
     assert fixed.temperature == 2.0 and none is None
+
+
+def test_each_candidate_gets_a_quarter_of_the_students_budget_or_auto_epochs():
+    quarter = auto_budget(DistillSpec(), TrainSpec(epochs=8, lr=0.3))
+    assert quarter.model_dump() == TrainSpec(epochs=2, lr=0.3).model_dump()
+    assert auto_budget(DistillSpec(), TrainSpec(epochs=3)).epochs == 1
+    assert auto_budget(DistillSpec(), TrainSpec(max_steps=100)).max_steps == 25
+    spec = auto_budget(DistillSpec(auto_epochs=3), TrainSpec(max_steps=100))
+    assert (spec.epochs, spec.max_steps) == (3, None)
 
 
 def _auto_recipe(tiny_recipe, **distill):
@@ -70,7 +77,7 @@ def test_auto_classifier_run_records_the_sweep_and_trains_the_student_with_the_c
     recipe = _auto_recipe(tiny_recipe)
     metrics = run_recipe(recipe, tmp_path / "auto")
     auto = metrics["auto"]
-    assert auto["epochs_each"] == 1 and auto["candidates"] == 6 and auto["select_by"] == "loss"
+    assert auto["budget_each"] == {"epochs": 1} and auto["candidates"] == 6 and auto["select_by"] == "loss"
     best = min(auto["table"], key=lambda row: row["loss"])
     assert auto["choice"] == {"temperature": best["temperature"], "alpha": best["alpha"]}
     assert metrics["distill"]["temperature"] == best["temperature"] and metrics["distill"]["alpha"] == best["alpha"]

@@ -105,6 +105,28 @@ def test_patience_stops_early_and_a_resumed_run_makes_the_same_choices(tmp_path,
         assert all(torch.equal(a[k], b[k]) for k in a), stage
 
 
+def test_a_budget_in_steps_ends_mid_epoch_and_resumes_to_the_same_weights(tmp_path, tiny_recipe):
+    # digits: 1,293 training examples after the validation split, batch 64: 21 steps an epoch; 30 steps end mid-way
+    tiny_recipe["student"]["train"] |= {"epochs": 1, "max_steps": 30, "checkpoint_every": 4}
+    recipe = parse_recipe(tiny_recipe)
+    run_recipe(recipe, tmp_path / "straight")
+    lines = [json.loads(line) for line in (tmp_path / "straight/log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in lines if e["stage"] == "student" and "validation" not in e]
+    assert max(steps) == 30 and steps[-1] == 30
+    assert [e["step"] for e in log_entries(tmp_path / "straight", "student")] == [21, 30]  # each epoch and the end
+
+    def interrupt(stage, step):
+        if (stage, step) == ("student", 25):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "resumed", on_step=interrupt)
+    run_recipe(recipe, tmp_path / "resumed", resume=True)
+    a = load_file(tmp_path / "straight/student/model.safetensors")
+    b = load_file(tmp_path / "resumed/student/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_teacher_worse_than_the_student_alone_is_said_at_run_time_and_first_in_the_report(
     tmp_path, tiny_recipe, capsys
 ):

@@ -66,6 +66,9 @@ class ModelSpec(Strict):
 
 class TrainSpec(Strict):
     epochs: int = Field(default=3, gt=0)
+    max_steps: int | None = Field(
+        default=None, gt=0, description="a budget in optimizer steps instead of epochs (as many epochs as it takes)"
+    )
     batch_size: int = Field(default=128, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"

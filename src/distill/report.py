@@ -240,13 +240,17 @@ def auto_section(auto: dict | None) -> tuple[str, str]:
     chosen = ", ".join(f"{key} {value:g}" for key, value in auto["choice"].items())
     sentence = (
         f"Chosen on the validation split: {chosen} — the best validation {auto['select_by']} of "
-        f"{auto['candidates']} short student runs ({auto['epochs_each']} epoch(s) each, {auto['seconds']:.0f} s in "
+        f"{auto['candidates']} short student runs ({_budget(auto['budget_each'])} each, {auto['seconds']:.0f} s in "
         "all, on the teacher outputs the run already had)."
     )
     keys = [key for key in AUTO_COLUMNS if key in auto["table"][0]]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |" for row in auto["table"]]
     return sentence, "\n".join(lines)
+
+
+def _budget(budget: dict) -> str:
+    return ", ".join(f"{value} {unit if value != 1 else unit[:-1]}" for unit, value in budget.items())
 
 
 def html_report(title: str, summary: str, models: dict, columns: list, notes: list[str], plots: list) -> str:

@@ -331,7 +331,8 @@ def train_loop(
     weights = torch.as_tensor(np.asarray(batches.weights, dtype=np.float64))
     n_examples = len(weights)
     steps_per_epoch = math.ceil(n_examples / spec.batch_size)
-    total_steps = spec.epochs * steps_per_epoch
+    total_steps = spec.max_steps or spec.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
 
     checkpoint = run_dir / name / "checkpoint.pt"
     log_path = run_dir / "log.jsonl"
@@ -413,13 +414,13 @@ def train_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     with progress, log_path.open("a") as log:
         task = progress.add_task(name, total=total_steps, completed=step, info="")
-        for epoch in range(position["epoch"], spec.epochs):
+        for epoch in range(position["epoch"], epochs):
             if position["stopped"]:
                 break
             order = epoch_order(batches, n_examples, spec.batch_size, seed, epoch)
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
-                if position["stopped"]:
+                if position["stopped"] or step == total_steps:  # early stop, or a step budget ends mid-epoch
                     break
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
                 global_weight = weights[rows].sum().item()

@@ -18,11 +18,10 @@ from distill.errors import DistillError
 from distill.evaluate import classifier_metrics, predict_logits, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
-from distill.recipe import DistillSpec, ModelSpec, Recipe, load_recipe_as
+from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
-    auto_epochs,
     cache_root,
     candidate_scores,
     check_auto_data,
@@ -101,20 +100,12 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         scores = {name: validated_scores(out, name, check, models[name][0]) for name in ("teacher", "baseline")}
         warnings = teacher_warnings(scores["teacher"], scores["baseline"])
 
-    def candidate(name: str, settings: DistillSpec, epochs: int) -> dict:
-        short = recipe.student.train.model_copy(update={"epochs": epochs})
-        kwargs = {"train": short, "teacher": signal, "distill": settings}
+    def candidate(name: str, settings: DistillSpec, budget: TrainSpec) -> dict:
+        kwargs = {"train": budget, "teacher": signal, "distill": settings}
         train(name, recipe.student.model, kwargs, data, out, accelerator, student_seed, resume, on_step, check)
         return candidate_scores(out, name, accelerator)
 
-    distill, auto = choose_auto(
-        recipe.distill,
-        out,
-        candidate,
-        epochs=auto_epochs(recipe.distill, recipe.student.train.epochs),
-        select_by=recipe.student.train.select_by,
-        accelerator=accelerator,
-    )
+    distill, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator)
     models["student"] = train_or_load(
         "student",
         recipe.student.model,

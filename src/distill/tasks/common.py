@@ -17,7 +17,7 @@ from distill.errors import DistillError
 from distill.export.quantize import WEIGHTS, load_int8
 from distill.export.run_export import Student, export_student
 from distill.io import atomic_path, fsync_path, fsync_tree, write_json
-from distill.recipe import DistillSpec, recipe_to_yaml
+from distill.recipe import DistillSpec, TrainSpec, recipe_to_yaml
 from distill.report import ReportView, write_report
 from distill.train import LOWER_IS_BETTER, STAGE_DONE, remove_checkpoints, validation_summary
 
@@ -182,26 +182,32 @@ def check_auto_data(distill: DistillSpec, validation_examples: int, noun: str = 
         )
 
 
-Candidate = Callable[[str, DistillSpec, int], dict]  # (stage name, settings, epochs) → its best validation scores
+Candidate = Callable[[str, DistillSpec, TrainSpec], dict]  # (stage name, settings, budget) → best validation scores
 
 
-def auto_epochs(distill: DistillSpec, student_epochs: int) -> int:
-    """Epochs each candidate of the sweep trains: ``distill.auto_epochs``, else a quarter of the student's."""
-    return distill.auto_epochs or max(1, student_epochs // 4)
+def auto_budget(distill: DistillSpec, train: TrainSpec) -> TrainSpec:
+    """The student's training settings with the short budget each sweep candidate gets: ``distill.auto_epochs``
+    epochs, else a quarter of the student's budget (epochs, or ``max_steps``), at least one."""
+    if distill.auto_epochs:
+        return train.model_copy(update={"epochs": distill.auto_epochs, "max_steps": None})
+    if train.max_steps:
+        return train.model_copy(update={"max_steps": max(1, train.max_steps // 4)})
+    return train.model_copy(update={"epochs": max(1, train.epochs // 4)})
 
 
 def choose_auto(
-    distill: DistillSpec, out: Path, candidate: Candidate, *, epochs: int, select_by: str, accelerator=None
+    distill: DistillSpec, out: Path, candidate: Candidate, *, train: TrainSpec, accelerator=None
 ) -> tuple[DistillSpec, dict | None]:
     """``distill`` with its ``auto`` settings chosen, and the sweep's record (None when nothing was auto).
 
-    Each candidate is a short student run (``epochs``) from the student's initial weights on the teacher outputs
-    the run already has, so the sweep costs student time only; it is ranked by its best validation ``select_by``
-    (ties: the loss). Every finished candidate is added to ``RUN/auto.json`` at once, so a resumed run skips it,
-    and its folder is removed."""
+    Each candidate is a short run of the student (``auto_budget``) from its initial weights on the teacher outputs
+    the run already has, so the sweep costs student time only; it is ranked by its best validation
+    ``train.select_by`` (ties: the loss). Every finished candidate is added to ``RUN/auto.json`` at once, so a
+    resumed run skips it, and its folder is removed."""
     if not distill.auto_keys:
         return distill, None
     main = accelerator is None or accelerator.is_main_process
+    budget, select_by = auto_budget(distill, train), train.select_by
     path = out / AUTO_TABLE
     table = json.loads(path.read_text())["table"] if path.exists() else []
 
@@ -211,7 +217,7 @@ def choose_auto(
                 return row
         name = f"auto-T{temperature:g}-a{alpha:g}"
         started = time.perf_counter()
-        scores = candidate(name, distill.model_copy(update={"temperature": temperature, "alpha": alpha}), epochs)
+        scores = candidate(name, distill.model_copy(update={"temperature": temperature, "alpha": alpha}), budget)
         row = {"temperature": temperature, "alpha": alpha, **scores, "seconds": round(time.perf_counter() - started, 1)}
         table.append(row)
         if main:
@@ -232,7 +238,7 @@ def choose_auto(
     record = {
         "choice": choice,
         "select_by": select_by,
-        "epochs_each": epochs,
+        "budget_each": {"steps": budget.max_steps} if budget.max_steps else {"epochs": budget.epochs},
         "candidates": len(table),
         "seconds": round(sum(row["seconds"] for row in table), 1),
         "table": table,

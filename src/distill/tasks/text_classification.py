@@ -37,11 +37,10 @@ from distill.models.encoders import (
     tokenize,
 )
 from distill.models.probe import fit_probe
-from distill.recipe import DistillSpec, TextClassificationRecipe, load_recipe_as
+from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
-    auto_epochs,
     cache_root,
     candidate_scores,
     check_auto_data,
@@ -112,7 +111,7 @@ def train_student(
         model = copy.deepcopy(base)
         torch.manual_seed(recipe.seed + 1)
         settings = (distill or recipe.distill) if teacher_logits is not None else None  # targets: TextBatches
-        stage = Stage(name, model, spec.model_copy(update={"epochs": epochs}), distill=settings)
+        stage = Stage(name, model, spec.model_copy(update={"epochs": epochs, "max_steps": steps}), distill=settings)
         batches = TextBatches(
             [rows[i] for i in ids],
             torch.from_numpy(data.train_labels[ids]),
@@ -190,7 +189,8 @@ def run(
     base = EncoderClassifier(base_encoder, len(data.classes), dropout=recipe.student.dropout)
     base.pad_id = pad_id_of(student_tok)
     rows = tokenize(student_tok, data.train_texts, max_length)
-    steps = recipe.student.train.epochs * math.ceil(len(rows) / recipe.student.train.batch_size)
+    steps_per_epoch = math.ceil(len(rows) / recipe.student.train.batch_size)
+    steps = recipe.student.train.max_steps or recipe.student.train.epochs * steps_per_epoch
     trained = {}
     common = {"recipe": recipe, "out": out, "accelerator": accelerator, "steps": steps, "resume": resume}
     common["on_step"] = on_step
@@ -202,16 +202,13 @@ def run(
             teacher_scores = validation_scores(teacher_val_logits, val_labels, None)
             baseline_scores = validated_scores(out, "baseline", check, trained["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
-    steps_per_epoch = math.ceil(len(rows) / recipe.student.train.batch_size)
 
-    def candidate(name: str, settings: DistillSpec, epochs: int) -> dict:
-        short = common | {"steps": epochs * steps_per_epoch, "distill": settings}
+    def candidate(name: str, settings: DistillSpec, budget: TrainSpec) -> dict:
+        short = common | {"steps": budget.max_steps or budget.epochs * steps_per_epoch, "distill": settings}
         train_student(name, base, student_tok, data, rows, teacher_train_logits, **short)
         return candidate_scores(out, name)
 
-    epochs = auto_epochs(recipe.distill, recipe.student.train.epochs)
-    select_by = recipe.student.train.select_by
-    distill, auto = choose_auto(recipe.distill, out, candidate, epochs=epochs, select_by=select_by)
+    distill, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train)
     common["distill"] = distill
     trained["student"] = train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
     test_rows = tokenize(student_tok, data.test_texts, max_length)
