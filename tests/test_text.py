@@ -242,6 +242,12 @@ def test_text_classification_student_cut_from_the_teacher(tmp_path, teacher_dir)
     assert metrics["models"]["student"]["parameters"] < metrics["models"]["teacher"]["parameters"]
 
 
+def training_log(run_dir) -> list[dict]:
+    """The training lines of log.jsonl (the validation lines have their own test file)."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if "validation" not in entry]
+
+
 def _embedding_recipe(data_dir, teacher_dir, cache, student) -> EmbeddingRecipe:
     return EmbeddingRecipe.model_validate(
         {
@@ -261,7 +267,7 @@ def test_embedding_distillation_moves_the_student_towards_the_teacher(tmp_path, 
     train = {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "log_every": 1}
     student = {"path": str(student_dir), "train": train}
     metrics = run_embedding(_embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", student), tmp_path / "run")
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = training_log(tmp_path / "run")
     assert log[-1]["mse"] < 0.5 * log[0]["mse"]
     s = metrics["models"]["student"]
     assert s["cosine_to_teacher"] > 0.5 and 0 <= s["probe_csv"] <= 1
@@ -374,9 +380,11 @@ def test_embedding_run_distills_on_clauses_too(tmp_path, teacher_dir, student_di
     texts = load_text_data(recipe.data[0]).train_texts
     assert len(clauses(texts)) == 2 * len(texts)
     metrics = run_embedding(recipe, tmp_path / "run")
-    assert metrics["data"]["csv"] == {"train_texts": 48, "clause_texts": 96, "test_texts": 30, "max_length": 16}
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == (48 + 96) // 16  # one epoch over the texts and their clauses
+    # data.validation_fraction 0.1 holds out 5 of the 48 texts, and their clauses
+    sizes = {"train_texts": 43, "validation_texts": 5, "clause_texts": 86, "test_texts": 30, "max_length": 16}
+    assert metrics["data"]["csv"] == sizes
+    log = training_log(tmp_path / "run")
+    assert log[-1]["step"] == -(-(43 + 86) // 16)  # one epoch over the texts and their clauses
     with pytest.raises(ValueError, match="data.clauses is for task: embedding"):
         TextClassificationRecipe.model_validate({"task": "text_classification", "data": {"clauses": True}})
 
@@ -432,7 +440,7 @@ def test_embedding_run_matches_the_teacher_token_states_too(tmp_path, teacher_di
     recipe = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"from_teacher": {"keep": 2}, "train": train})
     recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"token_states": 2.0})})
     metrics = run_embedding(recipe, tmp_path / "run")
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = training_log(tmp_path / "run")
     assert log[-1]["tokens"] < log[0]["tokens"]
     assert all(abs(e["loss"] - (e["mse"] + 2.0 * e["tokens"])) < 1e-5 for e in log)
     assert metrics["distill"]["token_states"] == 2.0 and metrics["models"]["student"]["cosine_to_teacher"] > 0.9
@@ -498,7 +506,8 @@ def test_text_classification_auto_chooses_on_validation_and_needs_enough_of_it(t
         recipe.model_copy(update={"distill": distill, "data": data, "student": student}), tmp_path / "run"
     )
     auto = metrics["auto"]
-    assert [row["temperature"] for row in auto["table"]] == [1.0, 2.0, 4.0, 8.0] and auto["epochs_each"] == 1
+    assert [row["temperature"] for row in auto["table"]] == [1.0, 2.0, 4.0, 8.0]
+    assert auto["budget_each"] == {"epochs": 1}
     best = min(auto["table"], key=lambda row: row["loss"])
     assert auto["choice"] == {"temperature": best["temperature"]} == {"temperature": metrics["distill"]["temperature"]}
     assert "## Automatic settings" in (tmp_path / "run" / "REPORT.md").read_text()

@@ -15,6 +15,7 @@ from torch import nn
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.losses.divergences import PER_POSITION, forward_kl
+from distill.losses.embedding import embedding_losses
 from distill.models import count_parameters
 from distill.models.encoders import pad, pad_id_of, tokenize
 
@@ -104,6 +105,13 @@ def validation_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
         scores["agreement"] = round((logits.argmax(-1) == teacher_logits.argmax(-1)).double().mean().item(), 6)
         scores["kl"] = round(float(forward_kl(logits, teacher_logits)), 6)
     return scores
+
+
+def embedding_validation_scores(predicted: torch.Tensor, targets: torch.Tensor, loss: str) -> dict:
+    """What an embedding student is validated on: the sentence loss it trains on (``loss``: mse, cosine or
+    mse+cosine) against the teacher's embeddings, and its mean cosine to them."""
+    terms = embedding_losses(predicted, targets, loss)
+    return {"loss": round(terms["loss"].item(), 6), "cosine": round(1.0 - terms["cosine"].item(), 6)}
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -213,3 +213,18 @@ def with_validation(data: TextData, fraction: float, seed: int) -> TextData:
         val_texts=[data.train_texts[i] for i in held.tolist()],
         val_labels=data.train_labels[held],
     )
+
+
+def validation_mask(count: int, fraction: float, seed: int, source: str) -> np.ndarray:
+    """Which of ``count`` training texts are held out for validation: a seeded random ``fraction`` (at least one),
+    not per class, since the texts of task: embedding may carry no label. All False for ``fraction`` 0."""
+    held = np.zeros(count, dtype=bool)
+    if fraction == 0:
+        return held
+    if count < 2:
+        raise DistillError(
+            f"data.source {source}: {count} training text(s) cannot give both a validation split and training "
+            "texts; add training texts or set data.validation_fraction: 0"
+        )
+    held[np.random.default_rng(seed + 104_729).permutation(count)[: max(1, round(fraction * count))]] = True
+    return held

@@ -214,9 +214,10 @@ def batches_by_length(rows: list[list[int]], pad_id: int, batch_size: int):
 def encode(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
     """``model(ids, attention)`` over every row, in batches of similar length; outputs in the input order."""
     model.eval()
+    device = next(model.parameters()).device  # a model trained on an accelerator is validated where it is
     outputs: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
     for chosen, ids, attention in batches_by_length(rows, pad_id, batch_size):
-        values = to_numpy(model(ids, attention).float())
+        values = to_numpy(model(ids.to(device), attention.to(device)).float())
         for i, value in zip(chosen, values, strict=True):
             outputs[i] = value
     return np.stack(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

@@ -3,8 +3,11 @@
 The teacher's embeddings of the training texts are computed once and cached. Students: layers cut from the
 teacher, another pretrained encoder (with a learned projection when the widths differ), or a static table of
 token vectors (``distill.models.static``). With ``distill.token_states`` the student also matches the teacher's
-last-layer state of every token (cached once, like the sentence vectors). Evaluation on held-out texts: cosine
-to the teacher's embeddings, linear-probe accuracy on each labeled set against the teacher's, texts/s on the CPU.
+last-layer state of every token (cached once, like the sentence vectors). A seeded random part of each source's
+training texts (``data.validation_fraction``) is held out: the student never trains on it and is validated there
+(its training loss and cosine to the teacher's embeddings), the best weights kept. Evaluation on the test texts:
+cosine to the teacher's embeddings, linear-probe accuracy on each labeled set against the teacher's, texts/s on the
+CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.data.labeled_text import TextData, clauses, load_text_data
+from distill.data.labeled_text import TextData, clauses, load_text_data, validation_mask
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.evaluate import folder_bytes, text_speed
+from distill.evaluate import embedding_validation_scores, folder_bytes, text_speed
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.losses import IGNORE_INDEX
 from distill.losses.embedding import embedding_losses, token_state_loss
@@ -46,7 +49,7 @@ from distill.report import Quality, ReportView, human_bytes
 from distill.tasks.common import OnStep, cache_root, finish, machine, prepare_run_dir, stage_step, train_or_load
 from distill.teachers.encoder_outputs import TokenStates, cached_token_states, teacher_features
 from distill.teachers.identity import encoder_id
-from distill.train import make_accelerator, train_loop
+from distill.train import Validator, make_accelerator, train_loop, validation_summary
 
 
 class EmbeddingStudent(nn.Module):
@@ -115,6 +118,22 @@ def embed_texts(model: nn.Module, tokenizer, texts: list[str], max_length: int) 
     return encode(model, tokenize(tokenizer, texts, max_length), pad_id_of(tokenizer))
 
 
+def embedding_validator(
+    validation: tuple[list[str], np.ndarray] | None, tokenizer, max_length: int, loss_name: str
+) -> Validator | None:
+    """The student's loss (``loss_name``, as in training) and cosine against the teacher's embeddings of the
+    validation texts; None without a validation split."""
+    if validation is None:
+        return None
+    texts, targets = validation
+    rows, pad_id, targets = tokenize(tokenizer, texts, max_length), pad_id_of(tokenizer), torch.from_numpy(targets)
+
+    def check(model: nn.Module) -> dict[str, float]:
+        return embedding_validation_scores(torch.from_numpy(encode(model, rows, pad_id)), targets, loss_name)
+
+    return check
+
+
 def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: int) -> float:
     """Logistic regression on the labeled training embeddings, accuracy on the test embeddings."""
     labeled = data.train_labels != IGNORE_INDEX
@@ -134,8 +153,10 @@ def train_student(
     resume,
     teacher_tokens,
     on_step: OnStep = None,
+    validation: tuple[list[str], np.ndarray] | None = None,
 ):
-    """(student, its tokenizer), trained on the teacher's targets unless a resumed run finished it."""
+    """(student, its tokenizer), trained on the teacher's targets unless a resumed run finished it; validated on
+    ``validation`` (texts, the teacher's embeddings of them) when given."""
     spec = recipe.student
     max_length = max(s.max_length for s in recipe.data)
     step = stage_step("student", on_step)
@@ -144,11 +165,14 @@ def train_student(
         static = spec.static
         rows = tokenize(teacher_tok, train_texts, max_length)
         model = build_static(teacher, teacher_tok, rows, pca_dims=static.pca_dims, sif=static.sif, seed=recipe.seed)
-        if static.epochs:
+        if static.epochs:  # without epochs there is no loop, so nothing to validate or select
             train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
             batches = EmbeddingBatches(rows, torch.from_numpy(targets), "mse", pad_id_of(teacher_tok))
             accelerator = make_accelerator("no")
-            model = train_loop("student", model, train, batches, out, accelerator, seed=recipe.seed, on_step=step)
+            check = embedding_validator(validation, teacher_tok, max_length, "mse")
+            model = train_loop(
+                "student", model, train, batches, out, accelerator, seed=recipe.seed, on_step=step, validator=check
+            )
         return model.eval(), teacher_tok
 
     def train_encoder():
@@ -160,9 +184,19 @@ def train_student(
         if recipe.distill.token_states:
             batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
         accelerator = make_accelerator("no")
+        check = embedding_validator(validation, tokenizer, max_length, recipe.distill.loss)
         torch.manual_seed(recipe.seed + 1)
         model = train_loop(
-            "student", model, spec.train, batches, out, accelerator, seed=recipe.seed, resume=resume, on_step=step
+            "student",
+            model,
+            spec.train,
+            batches,
+            out,
+            accelerator,
+            seed=recipe.seed,
+            resume=resume,
+            on_step=step,
+            validator=check,
         )
         return model.eval(), tokenizer
 
@@ -200,6 +234,14 @@ def run(
     names = [spec.source for spec in recipe.data]
     if len(set(names)) != len(names):
         raise DistillError("data: each source may appear once (its name labels the probe)")
+    # The validation split, chosen before anything is written so that a too-small source fails first. A static
+    # table without epochs is built, never trained: it has nothing to validate, so it keeps every text.
+    static = recipe.student.static
+    trains = static is None or static.epochs > 0
+    held = {
+        n: validation_mask(len(d.train_texts), s.validation_fraction if trains else 0.0, recipe.seed, n)
+        for n, d, s in zip(names, sources, recipe.data, strict=True)
+    }
     teacher_path = Path(recipe.teacher.path).expanduser()
     teacher, teacher_tok = load_encoder(teacher_path)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -218,20 +260,26 @@ def run(
         name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))
         for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
-    extra = {  # clauses of the training texts: more teacher targets, never probe examples
-        n: clauses(d.train_texts) if s.clauses else [] for n, d, s in zip(names, sources, recipe.data, strict=True)
+    split = [(n, d.train_texts, held[n]) for n, d in zip(names, sources, strict=True)]
+    kept = {n: [t for t, h in zip(texts, mask, strict=True) if not h] for n, texts, mask in split}
+    extra = {  # clauses of the texts trained on (a validation text's never are): more targets, never probe examples
+        n: clauses(kept[n]) if s.clauses else [] for n, s in zip(names, recipe.data, strict=True)
     }
-    train_texts = [t for d in sources for t in d.train_texts] + [t for n in names for t in extra[n]]
+    train_texts = [t for n in names for t in kept[n]] + [t for n in names for t in extra[n]]
     targets = np.concatenate(
-        [teacher_out[n][0] for n in names]
+        [teacher_out[n][0][~held[n]] for n in names]
         + [teacher_embeddings(extra[n], s.max_length) for n, s in zip(names, recipe.data, strict=True) if extra[n]]
     )
+    validation = None
+    if any(h.any() for h in held.values()):
+        val_texts = [t for _, texts, mask in split for t, h in zip(texts, mask, strict=True) if h]
+        validation = (val_texts, np.concatenate([teacher_out[n][0][held[n]] for n in names]))
 
     def teacher_tokens(rows: list[list[int]]) -> TokenStates:
         return cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
 
     student, student_tok = train_student(
-        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens, on_step
+        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens, on_step, validation
     )
 
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
@@ -240,6 +288,8 @@ def run(
     results = {}
     for role, model, tokenizer in (("teacher", teacher, teacher_tok), ("student", student, student_tok)):
         scores, cosines = {}, []
+        # The probes fit on every training text, the validation ones too: it only measures the embeddings, and a
+        # class whose few labeled texts were all held out would be missing from it.
         for name, data, spec in zip(names, sources, recipe.data, strict=True):
             if role == "teacher":
                 train_emb, test_emb = teacher_out[name]
@@ -257,7 +307,8 @@ def run(
     distill = recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})}
     sizes = {
         name: {
-            "train_texts": len(d.train_texts),
+            "train_texts": len(kept[name]),
+            "validation_texts": int(held[name].sum()),
             "clause_texts": len(extra[name]),
             "test_texts": len(d.test_texts),
             "max_length": s.max_length,
@@ -265,8 +316,18 @@ def run(
         for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
     environment = machine(speed=speed)
+    summary = {"student": validation_summary(out, "student")}  # None without a split
     return finish(
-        out, recipe, "embedding", results, VIEW, probes=names, distill=distill, data=sizes, machine=environment
+        out,
+        recipe,
+        "embedding",
+        results,
+        VIEW,
+        probes=names,
+        distill=distill,
+        data=sizes,
+        validation=summary,
+        machine=environment,
     )
 
 
@@ -342,13 +403,13 @@ def note(metrics: dict) -> str:
     machine = metrics.get("machine", {})
     speed = machine.get("speed", {})
     sizes = ", ".join(
-        f"{k}: {v['train_texts']} training / {v['test_texts']} held-out texts"
+        f"{k}: {v['train_texts']} training / {v.get('validation_texts', 0)} validation / {v['test_texts']} test texts"
         for k, v in metrics.get("data", {}).items()
     )
     return (
-        f"{sizes}. Probes: logistic regression on the training texts' embeddings, accuracy on the held-out "
-        f"texts. Texts/s and latency include tokenization, {speed.get('threads', '?')} CPU thread(s), batches "
-        f"of {speed.get('batch_size', '?')}, torch {machine.get('torch', '?')}."
+        f"{sizes}. Probes: logistic regression on the embeddings of the training and validation texts, accuracy "
+        f"on the test texts. Texts/s and latency include tokenization, {speed.get('threads', '?')} CPU thread(s), "
+        f"batches of {speed.get('batch_size', '?')}, torch {machine.get('torch', '?')}."
     )
 
 
