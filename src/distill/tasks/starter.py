@@ -117,6 +117,7 @@ data:
   - source: {_source(data, "embedding")}
     path: {data}
     max_length: 128
+    validation_fraction: 0.1  # training texts held out: the student is validated there (loss, cosine)
 teacher:
   path: {teacher}  # a sentence-transformers / HF encoder folder
 student:
