@@ -26,7 +26,7 @@ What the bench changes in each recipe, and nothing else (so auto settings, epoch
   seeded, so seeds do not share teacher features; a rerun of the bench does (delete the folder for a cold time).
 The causal_lm figure is held-out perplexity (the template has no auto settings, so its auto column is empty).
 
-Cuts (to fit ≤ 60 minutes for 8 data sets × 3 seeds on 2 CPU cores; `--quick` uses smaller ones). Seed 0 of
+Cuts (to fit ≤ 60 minutes for 7 data sets × 3 seeds on 2 CPU cores; `--quick` uses smaller ones). Seed 0 of
 each, measured one at a time on 2 cores with other work light (load ~1.5-2): 11.1 min in all, so ~34 min for 3 seeds.
 - mnist, fashion-mnist: limit_train 20000 of 60000 (the first ones), limit_test 10000 (all): ~20 s a run;
 - digits: none (1,437 train / 360 test): ~3 s;
