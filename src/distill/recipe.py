@@ -168,6 +168,15 @@ class DistillSpec(Strict):
         return [key for key in ("temperature", "alpha") if getattr(self, key) == "auto"]
 
 
+def patience_needs_validation(name: str, train: TrainSpec, has_split: bool) -> None:
+    """Validator body: early stopping counts validations, so there must be a validation split."""
+    if train.patience and not has_split:
+        raise ValueError(
+            f"{name}.train.patience needs a validation split: set data.validation_fraction > 0 (e.g. 0.1) or drop "
+            "patience"
+        )
+
+
 def auto_needs_validation(distill: DistillSpec, validation_fraction: float) -> None:
     """Validator body: ``auto`` settings are chosen on the validation split, so there must be one."""
     if distill.auto_keys and validation_fraction == 0:
@@ -200,7 +209,7 @@ class Recipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @model_validator(mode="after")
-    def _patience_needs_validation(self) -> Recipe:
+    def _validation_settings_have_a_split(self) -> Recipe:
         auto_needs_validation(self.distill, self.data.validation_fraction)
         if self.teacher.train.select_by in ("kl", "agreement"):
             raise ValueError(
@@ -208,11 +217,7 @@ class Recipe(Strict):
                 "itself is selected by loss or accuracy"
             )
         for name, train in (("teacher", self.teacher.train), ("student", self.student.train)):
-            if train.patience and self.data.validation_fraction == 0:
-                raise ValueError(
-                    f"{name}.train.patience needs a validation split: set data.validation_fraction > 0 "
-                    "(e.g. 0.1) or drop patience"
-                )
+            patience_needs_validation(name, train, self.data.validation_fraction > 0)
         return self
 
 
@@ -551,11 +556,7 @@ class EmbeddingRecipe(Strict):
                 f"student.train.select_by {train.select_by!r} has nothing to measure in task: embedding (no classes, "
                 "no logits); use select_by: loss, the distance to the teacher's embeddings of the validation texts"
             )
-        if train.patience and not any(spec.validation_fraction for spec in self.data):
-            raise ValueError(
-                "student.train.patience needs a validation split: set data.validation_fraction > 0 (e.g. 0.1) or "
-                "drop patience"
-            )
+        patience_needs_validation("student", train, any(spec.validation_fraction for spec in self.data))
         return self
 
 

@@ -104,14 +104,13 @@ def train_student(
     spec = recipe.student.train
     keep = np.ones(len(rows), dtype=bool) if teacher_logits is not None else data.train_labels != IGNORE_INDEX
     ids = np.flatnonzero(keep)
-    steps_per_epoch = math.ceil(len(ids) / spec.batch_size)
-    epochs = math.ceil(steps / steps_per_epoch)  # the same optimizer-step budget for both students
 
     def train() -> nn.Module:
         model = copy.deepcopy(base)
         torch.manual_seed(recipe.seed + 1)
         settings = (distill or recipe.distill) if teacher_logits is not None else None  # targets: TextBatches
-        stage = Stage(name, model, spec.model_copy(update={"epochs": epochs, "max_steps": steps}), distill=settings)
+        # the same optimizer-step budget for both students, whatever their number of examples
+        stage = Stage(name, model, spec.model_copy(update={"max_steps": steps}), distill=settings)
         batches = TextBatches(
             [rows[i] for i in ids],
             torch.from_numpy(data.train_labels[ids]),
