@@ -78,6 +78,12 @@ def classifier_metrics(
     return metrics | cpu_latency(model, test_x, threads=threads, runs=runs)
 
 
+def teacher_scores(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement with the teacher and forward KL to it, rounded as every report shows them."""
+    agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).double().mean().item()
+    return round(agreement, 6), round(float(forward_kl(logits, teacher_logits)), 6)
+
+
 def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict:
     """Accuracy and errors on the test labels; agreement and KL with the teacher when its logits are given."""
     errors = int((logits.argmax(-1) != labels).sum())
@@ -87,10 +93,7 @@ def classifier_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
         "test_examples": len(labels),
     }
     if teacher_logits is not None:
-        scores["agreement_with_teacher"] = round(
-            float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()), 6
-        )
-        scores["kl_to_teacher"] = round(float(forward_kl(logits, teacher_logits)), 6)
+        scores["agreement_with_teacher"], scores["kl_to_teacher"] = teacher_scores(logits, teacher_logits)
     return scores
 
 
@@ -102,8 +105,7 @@ def validation_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
         "accuracy": round((logits.argmax(-1) == labels).double().mean().item(), 6),
     }
     if teacher_logits is not None:
-        scores["agreement"] = round((logits.argmax(-1) == teacher_logits.argmax(-1)).double().mean().item(), 6)
-        scores["kl"] = round(float(forward_kl(logits, teacher_logits)), 6)
+        scores["agreement"], scores["kl"] = teacher_scores(logits, teacher_logits)
     return scores
 
 
