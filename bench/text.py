@@ -78,7 +78,7 @@ def model_figures(m: dict) -> dict:
 def probe_correct(train: np.ndarray, test: np.ndarray, data, seed: int) -> np.ndarray:
     """Per test text: does the probe (as the run fits it: C=1 on the labeled training texts) get it right?"""
     labeled = data.train_labels != IGNORE_INDEX
-    head = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
+    head, _ = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
     with torch.no_grad():
         return to_numpy(head(torch.from_numpy(test)).argmax(-1)) == data.test_labels
 

@@ -24,6 +24,7 @@ from distill.models.probe import fit_probe
 from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
 from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
 from distill.tasks import export_run
+from distill.tasks.common import AUTO_LRS
 from distill.tasks.embedding import run as run_embedding
 from distill.tasks.text_classification import run as run_text_classification
 from distill.teachers.encoder_outputs import cached_token_states
@@ -111,7 +112,7 @@ def test_fit_probe_folds_the_scaler_into_one_linear_layer(classes):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 6)) * [1, 10, 0.1, 5, 1, 2] + [3, -2, 0, 1, 8, 0]
     y = rng.integers(0, classes, size=200)
-    head = fit_probe(x.astype(np.float32), y, 1.0, seed=0)
+    head, _ = fit_probe(x.astype(np.float32), y, 1.0, seed=0)
     mean, std = x.mean(0), x.astype(np.float32).std(0) + 1e-6
     reference = LogisticRegression(C=1.0, max_iter=2000, random_state=0).fit((x - mean) / std, y)
     with torch.no_grad():
@@ -501,13 +502,43 @@ def test_text_classification_auto_chooses_on_validation_and_needs_enough_of_it(t
         run_text_classification(small, tmp_path / "small")
     assert not (tmp_path / "small").exists()
     data = recipe.data.model_copy(update={"labeled_fraction": 1.0, "validation_fraction": 0.1})
-    student = recipe.student.model_copy(update={"train": recipe.student.train.model_copy(update={"epochs": 1})})
+    train = recipe.student.train.model_copy(update={"epochs": 1, "lr": "auto"})
+    student = recipe.student.model_copy(update={"train": train})
     metrics = run_text_classification(
         recipe.model_copy(update={"distill": distill, "data": data, "student": student}), tmp_path / "run"
     )
     auto = metrics["auto"]
-    assert [row["temperature"] for row in auto["table"]] == [1.0, 2.0, 4.0, 8.0]
+    rates = list(AUTO_LRS["adamw"])
+    assert [row["lr"] for row in auto["baseline"]["table"]] == rates  # the baseline's own sweep, hard labels
+    assert [(row["temperature"], row["lr"]) for row in auto["table"][:3]] == [(2.0, lr) for lr in rates]
+    best_lr = min(auto["table"][:3], key=lambda row: row["loss"])["lr"]
+    assert [(row["temperature"], row["lr"]) for row in auto["table"][3:]] == [(t, best_lr) for t in (1.0, 4.0, 8.0)]
     assert auto["budget_each"] == {"epochs": 1}
     best = min(auto["table"], key=lambda row: row["loss"])
-    assert auto["choice"] == {"temperature": best["temperature"]} == {"temperature": metrics["distill"]["temperature"]}
+    assert auto["choice"] == {"temperature": best["temperature"], "lr": best["lr"]}
+    assert metrics["distill"]["temperature"] == best["temperature"]
     assert "## Automatic settings" in (tmp_path / "run" / "REPORT.md").read_text()
+    assert metrics["teacher_probe"]["chosen_by"] == "5-fold log loss"
+
+
+def test_probe_c_auto_is_the_cross_validated_log_loss_minimum():
+    """probe_c: auto — the losses are sklearn's own 5-fold log loss (same folds), the pick their minimum: heavy
+    regularisation where the features carry no signal, little where they separate the classes."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from distill.models.probe import PROBE_CS, cross_validated_c
+
+    rng = np.random.default_rng(0)
+    noise, labels = rng.normal(size=(100, 40)), np.repeat([0, 1, 2, 3], 25)
+    c, losses = cross_validated_c(noise, labels, seed=0)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    for each in PROBE_CS:
+        reference = -cross_val_score(
+            LogisticRegression(C=each, max_iter=2000, random_state=0), noise, labels, cv=folds, scoring="neg_log_loss"
+        ).mean()
+        assert losses[each] == pytest.approx(reference, rel=1e-4)
+    assert c == min(PROBE_CS)
+    separable = noise + 4.0 * np.eye(40)[labels]
+    assert cross_validated_c(separable, labels, seed=0)[0] == max(PROBE_CS)
+    head, record = fit_probe(separable.astype(np.float32), labels, "auto", seed=0)
+    assert record["c"] == max(PROBE_CS) and set(record["log_loss"]) == set(PROBE_CS)

@@ -145,3 +145,46 @@ def test_a_good_teacher_raises_no_warning(tmp_path, tiny_recipe):
     metrics = run_recipe(parse_recipe(tiny_recipe), tmp_path / "run")
     assert metrics["validation"]["teacher"]["best"]["accuracy"] > metrics["validation"]["baseline"]["best"]["accuracy"]
     assert not [w for w in metrics["warnings"] if w.startswith("the teacher")]
+
+
+def _lead_reference(teacher: np.ndarray, baseline: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Float64 NumPy: mean and standard error of the per-example cross-entropy difference baseline − teacher."""
+
+    def cross_entropy(logits):
+        shifted = logits - logits.max(1, keepdims=True)
+        return -(shifted[np.arange(len(labels)), labels] - np.log(np.exp(shifted).sum(1)))
+
+    diff = cross_entropy(baseline) - cross_entropy(teacher)
+    return diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+
+
+def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(capsys):
+    """Clearly better: at least as accurate, and a cross-entropy lead of more than one standard error of the paired
+    difference; else one line — "not better" (less accurate, or no lead) or "not clearly better" (within noise)."""
+    from distill.evaluate import paired_loss_lead
+    from distill.tasks.common import teacher_check
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=40)
+    onehot = np.eye(4)[labels]
+    sharp, noise = 3.0 * onehot + rng.normal(size=(40, 4)), rng.normal(size=(40, 4))
+
+    def lead(teacher, baseline):
+        t, b = torch.from_numpy(teacher), torch.from_numpy(baseline)
+        return paired_loss_lead(t.float(), b.float(), torch.from_numpy(labels))
+
+    clearly = lead(sharp, noise)
+    mean, se = _lead_reference(sharp.astype(np.float32), noise.astype(np.float32), labels)
+    assert clearly["loss_lead"] == pytest.approx(mean, abs=1e-6) and clearly["standard_error"] == pytest.approx(se, abs=1e-6)
+    assert clearly["loss_lead"] > clearly["standard_error"] and teacher_check(clearly) == []
+    assert teacher_check(lead(noise, sharp))[0].startswith("the teacher is not better than the student trained alone")
+    # a lead within one standard error
+    wobble = {**clearly, "loss_lead": 0.01, "standard_error": 0.02}
+    line = teacher_check(wobble)[0]
+    assert line.startswith("the teacher is not clearly better than the student trained alone on the validation split")
+    assert "0.0100 ± 0.0200 on 40 examples" in line and "data.validation_fraction" in line
+    assert "warning: the teacher is not clearly better" in capsys.readouterr().out
+    # less accurate with a lower cross-entropy is still "not better"
+    assert teacher_check({**clearly, "teacher_accuracy": 0.5, "baseline_accuracy": 0.6})[0].startswith(
+        "the teacher is not better"
+    )

@@ -109,6 +109,22 @@ def validation_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits
     return scores
 
 
+def paired_loss_lead(teacher_logits: torch.Tensor, baseline_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """How much lower the teacher's cross-entropy is than the baseline's on the same labeled examples (mean of the
+    per-example differences, float64), the standard error of that mean, and both accuracies."""
+    teacher = F.cross_entropy(teacher_logits.double(), labels, reduction="none")
+    baseline = F.cross_entropy(baseline_logits.double(), labels, reduction="none")
+    lead = baseline - teacher
+    n = len(labels)
+    return {
+        "examples": n,
+        "loss_lead": round(lead.mean().item(), 6),
+        "standard_error": round(lead.std().item() / n**0.5 if n > 1 else float("inf"), 6),
+        "teacher_accuracy": round((teacher_logits.argmax(-1) == labels).double().mean().item(), 6),
+        "baseline_accuracy": round((baseline_logits.argmax(-1) == labels).double().mean().item(), 6),
+    }
+
+
 def embedding_validation_scores(predicted: torch.Tensor, targets: torch.Tensor, loss: str) -> dict:
     """What an embedding student is validated on: the sentence loss it trains on (``loss``: mse, cosine or
     mse+cosine) against the teacher's embeddings, and its mean cosine to them."""

@@ -103,13 +103,26 @@ class TrainSpec(Strict):
         return self
 
 
+Auto = Literal["auto"]
+
+
+class StudentTrainSpec(TrainSpec):
+    """A student's training settings: its learning rate may be left to the sweep on the validation split."""
+
+    lr: float | Auto = Field(default=0.1, description="auto: chosen by a sweep on validation (baseline and student)")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise ValueError("must be a number > 0, or auto")
+        return value
+
+
 class TeacherSpec(Strict):
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(hidden=[1200, 1200], dropout=0.5))
     checkpoint: str | None = Field(default=None, description="safetensors of a trained teacher; else train one")
     train: TrainSpec = Field(default_factory=TrainSpec)
-
-
-Auto = Literal["auto"]
 
 
 class DistillSpec(Strict):
@@ -164,8 +177,14 @@ class DistillSpec(Strict):
 
     @property
     def auto_keys(self) -> list[str]:
-        """The settings left to the sweep on the validation split."""
+        """The distillation settings left to the sweep on the validation split."""
         return [key for key in ("temperature", "alpha") if getattr(self, key) == "auto"]
+
+
+def auto_settings(distill: DistillSpec, student: TrainSpec) -> list[str]:
+    """Every setting left to the sweep on the validation split, as its recipe key."""
+    keys = [f"distill.{key}" for key in distill.auto_keys]
+    return keys + (["student.train.lr"] if student.lr == "auto" else [])
 
 
 def patience_needs_validation(name: str, train: TrainSpec, has_split: bool) -> None:
@@ -177,18 +196,18 @@ def patience_needs_validation(name: str, train: TrainSpec, has_split: bool) -> N
         )
 
 
-def auto_needs_validation(distill: DistillSpec, validation_fraction: float) -> None:
+def auto_needs_validation(distill: DistillSpec, student: TrainSpec, validation_fraction: float) -> None:
     """Validator body: ``auto`` settings are chosen on the validation split, so there must be one."""
-    if distill.auto_keys and validation_fraction == 0:
+    if (keys := auto_settings(distill, student)) and validation_fraction == 0:
         raise ValueError(
-            f"distill.{distill.auto_keys[0]}: auto is chosen on the validation split: set "
-            "data.validation_fraction > 0 (e.g. 0.1) or give a number"
+            f"{keys[0]}: auto is chosen on the validation split: set data.validation_fraction > 0 (e.g. 0.1) or give "
+            "a number"
         )
 
 
 class StudentSpec(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: StudentTrainSpec = Field(default_factory=StudentTrainSpec)
 
 
 class EvalSpec(Strict):
@@ -210,7 +229,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _validation_settings_have_a_split(self) -> Recipe:
-        auto_needs_validation(self.distill, self.data.validation_fraction)
+        auto_needs_validation(self.distill, self.student.train, self.data.validation_fraction)
         if self.teacher.train.select_by in ("kl", "agreement"):
             raise ValueError(
                 f"teacher.train.select_by {self.teacher.train.select_by!r} compares with a teacher; the teacher "
@@ -456,7 +475,18 @@ class TextDataSpec(Strict):
 
 class EncoderTeacherSpec(Strict):
     path: str = Field(default="~/.cache/distill/all-mpnet-base-v2", description="HF / sentence-transformers folder")
-    probe_c: float = Field(default=1.0, gt=0.0, description="inverse L2 strength of the logistic-regression head")
+    probe_c: float | Auto = Field(
+        default="auto",
+        description="inverse L2 strength of the logistic-regression head; auto: chosen by 5-fold cross-validation "
+        "(log loss) on the labeled training texts",
+    )
+
+    @field_validator("probe_c", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise ValueError("must be a number > 0, or auto")
+        return value
 
 
 class StaticSpec(Strict):
@@ -483,7 +513,7 @@ class EncoderStudentSpec(Strict):
     from_teacher: FromTeacher | None = None
     static: StaticSpec | None = Field(default=None, description="embedding task: one vector per token, no transformer")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(optimizer="adamw", lr=1e-4, batch_size=32))
+    train: StudentTrainSpec = Field(default_factory=lambda: StudentTrainSpec(optimizer="adamw", lr=1e-4, batch_size=32))
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderStudentSpec:
@@ -510,7 +540,7 @@ class TextClassificationRecipe(Strict):
 
     @model_validator(mode="after")
     def _embedding_only_options(self) -> TextClassificationRecipe:
-        auto_needs_validation(self.distill, self.data.validation_fraction)
+        auto_needs_validation(self.distill, self.student.train, self.data.validation_fraction)
         if self.student.static is not None:
             raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
         if self.data.clauses:
@@ -557,6 +587,10 @@ class EmbeddingRecipe(Strict):
                 "no logits); use select_by: loss, the distance to the teacher's embeddings of the validation texts"
             )
         patience_needs_validation("student", train, any(spec.validation_fraction for spec in self.data))
+        if train.lr == "auto":
+            raise ValueError(
+                "student.train.lr: auto is for classification and text_classification recipes; give a number"
+            )
         return self
 
 

@@ -230,7 +230,7 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     return target
 
 
-AUTO_COLUMNS = ("temperature", "alpha", "loss", "accuracy", "agreement", "kl", "seconds")
+AUTO_COLUMNS = ("temperature", "alpha", "lr", "loss", "accuracy", "agreement", "kl", "seconds")
 
 
 def auto_section(auto: dict | None) -> tuple[str, str]:
@@ -243,10 +243,22 @@ def auto_section(auto: dict | None) -> tuple[str, str]:
         f"{auto['candidates']} short student runs ({_budget(auto['budget_each'])} each, {auto['seconds']:.0f} s in "
         "all, on the teacher outputs the run already had)."
     )
-    keys = [key for key in AUTO_COLUMNS if key in auto["table"][0]]
+    tables = [_auto_table(auto["table"])]
+    if baseline := auto.get("baseline"):
+        sentence += (
+            f" The student trained alone had its own sweep of the learning rate on hard labels (chose "
+            f"{baseline['choice']['lr']:g}, {baseline['candidates']} runs, {baseline['seconds']:.0f} s), so the "
+            "comparison stays fair; its table comes second."
+        )
+        tables.append(_auto_table(baseline["table"]))
+    return sentence, "\n\n".join(tables)
+
+
+def _auto_table(rows: list[dict]) -> str:
+    keys = [key for key in AUTO_COLUMNS if key in rows[0]]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |" for row in auto["table"]]
-    return sentence, "\n".join(lines)
+    lines += ["| " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _budget(budget: dict) -> str:

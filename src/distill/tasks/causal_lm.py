@@ -241,7 +241,7 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         if check is not None and accelerator.is_main_process:  # the main process writes the log
             teacher_scores = validator(s, recipe, None)(s.teacher)
             baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
-            warnings = teacher_warnings(teacher_scores, baseline_scores, by_loss=True)
+            warnings = teacher_warnings(teacher_scores, baseline_scores)
     batches = student_batches(recipe, out, s, accelerator)
     models["student"] = train_or_load("student", s, batches, **stage, validate=check)
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process

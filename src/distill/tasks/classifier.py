@@ -15,10 +15,10 @@ from accelerate import Accelerator
 
 from distill.data.arrays import ArrayData, load_data
 from distill.errors import DistillError
-from distill.evaluate import classifier_metrics, predict_logits, validation_scores
+from distill.evaluate import classifier_metrics, paired_loss_lead, predict_logits, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
-from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, load_recipe_as
+from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
@@ -26,14 +26,14 @@ from distill.tasks.common import (
     candidate_scores,
     check_auto_data,
     choose_auto,
+    choose_baseline_lr,
     finish,
     int8_student,
     machine,
     prepare_run_dir,
     stage_step,
     student_warnings,
-    teacher_warnings,
-    validated_scores,
+    teacher_check,
 )
 from distill.tasks.common import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
@@ -49,7 +49,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
     for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
         build_classifier(spec, data.input_shape, data.num_classes)
-    check_auto_data(recipe.distill, 0 if data.val_y is None else len(data.val_y))
+    check_auto_data(auto_settings(recipe.distill, recipe.student.train), 0 if data.val_y is None else len(data.val_y))
     accelerator = make_accelerator(recipe.mixed_precision)
     prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
@@ -84,12 +84,22 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         signal = live
 
     student_seed = recipe.seed + 1000  # baseline and distilled student start from the same weights
+
+    def candidate(name: str, settings: DistillSpec | None, budget: TrainSpec) -> dict:
+        kwargs = {"train": budget} | ({"teacher": signal, "distill": settings} if settings else {})
+        train(name, recipe.student.model, kwargs, data, out, accelerator, student_seed, resume, on_step, check)
+        return candidate_scores(out, name, accelerator)
+
     models = {"teacher": (teacher, teacher_weights)}
+    baseline_auto = None
     if recipe.baseline:
+        baseline_train, baseline_auto = choose_baseline_lr(
+            recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator
+        )
         models["baseline"] = train_or_load(
             "baseline",
             recipe.student.model,
-            {"train": recipe.student.train},
+            {"train": baseline_train},
             data,
             out,
             accelerator,
@@ -97,19 +107,19 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         )
     warnings = []
     if check is not None and recipe.baseline and accelerator.is_main_process:  # the main process writes the log
-        scores = {name: validated_scores(out, name, check, models[name][0]) for name in ("teacher", "baseline")}
-        warnings = teacher_warnings(scores["teacher"], scores["baseline"])
+        baseline_on_validation = predict_logits(models["baseline"][0], data.val_x)  # the weights it kept
+        lead = paired_loss_lead(teacher_on_validation, baseline_on_validation, torch.from_numpy(data.val_y))
+        warnings = teacher_check(lead)
 
-    def candidate(name: str, settings: DistillSpec, budget: TrainSpec) -> dict:
-        kwargs = {"train": budget, "teacher": signal, "distill": settings}
-        train(name, recipe.student.model, kwargs, data, out, accelerator, student_seed, resume, on_step, check)
-        return candidate_scores(out, name, accelerator)
-
-    distill, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator)
+    distill, student_train, auto = choose_auto(
+        recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator
+    )
+    if auto and baseline_auto:
+        auto["baseline"] = baseline_auto
     models["student"] = train_or_load(
         "student",
         recipe.student.model,
-        {"train": recipe.student.train, "teacher": signal, "distill": distill},
+        {"train": student_train, "teacher": signal, "distill": distill},
         data,
         out,
         accelerator,

@@ -17,7 +17,7 @@ from distill.errors import DistillError
 from distill.export.quantize import WEIGHTS, load_int8
 from distill.export.run_export import Student, export_student
 from distill.io import atomic_path, fsync_path, fsync_tree, write_json
-from distill.recipe import DistillSpec, TrainSpec, recipe_to_yaml
+from distill.recipe import DistillSpec, TrainSpec, auto_settings, recipe_to_yaml
 from distill.report import ReportView, write_report
 from distill.train import LOWER_IS_BETTER, STAGE_DONE, remove_checkpoints, validation_summary
 
@@ -112,19 +112,45 @@ def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
     return summary["best"] if summary else check(model)
 
 
-def teacher_warnings(teacher: dict, baseline: dict, *, by_loss: bool = False) -> list[str]:
-    """One line, printed now and put first in the report, when the teacher is no better than the student trained
-    alone on the validation split (the validation scores of each): higher accuracy, or on a tie (small splits
-    often tie) a lower loss; ``by_loss`` (language models): a lower loss. Soft labels cannot lift the student
+def teacher_check(lead: dict) -> list[str]:
+    """Classifiers: one line, printed now and put first in the report, unless the teacher is clearly better than
+    the student trained alone on the validation split (``evaluate.paired_loss_lead``): at least as accurate, and its
+    cross-entropy lower by more than one standard error of the paired difference. The cross-entropy is the quality
+    of the probabilities, what soft labels carry; the error bar keeps a split of a few dozen examples from deciding
+    on noise (one way on one seed, the other way on the next)."""
+    teacher, baseline, n = lead["teacher_accuracy"], lead["baseline_accuracy"], lead["examples"]
+    measured = (
+        f"accuracy {teacher:.2%} vs {baseline:.2%}, cross-entropy lower by {lead['loss_lead']:.4f} ± "
+        f"{lead['standard_error']:.4f} on {n} examples"
+    )
+    if teacher < baseline or lead["loss_lead"] <= 0:
+        line = (
+            f"the teacher is not better than the student trained alone on the validation split ({measured}): soft "
+            "labels cannot lift a student above a teacher no better than itself; make the teacher stronger (train it "
+            "longer or larger, or start from a better checkpoint)"
+        )
+    elif lead["loss_lead"] <= lead["standard_error"]:
+        line = (
+            f"the teacher is not clearly better than the student trained alone on the validation split ({measured}: "
+            "within one standard error): distillation may not help; hold out more labeled examples "
+            "(data.validation_fraction) to tell, or make the teacher stronger"
+        )
+    else:
+        return []
+    print(f"warning: {line}", flush=True)
+    return [line]
+
+
+def teacher_warnings(teacher: dict, baseline: dict) -> list[str]:
+    """Language models: one line, printed now and put first in the report, when the teacher's held-out loss (the
+    validation scores of each) is no lower than the student's trained alone. Soft labels cannot lift the student
     above such a teacher."""
-    rank = (lambda m: -m["loss"]) if by_loss else (lambda m: (m["accuracy"], -m["loss"]))
-    if rank(teacher) > rank(baseline):
+    if teacher["loss"] < baseline["loss"]:
         return []
     line = (
-        f"the teacher is not better than the student trained alone on the validation split (accuracy "
-        f"{teacher['accuracy']:.2%} vs {baseline['accuracy']:.2%}, loss {teacher['loss']:.4f} vs "
-        f"{baseline['loss']:.4f}): soft labels cannot lift a student above a teacher no better than itself; make the "
-        "teacher stronger (train it longer or larger, or start from a better checkpoint)"
+        f"the teacher is not better than the student trained alone on the validation split (loss "
+        f"{teacher['loss']:.4f} vs {baseline['loss']:.4f}): soft labels cannot lift a student above a teacher no "
+        "better than itself; make the teacher stronger (train it longer or larger, or start from a better checkpoint)"
     )
     print(f"warning: {line}", flush=True)
     return [line]
@@ -163,26 +189,30 @@ def student_warnings(
     ]
 
 
-# The auto sweep's grid. Coordinate search: the temperatures first, then α at the chosen temperature (6 short runs
-# when both are auto, not 12). The values span what the literature and our benches use (BENCHMARKS.md).
+# The auto sweep's grid. Coordinate search: the learning rate first (at T 2, α 0.1), then the temperatures at the
+# chosen rate, then α at the chosen temperature (9 short runs when all three are auto, not 36). The values span what
+# the literature and our benches use (BENCHMARKS.md).
+AUTO_LRS = {"adamw": (1e-4, 3e-4, 1e-3), "sgd": (0.01, 0.03, 0.1)}
 AUTO_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 AUTO_ALPHAS = (0.0, 0.1, 0.5)
-AUTO_ALPHA_WHILE_SWEEPING_T = 0.1
+AUTO_TEMPERATURE_WHILE_SWEEPING_LR = 2.0
+AUTO_ALPHA_WHILE_SWEEPING = 0.1
 AUTO_TABLE = "auto.json"
 AUTO_MIN_VALIDATION = 20  # fewer held-out examples cannot tell the candidates apart
 
 
-def check_auto_data(distill: DistillSpec, validation_examples: int, noun: str = "examples") -> None:
-    """Before any work: an ``auto`` setting needs a validation split big enough to choose on."""
-    if distill.auto_keys and validation_examples < AUTO_MIN_VALIDATION:
+def check_auto_data(keys: list[str], validation_examples: int, noun: str = "examples") -> None:
+    """Before any work: settings left to the sweep (``recipe.auto_settings``) need a validation split big enough to
+    choose on."""
+    if keys and validation_examples < AUTO_MIN_VALIDATION:
         raise DistillError(
-            f"distill.{distill.auto_keys[0]}: auto chooses on the validation split, which has {validation_examples} "
-            f"labeled {noun} (needs {AUTO_MIN_VALIDATION}+): add labeled data, raise data.validation_fraction or "
-            "give a number"
+            f"{keys[0]}: auto chooses on the validation split, which has {validation_examples} labeled {noun} (needs "
+            f"{AUTO_MIN_VALIDATION}+): add labeled data, raise data.validation_fraction or give a number"
         )
 
 
-Candidate = Callable[[str, DistillSpec, TrainSpec], dict]  # (stage name, settings, budget) → best validation scores
+# (stage name, distillation settings or None for hard labels only, training budget) → best validation scores
+Candidate = Callable[[str, DistillSpec | None, TrainSpec], dict]
 
 
 def auto_budget(distill: DistillSpec, train: TrainSpec) -> TrainSpec:
@@ -195,33 +225,27 @@ def auto_budget(distill: DistillSpec, train: TrainSpec) -> TrainSpec:
     return train.model_copy(update={"epochs": max(1, train.epochs // 4)})
 
 
-def choose_auto(
-    distill: DistillSpec, out: Path, candidate: Candidate, *, train: TrainSpec, accelerator=None
-) -> tuple[DistillSpec, dict | None]:
-    """``distill`` with its ``auto`` settings chosen, and the sweep's record (None when nothing was auto).
-
-    Each candidate is a short run of the student (``auto_budget``) from its initial weights on the teacher outputs
-    the run already has, so the sweep costs student time only; it is ranked by its best validation
-    ``train.select_by`` (ties: the loss). Every finished candidate is added to ``RUN/auto.json`` at once, so a
-    resumed run skips it, and its folder is removed."""
-    if not distill.auto_keys:
-        return distill, None
-    main = accelerator is None or accelerator.is_main_process
-    budget, select_by = auto_budget(distill, train), train.select_by
+def _sweep(out: Path, section: str, candidate: Candidate, budget: TrainSpec, select_by: str, main: bool):
+    """``run(distill, lr)`` → the row of that candidate (trained now, or read from ``RUN/auto.json[section]`` where a
+    resumed run finished it), ``rank`` for ``min``, and the table. Each finished candidate is written at once and its
+    folder removed."""
     path = out / AUTO_TABLE
-    table = json.loads(path.read_text())["table"] if path.exists() else []
+    tables = json.loads(path.read_text()) if path.exists() else {}
+    table = tables.setdefault(section, [])
 
-    def run(temperature: float, alpha: float) -> dict:
+    def run(distill: DistillSpec | None, lr: float) -> dict:
+        point = {"temperature": distill.temperature, "alpha": distill.alpha} if distill else {}
+        point["lr"] = lr
         for row in table:
-            if (row["temperature"], row["alpha"]) == (temperature, alpha):
+            if all(row.get(key) == value for key, value in point.items()):
                 return row
-        name = f"auto-T{temperature:g}-a{alpha:g}"
+        name = f"auto-T{distill.temperature:g}-a{distill.alpha:g}-lr{lr:g}" if distill else f"auto-baseline-lr{lr:g}"
         started = time.perf_counter()
-        scores = candidate(name, distill.model_copy(update={"temperature": temperature, "alpha": alpha}), budget)
-        row = {"temperature": temperature, "alpha": alpha, **scores, "seconds": round(time.perf_counter() - started, 1)}
+        scores = candidate(name, distill, budget.model_copy(update={"lr": lr}))
+        row = {**point, **scores, "seconds": round(time.perf_counter() - started, 1)}
         table.append(row)
         if main:
-            write_json(path, {"table": table})
+            write_json(path, tables)
             shutil.rmtree(out / name, ignore_errors=True)
         return row
 
@@ -229,13 +253,11 @@ def choose_auto(
         value = row[select_by] if LOWER_IS_BETTER[select_by] else -row[select_by]
         return value, row["loss"]
 
-    temperatures = AUTO_TEMPERATURES if distill.temperature == "auto" else (distill.temperature,)
-    alphas = AUTO_ALPHAS if distill.alpha == "auto" else (distill.alpha,)
-    sweep_alpha = AUTO_ALPHA_WHILE_SWEEPING_T if distill.alpha == "auto" else distill.alpha
-    best = min((run(t, sweep_alpha) for t in temperatures), key=rank)
-    best = min((run(best["temperature"], a) for a in alphas), key=rank)
-    choice = {key: best[key] for key in distill.auto_keys}
-    record = {
+    return run, rank, table
+
+
+def _record(choice: dict, budget: TrainSpec, table: list, select_by: str) -> dict:
+    return {
         "choice": choice,
         "select_by": select_by,
         "budget_each": {"steps": budget.max_steps} if budget.max_steps else {"epochs": budget.epochs},
@@ -243,10 +265,59 @@ def choose_auto(
         "seconds": round(sum(row["seconds"] for row in table), 1),
         "table": table,
     }
+
+
+def choose_baseline_lr(
+    distill: DistillSpec, out: Path, candidate: Candidate, *, train: TrainSpec, accelerator=None
+) -> tuple[TrainSpec, dict | None]:
+    """The baseline's training settings with ``lr: auto`` chosen (its own sweep, on hard labels, ranked like the
+    student's: the comparison stays fair), and the sweep's record (None when the rate is a number)."""
+    if train.lr != "auto":
+        return train, None
+    main = accelerator is None or accelerator.is_main_process
+    budget = auto_budget(distill, train)
+    run, rank, table = _sweep(out, "baseline", candidate, budget, train.select_by, main)
+    best = min((run(None, lr) for lr in AUTO_LRS[train.optimizer]), key=rank)
+    if main:
+        print(f"auto: chose lr {best['lr']:g} for the baseline from {len(table)} short runs", flush=True)
+    return train.model_copy(update={"lr": best["lr"]}), _record({"lr": best["lr"]}, budget, table, train.select_by)
+
+
+def choose_auto(
+    distill: DistillSpec, out: Path, candidate: Candidate, *, train: TrainSpec, accelerator=None
+) -> tuple[DistillSpec, TrainSpec, dict | None]:
+    """``distill`` and the student's ``train`` with their ``auto`` settings chosen, and the sweep's record (None
+    when nothing was auto).
+
+    Each candidate is a short run of the student (``auto_budget``) from its initial weights on the teacher outputs
+    the run already has, so the sweep costs student time only; it is ranked by its best validation
+    ``train.select_by`` (ties: the loss). Every finished candidate is added to ``RUN/auto.json`` at once, so a
+    resumed run skips it, and its folder is removed."""
+    keys = auto_settings(distill, train)
+    if not keys:
+        return distill, train, None
+    main = accelerator is None or accelerator.is_main_process
+    budget = auto_budget(distill, train)
+    run, rank, table = _sweep(out, "table", candidate, budget, train.select_by, main)
+
+    def at(temperature, alpha) -> DistillSpec:
+        return distill.model_copy(update={"temperature": temperature, "alpha": alpha})
+
+    t_auto, a_auto = distill.temperature == "auto", distill.alpha == "auto"
+    t0 = AUTO_TEMPERATURE_WHILE_SWEEPING_LR if t_auto else distill.temperature
+    a0 = AUTO_ALPHA_WHILE_SWEEPING if a_auto else distill.alpha
+    lrs = AUTO_LRS[train.optimizer] if train.lr == "auto" else (train.lr,)
+    best = min((run(at(t0, a0), lr) for lr in lrs), key=rank)  # a fixed rate: one run, reused by the next lines
+    temperatures = AUTO_TEMPERATURES if t_auto else (t0,)
+    best = min((run(at(t, a0), best["lr"]) for t in temperatures), key=rank)
+    alphas = AUTO_ALPHAS if a_auto else (a0,)
+    best = min((run(at(best["temperature"], a), best["lr"]) for a in alphas), key=rank)
+    choice = {key.rsplit(".", 1)[1]: best[key.rsplit(".", 1)[1]] for key in keys}
     settings = ", ".join(f"{key} {value:g}" for key, value in choice.items())
     if main:
         print(f"auto: chose {settings} from {len(table)} short runs on the validation split", flush=True)
-    return distill.model_copy(update=choice), record
+    chosen = distill.model_copy(update={k: v for k, v in choice.items() if k != "lr"})
+    return chosen, train.model_copy(update={"lr": best["lr"]}), _record(choice, budget, table, train.select_by)
 
 
 def candidate_scores(out: Path, name: str, accelerator=None) -> dict:

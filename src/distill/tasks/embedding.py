@@ -137,7 +137,7 @@ def embedding_validator(
 def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: int) -> float:
     """Logistic regression on the labeled training embeddings, accuracy on the test embeddings."""
     labeled = data.train_labels != IGNORE_INDEX
-    head = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
+    head, _ = fit_probe(train[labeled], data.train_labels[labeled], 1.0, seed)
     with torch.no_grad():
         predicted = to_numpy(head(torch.from_numpy(test)).argmax(-1))
     return round(float((predicted == data.test_labels).mean()), 6)

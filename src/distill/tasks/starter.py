@@ -101,7 +101,8 @@ teacher:
   path: {teacher}  # a sentence-transformers / HF encoder folder
 student:
   from_teacher: {{keep: 2}}  # the student keeps 2 of the teacher's layers
-  train: {{epochs: 3, batch_size: 32, optimizer: adamw, lr: 1.0e-4}}
+  # lr auto: a short sweep (1e-4, 3e-4, 1e-3) for the baseline and, before T and alpha, for the distilled student
+  train: {{epochs: 3, batch_size: 32, optimizer: adamw, lr: auto}}
 distill:
   # auto: a short sweep on the validation split picks them (RUN/auto.json); numbers here skip it
   temperature: auto

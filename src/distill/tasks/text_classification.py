@@ -20,7 +20,7 @@ from torch import nn
 from distill.data.labeled_text import TextData, load_text_data
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.evaluate import classifier_scores, folder_bytes, text_speed, validation_scores
+from distill.evaluate import classifier_scores, folder_bytes, paired_loss_lead, text_speed, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.losses import IGNORE_INDEX
 from distill.models import count_parameters
@@ -37,7 +37,7 @@ from distill.models.encoders import (
     tokenize,
 )
 from distill.models.probe import fit_probe
-from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, load_recipe_as
+from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.common import (
     OnStep,
@@ -45,14 +45,14 @@ from distill.tasks.common import (
     candidate_scores,
     check_auto_data,
     choose_auto,
+    choose_baseline_lr,
     finish,
     machine,
     prepare_run_dir,
     stage_step,
     student_warnings,
-    teacher_warnings,
+    teacher_check,
     train_or_load,
-    validated_scores,
 )
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
@@ -93,15 +93,14 @@ def train_student(
     recipe,
     out,
     accelerator,
-    steps,
+    train_spec: TrainSpec,
     resume,
     on_step,
     validator=None,
     distill=None,
 ):
-    """Fine-tune a copy of ``base`` (distilled with ``distill``, default the recipe's, when ``teacher_logits`` is
-    given) and save it, unless a resumed run finished it."""
-    spec = recipe.student.train
+    """Fine-tune a copy of ``base`` with ``train_spec`` (its budget in ``max_steps``; distilled with ``distill``,
+    default the recipe's, when ``teacher_logits`` is given) and save it, unless a resumed run finished it."""
     keep = np.ones(len(rows), dtype=bool) if teacher_logits is not None else data.train_labels != IGNORE_INDEX
     ids = np.flatnonzero(keep)
 
@@ -109,8 +108,7 @@ def train_student(
         model = copy.deepcopy(base)
         torch.manual_seed(recipe.seed + 1)
         settings = (distill or recipe.distill) if teacher_logits is not None else None  # targets: TextBatches
-        # the same optimizer-step budget for both students, whatever their number of examples
-        stage = Stage(name, model, spec.model_copy(update={"max_steps": steps}), distill=settings)
+        stage = Stage(name, model, train_spec, distill=settings)
         batches = TextBatches(
             [rows[i] for i in ids],
             torch.from_numpy(data.train_labels[ids]),
@@ -152,7 +150,7 @@ def run(
     accelerator = make_accelerator("no")
     if accelerator.num_processes > 1:
         raise DistillError("task: text_classification runs in one process; launch it without torchrun")
-    check_auto_data(recipe.distill, len(data.val_texts or []), "texts")
+    check_auto_data(auto_settings(recipe.distill, recipe.student.train), len(data.val_texts or []), "texts")
     prepare_run_dir(recipe, out, resume=resume, force=force)
     cache_dir = cache_root(recipe.distill, out)
 
@@ -162,7 +160,7 @@ def run(
     train_features = teacher_features(teacher_encoder, teacher_tok, data.train_texts, max_length, cache_dir, teacher_id)
     test_features = teacher_features(teacher_encoder, teacher_tok, data.test_texts, max_length, cache_dir, teacher_id)
     labeled = data.train_labels != IGNORE_INDEX
-    head = fit_probe(train_features[labeled], data.train_labels[labeled], recipe.teacher.probe_c, recipe.seed)
+    head, probe = fit_probe(train_features[labeled], data.train_labels[labeled], recipe.teacher.probe_c, recipe.seed)
     teacher = EncoderClassifier(teacher_encoder, len(data.classes), dropout=0.0)
     teacher.head = head
     teacher.eval()
@@ -189,27 +187,48 @@ def run(
     base.pad_id = pad_id_of(student_tok)
     rows = tokenize(student_tok, data.train_texts, max_length)
     steps_per_epoch = math.ceil(len(rows) / recipe.student.train.batch_size)
-    steps = recipe.student.train.max_steps or recipe.student.train.epochs * steps_per_epoch
-    trained = {}
-    common = {"recipe": recipe, "out": out, "accelerator": accelerator, "steps": steps, "resume": resume}
-    common["on_step"] = on_step
-    common["validator"] = check
-    warnings = []
-    if recipe.baseline:
-        trained["baseline"] = train_student("baseline", base, student_tok, data, rows, None, **common)
-        if check is not None:
-            teacher_scores = validation_scores(teacher_val_logits, val_labels, None)
-            baseline_scores = validated_scores(out, "baseline", check, trained["baseline"])
-            warnings = teacher_warnings(teacher_scores, baseline_scores)
 
-    def candidate(name: str, settings: DistillSpec, budget: TrainSpec) -> dict:
-        short = common | {"steps": budget.max_steps or budget.epochs * steps_per_epoch, "distill": settings}
-        train_student(name, base, student_tok, data, rows, teacher_train_logits, **short)
+    def in_steps(train: TrainSpec) -> TrainSpec:
+        """The same optimizer-step budget for both students, whatever their number of examples: epochs over all
+        the training texts."""
+        return train.model_copy(update={"max_steps": train.max_steps or train.epochs * steps_per_epoch})
+
+    steps = in_steps(recipe.student.train).max_steps
+    trained = {}
+    common = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
+    common["validator"] = check
+
+    def candidate(name: str, settings: DistillSpec | None, budget: TrainSpec) -> dict:
+        logits = teacher_train_logits if settings else None
+        train_student(
+            name, base, student_tok, data, rows, logits, train_spec=in_steps(budget), distill=settings, **common
+        )
         return candidate_scores(out, name)
 
-    distill, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train)
-    common["distill"] = distill
-    trained["student"] = train_student("student", base, student_tok, data, rows, teacher_train_logits, **common)
+    warnings, baseline_auto = [], None
+    if recipe.baseline:
+        baseline_train, baseline_auto = choose_baseline_lr(recipe.distill, out, candidate, train=recipe.student.train)
+        trained["baseline"] = train_student(
+            "baseline", base, student_tok, data, rows, None, train_spec=in_steps(baseline_train), **common
+        )
+        if check is not None:
+            baseline_val_logits = torch.from_numpy(encode(trained["baseline"], val_rows, base.pad_id))
+            warnings = teacher_check(paired_loss_lead(teacher_val_logits, baseline_val_logits, val_labels))
+
+    distill, student_train, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train)
+    if auto and baseline_auto:
+        auto["baseline"] = baseline_auto
+    trained["student"] = train_student(
+        "student",
+        base,
+        student_tok,
+        data,
+        rows,
+        teacher_train_logits,
+        train_spec=in_steps(student_train),
+        distill=distill,
+        **common,
+    )
     test_rows = tokenize(student_tok, data.test_texts, max_length)
     speed_texts = data.test_texts[:128]
     speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
@@ -231,7 +250,7 @@ def run(
     }
     validation = {name: validation_summary(out, name) for name in trained}
     warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
-    extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed)}
+    extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed), "teacher_probe": probe}
     extra |= {"auto": auto} if auto else {}
     distill = distill.model_dump(mode="json")
     return finish(out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, **extra)
@@ -276,7 +295,10 @@ TEXT_COLUMNS = [  # the classifier columns; latency and throughput measured on t
 def note(metrics: dict) -> str:
     machine, data = metrics.get("machine", {}), metrics.get("data", {})
     speed = machine.get("speed", {})
+    probe = metrics.get("teacher_probe", {})
+    chosen = f" (chosen by {probe['chosen_by']})" if "chosen_by" in probe else ""
     return (
+        f"Teacher: the frozen encoder + a logistic-regression head, C {probe.get('c', '?')}{chosen}. "
         f"{data.get('test_texts', '?')} test texts, {data.get('train_texts', '?')} training texts of which "
         f"{data.get('labeled_train_texts', '?')} labeled; at most {data.get('max_length', '?')} tokens per text. "
         f"Latency and texts/s include tokenization, {speed.get('threads', '?')} CPU thread(s), batches of "
