@@ -175,7 +175,9 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
 
     clearly = lead(sharp, noise)
     mean, se = _lead_reference(sharp.astype(np.float32), noise.astype(np.float32), labels)
-    assert clearly["loss_lead"] == pytest.approx(mean, abs=1e-6) and clearly["standard_error"] == pytest.approx(se, abs=1e-6)
+    assert clearly["loss_lead"] == pytest.approx(mean, abs=1e-6) and clearly["standard_error"] == pytest.approx(
+        se, abs=1e-6
+    )
     assert clearly["loss_lead"] > clearly["standard_error"] and teacher_check(clearly) == []
     assert teacher_check(lead(noise, sharp))[0].startswith("the teacher is not better than the student trained alone")
     # a lead within one standard error
@@ -184,6 +186,9 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
     assert line.startswith("the teacher is not clearly better than the student trained alone on the validation split")
     assert "0.0100 ± 0.0200 on 40 examples" in line and "data.validation_fraction" in line
     assert "warning: the teacher is not clearly better" in capsys.readouterr().out
+    # as accurate with a cross-entropy lead below zero but within the error: not clearly better; beyond it: not better
+    assert teacher_check({**clearly, "loss_lead": -0.01, "standard_error": 0.02})[0].startswith("the teacher is not cl")
+    assert teacher_check({**clearly, "loss_lead": -0.03, "standard_error": 0.02})[0].startswith("the teacher is not be")
     # less accurate with a lower cross-entropy is still "not better"
     assert teacher_check({**clearly, "teacher_accuracy": 0.5, "baseline_accuracy": 0.6})[0].startswith(
         "the teacher is not better"

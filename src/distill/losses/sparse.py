@@ -294,3 +294,107 @@ def chunked_cross_entropy(
         vocab_size=vocab_size,
         student_bias=student_bias,
     )
+
+
+class _FusedLinearSparseKDCE(torch.autograd.Function):
+    """The sparse KD term and next-token cross-entropy from one pass over the head: each chunk's logits are made
+    once, both gradients w.r.t. them summed (weighted), and that sum folded into the hidden states, head and bias
+    once. Returns the weighted total (differentiable) and the two terms (for logging)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, ids, logp, tail, labels, distilled, scale, kd_weight, ce_weight, temperature, vocab_size,
+                chunk_size, needs):  # fmt: skip
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        ws, bs = w[:vocab_size], None if b is None else b[:vocab_size]
+        grads = gradient_buffers(h, w, b, needs, acc)
+        kd_total = torch.zeros((), dtype=acc, device=h.device)
+        ce_total = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h_c, labels_c = h[rows], labels[rows, None]
+            z = F.linear(h_c, ws, bs).to(acc)
+            on = None if distilled is None else distilled[rows]  # the rows the KD term covers (None: all)
+            kd_value, g_kd = _chunk_value_and_grad(
+                log_probs(z if on is None else z[on], temperature),
+                ids[rows] if on is None else ids[rows][on],
+                None if logp is None else (logp[rows] if on is None else logp[rows][on]),
+                None if tail is None else (tail[rows] if on is None else tail[rows][on]),
+                temperature,
+                any(needs),
+            )
+            kd_total += kd_value
+            log_p = torch.log_softmax(z, dim=-1)
+            del z
+            ce_total -= log_p.gather(-1, labels_c).sum()
+            if g_kd is None:
+                continue
+            g = log_p.exp_().scatter_add_(-1, labels_c, log_p.new_full(labels_c.shape, -1.0)).mul_(ce_weight)
+            if on is None:
+                g.add_(g_kd, alpha=kd_weight)
+            else:
+                g[on] += g_kd.mul_(kd_weight)
+            del g_kd
+            fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
+        save_gradients(ctx, grads, w, b)
+        kd, ce = kd_total * scale, ce_total * scale
+        ctx.mark_non_differentiable(kd, ce)
+        return kd_weight * kd + ce_weight * ce, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_kd, _grad_ce):
+        return *saved_gradients(ctx, grad_out), *([None] * 12)
+
+
+def chunked_sparse_kd_with_ce(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: SparseTargets,
+    labels: Tensor,
+    *,
+    kd_weight: float,
+    ce_weight: float,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    distilled: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``kd_weight·KD + ce_weight·CE`` with one pass over the head, and the two terms (detached): KD is
+    ``chunked_sparse_kd_loss`` over the positions in ``mask`` and ``distilled`` (default: all of ``mask``), CE is
+    ``chunked_cross_entropy`` of ``labels`` over ``mask``, both divided by ``normalizer``. Two separate calls make
+    the [chunk, V] logits and fold their gradient into the [V, H] head twice; this makes and folds them once."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = _vocab(student_head.shape[0], vocab_size)
+    keep = _check(student_hidden.shape[:-1], targets, mask)
+    if labels.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match positions {tuple(student_hidden.shape[:-1])}")
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    labels = labels.reshape(-1).clamp(min=0)
+    on = None if distilled is None else distilled.reshape(-1).to(torch.bool)
+    if keep is not None:
+        keep = keep.to(h.device)
+        h, labels = h[keep], labels[keep.to(labels.device)]
+        on = None if on is None else on.to(keep.device)[keep]
+    ids, logp, tail = targets.to(h.device)._flat(keep)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return _FusedLinearSparseKDCE.apply(
+        h,
+        student_head,
+        student_bias,
+        ids,
+        logp,
+        tail,
+        labels.to(h.device),
+        None if on is None else on.to(h.device),
+        normalizer_scale(normalizer, h.shape[0], acc, h.device),
+        kd_weight,
+        ce_weight,
+        temperature,
+        vocab_size,
+        chunk_size,
+        grad_needs(h, student_head, student_bias),
+    )

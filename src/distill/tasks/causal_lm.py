@@ -26,7 +26,7 @@ from distill.evaluate import lm_metrics, lm_validation
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 from distill.losses import IGNORE_INDEX
-from distill.losses.mix import soft_hard_mix, t2_scale
+from distill.losses.mix import mix_weights, t2_scale
 from distill.losses.sparse import chunked_cross_entropy
 from distill.models.causal_lm import (
     check_vocab,
@@ -86,14 +86,15 @@ class LMBatches:
         size = float(mask.sum())  # = self.weights[rows].sum(): the loop weighs this micro-batch by it
         tokens = StudentTokens(hidden, weight, bias, rows, ids, attention, mask, self.chunk_size, self.vocab_size, size)
         d = self.distill
-        terms = {}
-        if d is None or d.alpha > 0:
-            terms["ce"] = chunked_cross_entropy(hidden, weight, next_tokens, **tokens.loss_kwargs())
         if d is None:
-            return {"loss": terms["ce"], "ce": terms["ce"].detach()}
-        kd = self.signal.kd(tokens)
-        loss = soft_hard_mix(kd, terms.get("ce", 0.0), alpha=d.alpha, scale=t2_scale(d.temperature, d.t2_scaling))
-        return {"loss": loss, "kd": kd.detach(), **{k: v.detach() for k, v in terms.items()}}
+            ce = chunked_cross_entropy(hidden, weight, next_tokens, **tokens.loss_kwargs())
+            return {"loss": ce, "ce": ce.detach()}
+        kd_weight, ce_weight = mix_weights(d.alpha, t2_scale(d.temperature, d.t2_scaling))
+        if d.alpha == 0:
+            kd = self.signal.kd(tokens)
+            return {"loss": kd_weight * kd, "kd": kd.detach()}
+        loss, kd, ce = self.signal.kd_with_ce(tokens, next_tokens, kd_weight, ce_weight)  # one pass where it can
+        return {"loss": loss, "kd": kd, "ce": ce}
 
 
 @dataclass

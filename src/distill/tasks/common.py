@@ -115,7 +115,8 @@ def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
 def teacher_check(lead: dict) -> list[str]:
     """Classifiers: one line, printed now and put first in the report, unless the teacher is clearly better than
     the student trained alone on the validation split (``evaluate.paired_loss_lead``): at least as accurate, and its
-    cross-entropy lower by more than one standard error of the paired difference. The cross-entropy is the quality
+    cross-entropy lower by more than one standard error of the paired difference ("not better": less accurate, or a
+    cross-entropy higher by more than that error; "not clearly better": in between). The cross-entropy is the quality
     of the probabilities, what soft labels carry; the error bar keeps a split of a few dozen examples from deciding
     on noise (one way on one seed, the other way on the next)."""
     teacher, baseline, n = lead["teacher_accuracy"], lead["baseline_accuracy"], lead["examples"]
@@ -123,13 +124,15 @@ def teacher_check(lead: dict) -> list[str]:
         f"accuracy {teacher:.2%} vs {baseline:.2%}, cross-entropy lower by {lead['loss_lead']:.4f} ± "
         f"{lead['standard_error']:.4f} on {n} examples"
     )
-    if teacher < baseline or lead["loss_lead"] <= 0:
+    if (
+        teacher < baseline or lead["loss_lead"] < -lead["standard_error"]
+    ):  # less accurate, or clearly worse probabilities
         line = (
             f"the teacher is not better than the student trained alone on the validation split ({measured}): soft "
             "labels cannot lift a student above a teacher no better than itself; make the teacher stronger (train it "
             "longer or larger, or start from a better checkpoint)"
         )
-    elif lead["loss_lead"] <= lead["standard_error"]:
+    elif lead["loss_lead"] <= lead["standard_error"]:  # no lead beyond the noise of the split
         line = (
             f"the teacher is not clearly better than the student trained alone on the validation split ({measured}: "
             "within one standard error): distillation may not help; hold out more labeled examples "

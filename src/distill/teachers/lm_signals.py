@@ -9,6 +9,9 @@ depend on how the batch is split over micro-batches and processes.
   log-probabilities recorded with the traces (``recorded``), which also say which positions were scored.
 
 None of them builds [batch, seq, vocab] logits: the losses go from hidden states through the heads in chunks.
+``signal.kd_with_ce(tokens, next_tokens, kd_weight, ce_weight)`` is the mixed loss with the next-token
+cross-entropy and both terms; a sparse signal makes it in one pass over the student's head (a cached KD step at
+the cost of a cross-entropy step), the live one with two.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses.chunked import chunked_distillation_loss
-from distill.losses.sparse import SparseTargets, chunked_sparse_kd_loss
+from distill.losses.sparse import (
+    SparseTargets,
+    chunked_cross_entropy,
+    chunked_sparse_kd_loss,
+    chunked_sparse_kd_with_ce,
+)
 from distill.models.causal_lm import head_of, last_hidden
 
 
@@ -75,6 +83,10 @@ class LiveLMSignal:
             **self.divergence_kwargs,
         )
 
+    def kd_with_ce(self, s: StudentTokens, next_tokens: Tensor, kd_weight: float, ce_weight: float):
+        kd, ce = self.kd(s), chunked_cross_entropy(s.hidden, s.weight, next_tokens, **s.loss_kwargs())
+        return kd_weight * kd + ce_weight * ce, kd.detach(), ce.detach()
+
 
 @dataclass
 class SparseSignal:
@@ -84,13 +96,32 @@ class SparseSignal:
     lookup: Callable[[Tensor], tuple[SparseTargets, Tensor | None]]
     temperature: float
 
-    def kd(self, s: StudentTokens) -> Tensor:
+    def _targets(self, s: StudentTokens) -> tuple[SparseTargets, Tensor | None]:
+        """The rows' targets shifted to the positions that predict them, and which positions were scored."""
         targets, scored = self.lookup(s.rows)
-        mask = s.mask if scored is None else s.mask & scored[:, :-1].to(s.mask.device)
         device = s.hidden.device
         shifted = SparseTargets(
             ids=targets.ids[:, :-1].to(device),
             logp=None if targets.logp is None else targets.logp[:, :-1].to(device),
             tail=None if targets.tail is None else targets.tail[:, :-1].to(device),
         )
-        return chunked_sparse_kd_loss(s.hidden, s.weight, shifted, temperature=self.temperature, **s.loss_kwargs(mask))
+        return shifted, None if scored is None else scored[:, :-1].to(s.mask.device)
+
+    def kd(self, s: StudentTokens) -> Tensor:
+        targets, scored = self._targets(s)
+        mask = s.mask if scored is None else s.mask & scored
+        return chunked_sparse_kd_loss(s.hidden, s.weight, targets, temperature=self.temperature, **s.loss_kwargs(mask))
+
+    def kd_with_ce(self, s: StudentTokens, next_tokens: Tensor, kd_weight: float, ce_weight: float):
+        targets, scored = self._targets(s)
+        return chunked_sparse_kd_with_ce(
+            s.hidden,
+            s.weight,
+            targets,
+            next_tokens,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            temperature=self.temperature,
+            distilled=scored,
+            **s.loss_kwargs(),
+        )
