@@ -120,7 +120,7 @@ def signal_batches(signal: str, data: TokenData, tok, teacher) -> LMBatches | On
     if scored is not None:
         scored[:, ::3] = False  # the teacher scored only some of the trained positions
 
-    def lookup(rows):
+    def lookup(rows, epoch):
         picked = SparseTargets(*(None if t is None else t[rows] for t in (targets.ids, targets.logp, targets.tail)))
         return picked, None if scored is None else scored[rows]
 
@@ -224,6 +224,31 @@ def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path,
     if signal == "cache":
         caches = list((tmp_path / "run" / "cache").iterdir())
         assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+        assert caches[0].name.endswith("sampled8x2-T1")  # a set of draws per epoch the student trains
+
+
+def test_each_epoch_reads_its_own_set_of_cached_draws_and_a_resumed_epoch_too(tok, tmp_path, monkeypatch):
+    """Issue 19.4: the loop tells the batches each epoch (set_epoch); the sampled cache gives that epoch's draws."""
+    from distill.teachers.lm_cache import LMCache
+
+    read = []
+    targets = LMCache.targets
+    monkeypatch.setattr(LMCache, "targets", lambda self, rows, epoch: read.append(epoch) or targets(self, rows, epoch))
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False)
+    run_lm(load_recipe(path), tmp_path / "run")
+    steps = len(read) // 2
+    assert read == [0] * steps + [1] * steps
+    read.clear()
+
+    def stop(stage, step):
+        if step == steps + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_lm(load_recipe(path), tmp_path / "cut", on_step=stop)
+    read.clear()
+    run_lm(load_recipe(path), tmp_path / "cut", resume=True)
+    assert read and set(read) == {1}
 
 
 def test_resume_reuses_finished_students(tok, tmp_path):

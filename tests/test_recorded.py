@@ -99,7 +99,7 @@ def test_loss_is_cross_entropy_plus_top_k_kl_on_scored_positions(tok, traces):
     data = encode_recorded(read_recorded(kept), tok, 64)
     student = tiny_llama(tok, layers=1, seed=7).double()
     spec = LMDistillSpec(signal="recorded", alpha=0.3)
-    signal = SparseSignal(data.recorded.__getitem__, spec.temperature)
+    signal = SparseSignal(lambda rows, epoch: data.recorded[rows], spec.temperature)
     batches = LMBatches(data, vocab_size=len(tok), chunk_size=5, distill=spec, signal=signal)
     rows = torch.arange(len(data))
     got = batches.loss(student, rows, torch.device("cpu"))

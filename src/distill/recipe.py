@@ -326,6 +326,14 @@ class LMDistillSpec(DistillSpec):
         default="sampled", description="sampled: k tokens drawn from the teacher; topk: k log-probs + tail"
     )
     cache_k: int = Field(default=16, gt=0, le=256)
+    cache_sets: int | None = Field(
+        default=None,
+        gt=0,
+        le=64,
+        description="sampled cache: independent sets of cache_k draws per token, epoch e reads set e mod sets (fresh "
+        "draws each epoch: the student is fit to the teacher, not to one fixed sample); default one per epoch the "
+        "student trains",
+    )
     cache_shard_blocks: int = Field(default=256, gt=0, description="blocks per cache shard (the unit of resume)")
     chunk_size: int = Field(default=512, gt=0, description="positions per chunk of the bounded-memory loss")
     onpolicy: OnPolicySpec | None = Field(

@@ -205,7 +205,8 @@ class Batches(Protocol):
     """What the loop trains on: ``len(weights)`` examples, each counting ``weights[i]`` in the batch mean.
 
     Batches of texts padded to their longest one also have ``lengths`` (tokens per example): the loop then
-    draws batches of similar lengths (``length_grouped_order``).
+    draws batches of similar lengths (``length_grouped_order``). Batches with a ``set_epoch(epoch)`` method are
+    told each epoch as it starts (a resumed one too), as torch's DistributedSampler is.
     """
 
     weights: np.ndarray  # 1 per image; the number of distilled tokens per LM block
@@ -418,6 +419,8 @@ def train_loop(
             if position["stopped"]:
                 break
             order = epoch_order(batches, n_examples, spec.batch_size, seed, epoch)
+            if hasattr(batches, "set_epoch"):  # e.g. a teacher cache with fresh draws per epoch
+                batches.set_epoch(epoch)
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
                 if position["stopped"] or step == total_steps:  # early stop, or a step budget ends mid-epoch

@@ -11,6 +11,7 @@ over every distilled token of the global batch, whatever the accumulation split.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,12 @@ class LMBatches:
     def weights(self) -> np.ndarray:
         return (self.data.labels[:, 1:] != IGNORE_INDEX).sum(axis=1)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop as each epoch starts (resumed ones too): a sampled cache reads that epoch's
+        draws."""
+        if isinstance(self.signal, SparseSignal):
+            self.signal.epoch = epoch
+
     def loss(self, model: nn.Module, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         index = to_numpy(rows)
         ids = torch.from_numpy(self.data.input_ids[index]).long().to(device)
@@ -136,8 +143,19 @@ def setup(recipe: LMRecipe) -> LMSetup:
     return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation)
 
 
+def cache_sets(recipe: LMRecipe, blocks: int) -> int:
+    """Sets of draws the sampled cache holds: ``distill.cache_sets``, else one per epoch the student trains (a top-k
+    cache is not drawn: one)."""
+    d, train = recipe.distill, recipe.student.train
+    if d.cache_mode == "topk":
+        return 1
+    steps_per_epoch = math.ceil(blocks / train.batch_size)
+    return d.cache_sets or min(64, math.ceil(train.max_steps / steps_per_epoch) if train.max_steps else train.epochs)
+
+
 def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
-    return lm_cache_dir(cache_root(recipe.distill, out), s.teacher_id, s.train.fingerprint(), recipe.distill)
+    sets = cache_sets(recipe, len(s.train.input_ids))
+    return lm_cache_dir(cache_root(recipe.distill, out), s.teacher_id, s.train.fingerprint(), recipe.distill, sets)
 
 
 def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache:
@@ -152,6 +170,7 @@ def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache:
         vocab_size=s.vocab_size,
         seed=recipe.seed,
         device=device,
+        sets=cache_sets(recipe, len(s.train.input_ids)),
     )
 
 
@@ -175,11 +194,11 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
     if d.signal == "cache":
         with accelerator.main_process_first():  # the main process builds it, the others open it
             cache = open_cache(recipe, out, s, accelerator.device)
-        signal = SparseSignal(lambda rows: (cache[rows], None), d.temperature)
+        signal = SparseSignal(lambda rows, epoch: (cache.targets(rows, epoch), None), d.temperature)
     elif d.signal == "live":
         signal = LiveLMSignal(s.teacher.to(accelerator.device), d.loss, d.temperature, d.divergence_kwargs())
     else:  # recorded: the targets travel with the training blocks
-        signal = SparseSignal(s.train.recorded.__getitem__, d.temperature)
+        signal = SparseSignal(lambda rows, epoch: s.train.recorded[rows], d.temperature)
     return LMBatches(s.train, s.vocab_size, d.chunk_size, distill=d, signal=signal)
 
 

@@ -7,6 +7,12 @@ meta.json is complete. While building, ``progress.json`` holds the same paramete
 far; every shard is written atomically, so an interrupted build resumes at the first missing shard. Draws
 are seeded per block from (seed, block index), so a resumed build writes the same bytes as an uninterrupted
 one, whatever the batch or shard size.
+
+A sampled cache may hold several independent sets of k draws per token (``sets``; ``ids`` then has sets·k
+entries): epoch e reads set e mod sets. One fixed set reused every epoch pulls the student towards that set's
+empirical distribution (counts/k), not towards the teacher's; fresh draws each epoch keep every epoch's targets
+an independent unbiased estimate, so over the epochs the student is fit to sets·k draws per token. The sets are
+drawn one after another from the block's stream, so set 0 is what a one-set cache holds.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def record_dtype(mode: str, k: int, vocab_size: int) -> np.dtype:
-    """What one token costs on disk: k ids, plus k float16 log-probs and a float16 log-tail for top-k."""
-    fields = [("ids", ids_dtype(vocab_size), (k,))]
+def record_dtype(mode: str, k: int, vocab_size: int, sets: int = 1) -> np.dtype:
+    """What one token costs on disk: k ids per set, plus k float16 log-probs and a float16 log-tail for top-k."""
+    fields = [("ids", ids_dtype(vocab_size), (k * sets,))]
     if mode == "topk":
         fields += [("logp", np.float16, (k,)), ("tail", np.float16)]
     return np.dtype(fields)
@@ -75,11 +81,15 @@ def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, bat
             )
         for b in range(stop - start):
             gen = block_generator(params["seed"], start + b, logits.device) if mode == "sampled" else None
-            t = sparse_targets_from_logits(
-                logits[b], mode=mode, k=k, temperature=params["temperature"], generator=gen, vocab_size=vocab_size
-            )
+            sets = [  # one after another from the block's stream: set 0 is what a one-set cache draws
+                sparse_targets_from_logits(
+                    logits[b], mode=mode, k=k, temperature=params["temperature"], generator=gen, vocab_size=vocab_size
+                )
+                for _ in range(params.get("sets", 1))
+            ]
+            t = sets[0]
             row = start - lo + b
-            shard["ids"][row] = to_numpy(t.ids)
+            shard["ids"][row] = to_numpy(torch.cat([each.ids for each in sets], -1))
             if mode == "topk":
                 shard["logp"][row] = to_numpy(t.logp)
                 shard["tail"][row] = to_numpy(t.tail)
@@ -102,6 +112,7 @@ def build_lm_cache(
     batch_size: int = 8,
     shard_blocks: int = 256,
     seed: int = 0,
+    sets: int = 1,
     progress: bool = True,
 ) -> Path:
     """Run the teacher over ``input_ids`` [N, S] once and store k sparse targets per token in ``out_dir``.
@@ -123,7 +134,9 @@ def build_lm_cache(
             f"bad LM cache settings k={k}, batch_size={batch_size}, shard_blocks={shard_blocks}, "
             f"temperature={temperature}: all must be positive (and k <= vocab_size {vocab_size} for topk)"
         )
-    record = record_dtype(mode, k, vocab_size)
+    if sets < 1 or (mode == "topk" and sets > 1):
+        raise DistillError(f"bad LM cache sets={sets}: at least 1, and 1 for topk (its targets are not drawn)")
+    record = record_dtype(mode, k, vocab_size, sets)
     n_blocks, seq_len = (int(n) for n in input_ids.shape)
     params = {
         "format": FORMAT,
@@ -139,7 +152,7 @@ def build_lm_cache(
         "seed": seed,
         "dtypes": {name: str(record.fields[name][0].base) for name in record.names},
         "bytes_per_token": record.itemsize,
-    }
+    } | ({"sets": sets} if sets > 1 else {})  # one-set caches keep the meta they always had
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
     state = _read_json(meta_path) or _read_json(progress_path)
     if state is not None:
@@ -205,7 +218,7 @@ class LMCache:
         try:
             if meta is None or meta["format"] != FORMAT:
                 raise ValueError
-            record = record_dtype(meta["mode"], meta["k"], meta["vocab_size"])
+            record = record_dtype(meta["mode"], meta["k"], meta["vocab_size"], meta.get("sets", 1))
             seq_len, shard_blocks, entries = meta["seq_len"], meta["shard_blocks"], meta["shards"]
             files = [(path / e["file"], e["blocks"], e["bytes"], e.get("sha256")) for e in entries]
             if sum(f[1] for f in files) != meta["n_blocks"]:
@@ -257,8 +270,16 @@ class LMCache:
     def bytes_per_token(self) -> int:
         return self.meta["bytes_per_token"]
 
+    @property
+    def sets(self) -> int:
+        return self.meta.get("sets", 1)
+
     def __getitem__(self, block_indices) -> SparseTargets:
-        """Targets of the blocks at ``block_indices`` (a LongTensor, any shape): [*shape, seq_len, k]."""
+        """Targets of the blocks at ``block_indices`` (a LongTensor, any shape): [*shape, seq_len, k] (set 0)."""
+        return self.targets(block_indices, epoch=0)
+
+    def targets(self, block_indices, epoch: int) -> SparseTargets:
+        """Targets of the blocks at ``block_indices`` for ``epoch``: its set of draws (epoch mod sets)."""
         idx = to_numpy(torch.as_tensor(block_indices)).astype(np.int64)
         flat = idx.reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
@@ -271,18 +292,31 @@ class LMCache:
         shape = (*idx.shape, self.meta["seq_len"])
         ids = torch.from_numpy(out["ids"].astype(np.int64)).reshape(*shape, -1)
         if self.mode == "sampled":
-            return SparseTargets(ids)
+            k, which = self.meta["k"], epoch % self.sets
+            return SparseTargets(ids[..., which * k : (which + 1) * k])
         logp = torch.from_numpy(out["logp"].astype(np.float32)).reshape(*shape, -1)
         return SparseTargets(ids, logp, torch.from_numpy(out["tail"].astype(np.float32)).reshape(shape))
 
 
-def lm_cache_dir(root: Path, teacher_id: str, data_id: str, d) -> Path:
-    """The cache folder of a teacher, training blocks and cache settings (``d``: the recipe's distill section)."""
-    return root / f"teacher-{teacher_id}-data-{data_id}-{d.cache_mode}{d.cache_k}-T{d.temperature:g}"
+def lm_cache_dir(root: Path, teacher_id: str, data_id: str, d, sets: int = 1) -> Path:
+    """The cache folder of a teacher, training blocks and cache settings (``d``: the recipe's distill section;
+    ``sets`` as ``ensure_lm_cache`` gets it)."""
+    sets = f"x{sets}" if sets > 1 else ""
+    return root / f"teacher-{teacher_id}-data-{data_id}-{d.cache_mode}{d.cache_k}{sets}-T{d.temperature:g}"
 
 
 def ensure_lm_cache(
-    path: Path, teacher, train_ids: np.ndarray, d, *, teacher_id: str, data_id: str, vocab_size: int, seed: int, device
+    path: Path,
+    teacher,
+    train_ids: np.ndarray,
+    d,
+    *,
+    teacher_id: str,
+    data_id: str,
+    vocab_size: int,
+    seed: int,
+    device,
+    sets: int = 1,
 ) -> LMCache:
     """Open the teacher cache at ``path``, building (or finishing) it first if needed."""
     if d.loss != "forward_kl":
@@ -310,6 +344,7 @@ def ensure_lm_cache(
             vocab_size=vocab_size,
             seed=seed,
             shard_blocks=d.cache_shard_blocks,
+            sets=sets,
         )
     # A cache made by an earlier run is checked shard by shard against its SHA-256 (a same-size corruption passes the
     # size check); one this call just wrote was hashed as it was written.

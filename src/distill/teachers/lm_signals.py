@@ -90,15 +90,17 @@ class LiveLMSignal:
 
 @dataclass
 class SparseSignal:
-    """Stored sparse targets. ``lookup(rows)`` gives the rows' targets (position t: the token at t + 1) and,
-    for recorded ones, the positions the teacher scored (None: every trained position)."""
+    """Stored sparse targets. ``lookup(rows, epoch)`` gives the rows' targets for that epoch (position t: the
+    token at t + 1; a cache with several sets of draws gives a fresh set each epoch) and, for recorded ones, the
+    positions the teacher scored (None: every trained position)."""
 
-    lookup: Callable[[Tensor], tuple[SparseTargets, Tensor | None]]
+    lookup: Callable[[Tensor, int], tuple[SparseTargets, Tensor | None]]
     temperature: float
+    epoch: int = 0
 
     def _targets(self, s: StudentTokens) -> tuple[SparseTargets, Tensor | None]:
         """The rows' targets shifted to the positions that predict them, and which positions were scored."""
-        targets, scored = self.lookup(s.rows)
+        targets, scored = self.lookup(s.rows, self.epoch)
         device = s.hidden.device
         shifted = SparseTargets(
             ids=targets.ids[:, :-1].to(device),
