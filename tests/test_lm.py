@@ -20,7 +20,7 @@ from distill.errors import DistillError
 from distill.losses.sparse import SparseTargets, sparse_targets_from_logits
 from distill.recipe import LMDistillSpec, TrainSpec
 from distill.tasks import load_recipe
-from distill.tasks.causal_lm import LMBatches
+from distill.tasks.causal_lm import LMBatches, load_student, setup
 from distill.tasks.causal_lm import run as run_lm
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
@@ -317,3 +317,28 @@ def test_lm_stages_are_validated_and_an_untrained_teacher_is_called_out(tok, tmp
         metrics["warnings"][0].startswith("the teacher is not better")
         and f"{baseline_loss:.4f}" in metrics["warnings"][0]
     )
+
+
+def test_report_shows_generations_of_every_model_side_by_side(tok, tmp_path):
+    """Issue 19.5: the teacher, the cross-entropy student and the distilled student continue the same held-out
+    prompts, greedy and sampled; greedy is what generate gives the model alone; the same seed samples alike."""
+    from distill.evaluate import prompt_of
+
+    path, raw = write_recipe(tmp_path, tok, "cache")
+    raw["eval"] |= {"generations": 2, "generation_tokens": 5}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    metrics = run_lm(recipe, tmp_path / "run")
+    gens = metrics["generations"]
+    assert len(gens) == 2 and all({"teacher", "baseline", "student"} <= set(entry) for entry in gens)
+    heldout = setup(recipe).heldout
+    prompt, rest = prompt_of(heldout, 0)
+    assert gens[0]["prompt"] == tok.decode(prompt) and gens[0]["reference"] == tok.decode(rest[:5])
+    student = load_student(tmp_path / "run").model
+    ids = torch.from_numpy(prompt)[None]
+    greedy = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
+    assert gens[0]["student"]["greedy"] == tok.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "## Generations on held-out prompts" in report and "| student, distilled |" in report
+    assert "<h2>Generations on held-out prompts</h2>" in (tmp_path / "run" / "report.html").read_text()

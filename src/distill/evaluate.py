@@ -167,6 +167,45 @@ def _target_log_probs(model: nn.Module, ids, attention, mask, vocab_size: int) -
     return torch.log_softmax(logits[mask].float(), dim=-1)
 
 
+def prompt_of(heldout, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out row cut into a prompt and what follows it: a prompt/response row at its response, a text block at
+    its middle."""
+    ids = heldout.input_ids[row][heldout.attention_mask[row] > 0].astype(np.int64)
+    trained = np.flatnonzero(heldout.labels[row][: len(ids)] != IGNORE_INDEX)
+    cut = int(trained[0]) if len(trained) and trained[0] > 0 else max(1, len(ids) // 2)
+    return ids[:cut], ids[cut:]
+
+
+@torch.inference_mode()
+def side_by_side(models: dict[str, nn.Module], heldout, tokenizer, *, prompts: int, new_tokens: int, seed: int):
+    """The first ``prompts`` held-out rows continued by every model, greedy and sampled (temperature 1, no top-k or
+    top-p; the same seed for every model, so a difference is the model's), beside the text that really follows."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for row in range(min(prompts, len(heldout))):
+        prompt, rest = prompt_of(heldout, row)
+        ids = torch.from_numpy(prompt)[None]
+        entry = {"prompt": tokenizer.decode(prompt), "reference": tokenizer.decode(rest[:new_tokens])}
+        for name, model in models.items():
+            entry[name] = {}
+            for mode, sampling in (("greedy", {"do_sample": False}), ("sampled", SAMPLING)):
+                torch.manual_seed(seed + row)
+                out = model.eval().generate(
+                    ids.to(model.device),
+                    attention_mask=torch.ones_like(ids).to(model.device),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=pad,
+                    **sampling,
+                )
+                entry[name][mode] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append(entry)
+    return rows
+
+
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 def heldout_batches(heldout, batch_size: int):
     """(input ids, attention mask, target mask, target tokens) per batch: targets are the next tokens that count."""
     for start in range(0, len(heldout), batch_size):

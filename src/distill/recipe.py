@@ -344,6 +344,10 @@ class LMDistillSpec(DistillSpec):
 class LMEvalSpec(Strict):
     batch_size: int = Field(default=8, gt=0)
     threads: int = Field(default=2, gt=0, description="CPU threads for the tokens/s measurement")
+    generations: int = Field(
+        default=3, ge=0, description="held-out prompts the report shows continued by every model (0: none)"
+    )
+    generation_tokens: int = Field(default=32, gt=0, description="tokens each continuation has")
 
 
 class LMRecipe(Strict):

@@ -206,6 +206,7 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     if curves:
         plots.append(("Training curves (every loss term)", curves))
     warnings = [f"**Warning:** {line}" for line in metrics.get("warnings", [])]  # what went wrong comes first
+    gens = metrics.get("generations")  # language models: continuations of held-out prompts, side by side
     parts = [
         f"# {title}",
         "",
@@ -218,6 +219,7 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
         "",
         distill,
         *(["", "## Automatic settings", "", auto_note, "", auto_rows] if auto_note else []),
+        *(["", "## Generations on held-out prompts", "", generations_markdown(gens)] if gens else []),
     ]
     for heading, image in plots:
         parts += ["", f"## {heading}", "", f"![{heading}]({image.name})"]
@@ -226,8 +228,59 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
         tmp.write_text("\n".join(parts) + "\n")
     with atomic_path(run_dir / "report.html") as tmp:
         notes = [note, distill, *([auto_note] if auto_note else [])]
-        tmp.write_text(html_report(title, " ".join([*warnings, summary]), models, columns, notes, plots))
+        page = html_report(title, " ".join([*warnings, summary]), models, columns, notes, plots)
+        if gens:
+            page = page.replace("</body>", f"<h2>Generations on held-out prompts</h2>{generations_html(gens)}</body>")
+        tmp.write_text(page)
     return target
+
+
+GENERATION_NOTE = (
+    "Each model continues the same held-out prompts: greedy, and sampled at temperature 1 with the same seed for "
+    "every model; *reference* is the text that really follows."
+)
+
+
+def _generation_rows(entry: dict) -> list[tuple[str, str, str]]:
+    """(model, greedy, sampled) rows of one prompt, the reference first."""
+    rows = [("reference", entry["reference"], "")]
+    return rows + [(LABELS.get(name, name), out["greedy"], out["sampled"]) for name, out in entry.items()
+                   if isinstance(out, dict)]  # fmt: skip
+
+
+def generations_markdown(generations: list[dict]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
+
+    parts = [GENERATION_NOTE]
+    for number, entry in enumerate(generations, 1):
+        parts += [
+            "",
+            f"**Prompt {number}:** {cell(entry['prompt'])}",
+            "",
+            "| model | greedy | sampled |",
+            "|---|---|---|",
+        ]
+        parts += [
+            f"| {model} | {cell(greedy)} | {cell(sampled)} |" for model, greedy, sampled in _generation_rows(entry)
+        ]
+    return "\n".join(parts)
+
+
+def generations_html(generations: list[dict]) -> str:
+    esc = html.escape
+    parts = [f"<p class=note>{esc(GENERATION_NOTE)}</p>"]
+    for number, entry in enumerate(generations, 1):
+        rows = "".join(
+            f"<tr><td>{esc(model)}</td><td style=text-align:left>{esc(greedy)}</td>"
+            f"<td style=text-align:left>{esc(sampled)}</td></tr>"
+            for model, greedy, sampled in _generation_rows(entry)
+        )
+        parts.append(
+            f"<p><b>Prompt {number}:</b> {esc(entry['prompt'])}</p><table><thead><tr><th>model</th><th>greedy</th>"
+            f"<th>sampled</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
+    return "".join(parts)
 
 
 AUTO_COLUMNS = ("temperature", "alpha", "lr", "loss", "accuracy", "agreement", "kl", "seconds")

@@ -23,7 +23,7 @@ from torch import nn
 from distill.data.lm import load_lm_data, split_lm_data
 from distill.data.token_blocks import TokenData, split_holdout
 from distill.devices import to_numpy
-from distill.evaluate import lm_metrics, lm_validation
+from distill.evaluate import lm_metrics, lm_validation, side_by_side
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 from distill.losses import IGNORE_INDEX
@@ -286,6 +286,16 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         results, validation, teacher_weak=bool(warnings), quality="perplexity", noun="held-out perplexity"
     )
     extra = {"validation": validation, "warnings": warnings, "machine": environment}
+    if recipe.eval.generations:
+        shown = {name: models[name] for name in ("teacher", "baseline", "student") if name in models}
+        extra["generations"] = side_by_side(
+            shown,
+            s.heldout,
+            s.tokenizer,
+            prompts=recipe.eval.generations,
+            new_tokens=recipe.eval.generation_tokens,
+            seed=recipe.seed,
+        )
     return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, **extra)
 
 
