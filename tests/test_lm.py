@@ -342,3 +342,25 @@ def test_report_shows_generations_of_every_model_side_by_side(tok, tmp_path):
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "## Generations on held-out prompts" in report and "| student, distilled |" in report
     assert "<h2>Generations on held-out prompts</h2>" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_pruned_student_runs_end_to_end_and_records_what_went(tok, tmp_path):
+    """Issue 19.2: student.prune in a recipe — the run measures importance on the training blocks, writes
+    prune.json, and the student it trains has the planned shape; bad targets are one line before any work."""
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False)
+    raw["student"] = {"prune": {"params": 0.5, "axes": ["depth", "width"], "calibration_blocks": 4},
+                      "train": raw["student"]["train"]}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    metrics = run_lm(load_recipe(path), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "prune.json").read_text())
+    assert record["kept"]["blocks"] == 3 and len(record["blocks_removed"]) == 1 == len(
+        metrics["pruning"]["blocks_removed"]
+    )
+    student = load_student(tmp_path / "run").model
+    assert student.config.num_hidden_layers == 3 and student.config.hidden_size == record["kept"]["channels"]
+    assert metrics["models"]["student"]["parameters"] < metrics["models"]["teacher"]["parameters"]
+    raw["student"]["prune"]["params"] = 0.01
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DistillError, match="leaves no block"):
+        run_lm(load_recipe(path), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

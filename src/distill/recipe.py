@@ -284,15 +284,24 @@ class FromTeacher(Strict):
         return exactly_one_of(self, "layers", "every", "keep")
 
 
+class PruneSpec(Strict):
+    """A student pruned from the teacher by importance on calibration blocks (models.prune)."""
+
+    params: float = Field(gt=0.0, le=1.0, description="share of the teacher's transformer-block parameters kept")
+    axes: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
+    calibration_blocks: int = Field(default=32, gt=0, description="training blocks the importance is measured on")
+
+
 class LMStudentSpec(Strict):
     from_teacher: FromTeacher | None = None
+    prune: PruneSpec | None = None
     path: str | None = Field(default=None, description="HF folder or .gguf of the student's starting weights")
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(optimizer="adamw", lr=5e-4, batch_size=8))
 
     @model_validator(mode="after")
     def _one_source(self) -> LMStudentSpec:
-        if (self.from_teacher is None) == (self.path is None):
-            raise ValueError("give exactly one of from_teacher: {keep: N} and path: FOLDER")
+        if sum(source is not None for source in (self.from_teacher, self.prune, self.path)) != 1:
+            raise ValueError("give exactly one of from_teacher: {keep: N}, prune: {params: SHARE} and path: FOLDER")
         return self
 
 

@@ -26,6 +26,7 @@ from distill.devices import to_numpy
 from distill.evaluate import lm_metrics, lm_validation, side_by_side
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
+from distill.io import write_json
 from distill.losses import IGNORE_INDEX
 from distill.losses.mix import mix_weights, t2_scale
 from distill.losses.sparse import chunked_cross_entropy
@@ -39,6 +40,7 @@ from distill.models.causal_lm import (
     save_causal_lm,
 )
 from distill.models.cut import student_from_teacher
+from distill.models.prune import plan, prune
 from distill.recipe import LMDistillSpec, LMRecipe, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
 from distill.tasks.common import (
@@ -114,6 +116,7 @@ class LMSetup:
     train: TokenData
     heldout: TokenData  # the test split of the report
     validation: TokenData | None  # training blocks held out to validate every stage and check the teacher
+    pruning: dict | None = None  # what models.prune removed and why (student.prune)
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -121,17 +124,18 @@ def setup(recipe: LMRecipe) -> LMSetup:
     teacher_path = resolve_model_path(recipe.teacher.path)
     teacher, tokenizer = load_causal_lm(teacher_path, dtype=recipe.teacher.dtype)
     teacher.eval().requires_grad_(False)
-    student_spec = recipe.student
-    if student_spec.from_teacher is not None:
-        student = student_from_teacher(teacher, **student_spec.from_teacher.model_dump()).float()
-        student_tokenizer = tokenizer
-    else:
+    student_spec, pruning = recipe.student, None
+    if student_spec.path is not None:  # checked before the data is read: a mismatch fails fast
         student, student_tokenizer = load_causal_lm(resolve_model_path(student_spec.path), dtype="float32")
+    else:  # cut or pruned from the teacher: its tokenizer and configuration
+        student, student_tokenizer = teacher, tokenizer
+        if student_spec.prune is not None:
+            plan(teacher.config, student_spec.prune.params, student_spec.prune.axes)  # a bad target fails fast
     vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
+    refuse_logit_softcapping(student, "student", ": choose a student without final_logit_softcapping")
     if recipe.distill.signal == "live":  # the cache stores the teacher's own logits; recorded traces its log-probs
         hint = ": use distill.signal: cache (it stores the teacher's own logits) or a teacher without the cap"
         refuse_logit_softcapping(teacher, "teacher", hint)
-    refuse_logit_softcapping(student, "student", ": choose a student without final_logit_softcapping")
     if recipe.distill.signal == "recorded":  # the traces carry the teacher's targets
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
@@ -139,8 +143,16 @@ def setup(recipe: LMRecipe) -> LMSetup:
     validation = None
     if recipe.data.validation_fraction > 0:
         train, validation = split_holdout(train, recipe.data.validation_fraction, recipe.seed + 104_729)
+    if student_spec.from_teacher is not None:
+        student = student_from_teacher(teacher, **student_spec.from_teacher.model_dump()).float()
+    elif student_spec.prune is not None:  # importance measured on the first training blocks
+        blocks = slice(0, student_spec.prune.calibration_blocks)
+        ids = torch.from_numpy(train.input_ids[blocks]).long()
+        attention = torch.from_numpy(train.attention_mask[blocks]).long()
+        student, pruning = prune(teacher, (ids, attention), student_spec.prune.params, student_spec.prune.axes)
+        student = student.float()
     teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
-    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation)
+    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation, pruning)
 
 
 def cache_sets(recipe: LMRecipe, blocks: int) -> int:
@@ -286,6 +298,9 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         results, validation, teacher_weak=bool(warnings), quality="perplexity", noun="held-out perplexity"
     )
     extra = {"validation": validation, "warnings": warnings, "machine": environment}
+    if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
+        write_json(out / "prune.json", s.pruning)
+        extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}
     if recipe.eval.generations:
         shown = {name: models[name] for name in ("teacher", "baseline", "student") if name in models}
         extra["generations"] = side_by_side(
