@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import lm_fixtures
 import numpy as np
@@ -18,10 +19,13 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, Granite
 from distill.data.token_blocks import TokenData
 from distill.errors import DistillError
 from distill.losses.sparse import SparseTargets, sparse_targets_from_logits
+from distill.models.causal_lm import load_causal_lm
+from distill.models.cut import student_from_teacher
 from distill.recipe import LMDistillSpec, TrainSpec
 from distill.tasks import load_recipe
-from distill.tasks.causal_lm import LMBatches, load_student, setup
+from distill.tasks.causal_lm import LMBatches, load_student, setup, with_student
 from distill.tasks.causal_lm import run as run_lm
+from distill.teachers.identity import lm_id
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.train import train_loop
@@ -364,3 +368,41 @@ def test_a_pruned_student_runs_end_to_end_and_records_what_went(tok, tmp_path):
     with pytest.raises(DistillError, match="leaves no block"):
         run_lm(load_recipe(path), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_teacher_is_adapted_first_and_the_student_cut_from_the_adapted_teacher(tok, tmp_path):
+    """Issue 19.1: teacher.train fine-tunes the teacher on the training blocks (stage 'teacher', resumable), the
+    report shows it before and after, the student is cut from the adapted weights, the cache is keyed by them."""
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False)
+    raw["teacher"]["train"] = {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    metrics = run_lm(recipe, tmp_path / "run")
+    models = metrics["models"]
+    assert list(models)[:2] == ["teacher_base", "teacher"]
+    assert models["teacher"]["perplexity"] < models["teacher_base"]["perplexity"]
+    adapted = load_causal_lm(tmp_path / "run" / "teacher")[0]
+    state = adapted.state_dict()
+    cut = student_from_teacher(adapted, keep=2)
+    setup_ = setup(recipe)
+    init = with_student(replace(setup_, teacher=adapted), recipe).student_init
+    assert all(torch.equal(init.state_dict()[k], cut.state_dict()[k]) for k in cut.state_dict())
+    assert not all(torch.equal(state[k], setup_.teacher.state_dict()[k]) for k in state)
+    caches = [p.name for p in (tmp_path / "run" / "cache").iterdir()]
+    assert len(caches) == 1 and caches[0].startswith(f"teacher-{lm_id(tmp_path / 'run' / 'teacher', 'float32')}")
+    assert "teacher before adaptation" in (tmp_path / "run" / "REPORT.md").read_text()
+    # resumed: the adapted teacher is loaded, not trained again
+    before = (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns
+    run_lm(recipe, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_adapting_the_teacher_on_text_shorter_than_a_block_is_one_line(tok, tmp_path):
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False)
+    raw["teacher"]["train"] = {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3}
+    (tmp_path / "short.txt").write_text("To be, or not to be.")
+    raw["data"]["path"] = str(tmp_path / "short.txt")
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DistillError, match=r"fewer than one block of data.block_size=16; lower data.block_size"):
+        run_lm(load_recipe(path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

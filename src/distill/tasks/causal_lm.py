@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from torch import nn
 from distill.data.lm import load_lm_data, split_lm_data
 from distill.data.token_blocks import TokenData, split_holdout
 from distill.devices import to_numpy
+from distill.errors import DistillError
 from distill.evaluate import lm_metrics, lm_validation, side_by_side
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
@@ -117,10 +118,12 @@ class LMSetup:
     heldout: TokenData  # the test split of the report
     validation: TokenData | None  # training blocks held out to validate every stage and check the teacher
     pruning: dict | None = None  # what models.prune removed and why (student.prune)
+    teacher_base: nn.Module | None = None  # the teacher before teacher.train adapted it
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
-    """Load teacher, data and the student's starting point; fail fast on a vocabulary mismatch."""
+    """Load teacher, data and a student given by path; fail fast on a vocabulary mismatch. A student cut or pruned
+    from the teacher is made by ``with_student``, after ``adapt_teacher`` (it comes from the adapted teacher)."""
     teacher_path = resolve_model_path(recipe.teacher.path)
     teacher, tokenizer = load_causal_lm(teacher_path, dtype=recipe.teacher.dtype)
     teacher.eval().requires_grad_(False)
@@ -143,16 +146,65 @@ def setup(recipe: LMRecipe) -> LMSetup:
     validation = None
     if recipe.data.validation_fraction > 0:
         train, validation = split_holdout(train, recipe.data.validation_fraction, recipe.seed + 104_729)
-    if student_spec.from_teacher is not None:
-        student = student_from_teacher(teacher, **student_spec.from_teacher.model_dump()).float()
-    elif student_spec.prune is not None:  # importance measured on the first training blocks
-        blocks = slice(0, student_spec.prune.calibration_blocks)
-        ids = torch.from_numpy(train.input_ids[blocks]).long()
-        attention = torch.from_numpy(train.attention_mask[blocks]).long()
-        student, pruning = prune(teacher, (ids, attention), student_spec.prune.params, student_spec.prune.axes)
-        student = student.float()
+    if recipe.teacher.train is not None and not len(train):
+        raise DistillError(
+            f"teacher.train: {recipe.data.path} has no training block of {recipe.data.block_size} tokens to adapt the "
+            "teacher on; give more text or a smaller data.block_size"
+        )
     teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
     return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation, pruning)
+
+
+def with_student(s: LMSetup, recipe: LMRecipe) -> LMSetup:
+    """``s`` with the student cut (``from_teacher``) or pruned (``prune``) from its teacher, as adapted."""
+    spec = recipe.student
+    if spec.from_teacher is not None:
+        return replace(s, student_init=student_from_teacher(s.teacher, **spec.from_teacher.model_dump()).float())
+    if spec.prune is not None:  # importance measured on the first training blocks
+        blocks = slice(0, spec.prune.calibration_blocks)
+        ids = torch.from_numpy(s.train.input_ids[blocks]).long()
+        attention = torch.from_numpy(s.train.attention_mask[blocks]).long()
+        student, pruning = prune(s.teacher, (ids, attention), spec.prune.params, spec.prune.axes)
+        return replace(s, student_init=student.float(), pruning=pruning)
+    return s
+
+
+def adapt_teacher(s: LMSetup, recipe: LMRecipe, out: Path, accelerator, *, resume: bool, on_step: OnStep) -> LMSetup:
+    """``teacher.train``: the teacher fine-tuned with next-token cross-entropy on the training blocks first (stage
+    ``teacher``: checkpointed, resumable, validated like the students), so it knows the domain it teaches. Its
+    weights get their own id, so a cache of its outputs is keyed by the adapted teacher."""
+    if recipe.teacher.train is None:
+        return s
+
+    def train() -> nn.Module:
+        model = copy.deepcopy(s.teacher).float().requires_grad_(True)
+        torch.manual_seed(recipe.seed + 7)
+        batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
+        check = validator(s, recipe, None)
+        return train_loop(
+            "teacher",
+            model,
+            recipe.teacher.train,
+            batches,
+            out,
+            accelerator,
+            seed=recipe.seed,
+            resume=resume,
+            on_step=stage_step("teacher", on_step),
+            validator=check,
+        )
+
+    adapted = train_or_load_stage(
+        out / "teacher",
+        resume=resume,
+        load=lambda folder: load_causal_lm(folder, dtype=recipe.teacher.dtype)[0],
+        train=train,
+        save=lambda model, folder: save_causal_lm(model, s.tokenizer, folder),
+        accelerator=accelerator,
+    )
+    adapted = adapted.to(s.teacher.dtype).eval().requires_grad_(False)
+    teacher_id = lm_id(out / "teacher", recipe.teacher.dtype)
+    return replace(s, teacher=adapted, teacher_id=teacher_id, teacher_base=s.teacher)
 
 
 def cache_sets(recipe: LMRecipe, blocks: int) -> int:
@@ -262,8 +314,11 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     s = setup(recipe)
     accelerator = make_accelerator(recipe.mixed_precision)
     prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
+    s = with_student(adapt_teacher(s, recipe, out, accelerator, resume=resume, on_step=on_step), recipe)
     d = recipe.distill
     models: dict[str, nn.Module] = {"teacher": s.teacher, "student_init": s.student_init}
+    if s.teacher_base is not None:  # the report shows the teacher before and after its adaptation
+        models = {"teacher_base": s.teacher_base, **models}
     stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
     check = validator(s, recipe, s.teacher)
     warnings = []
@@ -316,9 +371,10 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
 
 def build_cache(recipe: LMRecipe, out: Path) -> Path:
     """``distill cache``: run the teacher once over the training data and store its sparse targets."""
-    s = setup(recipe)
+    accelerator = Accelerator()
+    s = adapt_teacher(setup(recipe), recipe, Path(out), accelerator, resume=True, on_step=None)
     path = cache_path(recipe, Path(out), s)
-    cache = open_cache(recipe, Path(out), s, Accelerator().device)
+    cache = open_cache(recipe, Path(out), s, accelerator.device)
     print(f"{path}: {len(s.train)} blocks, {cache.bytes_per_token:.0f} bytes per token")
     return path
 
@@ -386,6 +442,11 @@ def headline(models: dict) -> str:
             f" Quantized to int8 it is a {human_bytes(q['file_bytes'])} file ({t['file_bytes'] / q['file_bytes']:.1f}× "
             f"smaller than the teacher), {q['tokens_per_s'] / t['tokens_per_s']:.1f}× faster, with perplexity "
             f"{q['perplexity']:.2f}."
+        )
+    if "teacher_base" in models:
+        text += (
+            f" Adapted to this data first, the teacher went from perplexity {models['teacher_base']['perplexity']:.2f} "
+            f"to {t['perplexity']:.2f}."
         )
     return text
 
