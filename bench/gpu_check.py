@@ -121,6 +121,19 @@ def lm_live_and_cache(work: Path, args) -> dict:
 
 
 @check
+def lm_adapt_prune_fused(work: Path, args) -> dict:
+    """Issue 19: the teacher adapted on the device first, a student pruned from it (importance hooks on the device),
+    two epochs from a two-set sampled cache, KD + CE from one pass over the head (alpha 0.5)."""
+    raw = lm_recipe(work, "cache", args, alpha=0.5)
+    raw["teacher"]["train"] = {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3}
+    raw["student"] = {"prune": {"params": 0.5, "axes": ["depth", "width"], "calibration_blocks": 4},
+                      "train": raw["student"]["train"] | {"epochs": 2}}  # fmt: skip
+    metrics = run_recipe(parse_recipe(raw), work / "adapt")
+    finite_metrics(metrics, "teacher_base", "teacher", "baseline", "student")
+    return {"pruning": metrics["pruning"]["kept"], "student_perplexity": metrics["models"]["student"]["perplexity"]}
+
+
+@check
 def lm_recorded(work: Path, args) -> dict:
     """distill generate with the local teacher on the GPU (top-4 log-probs), then a run on the recorded signal."""
     from distill.teachers.generate import generate

@@ -52,6 +52,8 @@ def importance(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
     config = model.config
     layers = _blocks(model)
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    device = next(model.parameters()).device  # the scores are summed there and kept on the CPU
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     keep = attention_mask.bool()
     tokens = keep.sum().clamp(min=1)
     scores = {
@@ -67,13 +69,13 @@ def importance(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
             cosine = nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            scores["blocks"][i] = 1 - (cosine * keep).sum() / tokens
+            scores["blocks"][i] = (1 - (cosine * keep).sum() / tokens).item()
 
         return hook
 
     def on_down(i):
         def hook(module, args):
-            scores["neurons"][i] = (args[0].double().abs() * keep[..., None]).sum((0, 1)) / tokens
+            scores["neurons"][i] = ((args[0].double().abs() * keep[..., None]).sum((0, 1)) / tokens).cpu()
 
         return hook
 
@@ -81,12 +83,12 @@ def importance(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
         def hook(module, args):
             per_head = args[0].double().unflatten(-1, (heads, head_dim)).norm(dim=-1)  # [B, S, heads]
             per_head = (per_head * keep[..., None]).sum((0, 1)) / tokens
-            scores["groups"][i] = per_head.unflatten(0, (groups, heads // groups)).sum(-1)
+            scores["groups"][i] = per_head.unflatten(0, (groups, heads // groups)).sum(-1).cpu()
 
         return hook
 
     def on_norm(module, args, output):
-        scores["channels"].add_((output.double().abs() * keep[..., None]).sum((0, 1)) / tokens)
+        scores["channels"].add_(((output.double().abs() * keep[..., None]).sum((0, 1)) / tokens).cpu())
 
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_hook(on_block(i), with_kwargs=True))

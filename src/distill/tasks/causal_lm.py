@@ -202,7 +202,7 @@ def adapt_teacher(s: LMSetup, recipe: LMRecipe, out: Path, accelerator, *, resum
         save=lambda model, folder: save_causal_lm(model, s.tokenizer, folder),
         accelerator=accelerator,
     )
-    adapted = adapted.to(s.teacher.dtype).eval().requires_grad_(False)
+    adapted = adapted.to("cpu", s.teacher.dtype).eval().requires_grad_(False)  # where setup leaves the teacher
     teacher_id = lm_id(out / "teacher", recipe.teacher.dtype)
     return replace(s, teacher=adapted, teacher_id=teacher_id, teacher_base=s.teacher)
 
