@@ -193,3 +193,15 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
     assert teacher_check({**clearly, "teacher_accuracy": 0.5, "baseline_accuracy": 0.6})[0].startswith(
         "the teacher is not better"
     )
+
+
+def test_a_fired_teacher_check_is_answered_when_the_distilled_student_wins_all_the_same():
+    from distill.tasks.common import student_warnings
+
+    results = {"student": {"test_errors": 227}, "baseline": {"test_errors": 259}}
+    line = student_warnings(results, {}, teacher_weak=True)[0]
+    assert line.startswith("the distilled student beats the student trained alone on the test split all the same")
+    assert "(test errors 227 vs 259)" in line
+    assert student_warnings(results, {}, teacher_weak=False) == []
+    results["student"]["test_errors"] = 300
+    assert student_warnings(results, {}, teacher_weak=True)[0].startswith("the distilled student is worse")

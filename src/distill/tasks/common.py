@@ -169,12 +169,22 @@ def student_warnings(
     noun: str = "test errors",
 ) -> list[str]:
     """When the distilled student loses to the baseline on the test split (a higher ``quality``, which is lower
-    when better): that first, with the likely reason read from the numbers."""
-    if "baseline" not in results or results["student"][quality] <= results["baseline"][quality]:
+    when better): that first, with the likely reason read from the numbers. When the teacher check fired and the
+    distilled student wins all the same, that too: the report must not leave the check's doubt standing alone."""
+    if "baseline" not in results:
         return []
     s, b = results["student"][quality], results["baseline"][quality]
+    wins = s < b
     if isinstance(s, float):
         s, b = f"{s:.4g}", f"{b:.4g}"
+    if wins and teacher_weak:
+        return [
+            f"the distilled student beats the student trained alone on the test split all the same ({noun} {s} vs "
+            f"{b}): the validation split was too small to tell, or the teacher's soft labels help in another way (its "
+            "labels of unlabeled inputs, smoother targets)"
+        ]
+    if s == b or wins:
+        return []
     summary = validation.get("student") or {}
     if teacher_weak:
         reason = "the teacher is no better than the student alone (above)"
