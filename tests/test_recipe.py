@@ -27,8 +27,8 @@ def test_unknown_key_names_key_and_allowed_keys(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("distill:\n  temperature: 0\n", "distill.temperature = 0: must be > 0, or auto"),
-        ("distill:\n  temperature: hot\n", "distill.temperature = 'hot': must be a number, or auto"),
+        ("distill:\n  temperature: 0\n", "distill.temperature = 0: must be a number > 0, or auto"),
+        ("distill:\n  temperature: hot\n", "distill.temperature = 'hot': must be a number > 0, or auto"),
         ("distill:\n  loss: kl\n", "unknown loss 'kl'; allowed: forward_kl, jsd, reverse_kl, skew_kl, tvd"),
         ("data:\n  source: imagenet\n", "data.source = 'imagenet': Input should be 'mnist', 'digits', 'npy' or 'csv'"),
         ("student:\n  train:\n    batch_size: 10\n    grad_accum: 3\n", "must be divisible by grad_accum 3"),

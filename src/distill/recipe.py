@@ -7,10 +7,10 @@ Unknown keys and bad values fail with one line naming the key, the value and wha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import DistillError
 from distill.losses.divergences import PER_POSITION
@@ -106,17 +106,20 @@ class TrainSpec(Strict):
 Auto = Literal["auto"]
 
 
+def positive_or_auto(value):
+    """Validator body: a number > 0, or the word auto (left to a search on the validation data)."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+        raise ValueError("must be a number > 0, or auto")
+    return value
+
+
+PositiveOrAuto = Annotated[float | Auto, BeforeValidator(positive_or_auto)]
+
+
 class StudentTrainSpec(TrainSpec):
     """A student's training settings: its learning rate may be left to the sweep on the validation split."""
 
-    lr: float | Auto = Field(default=0.1, description="auto: chosen by a sweep on validation (baseline and student)")
-
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _number_or_auto(cls, value):
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
-            raise ValueError("must be a number > 0, or auto")
-        return value
+    lr: PositiveOrAuto = Field(default=0.1, description="auto: chosen by a sweep on validation (baseline and student)")
 
 
 class TeacherSpec(Strict):
@@ -127,7 +130,7 @@ class TeacherSpec(Strict):
 
 class DistillSpec(Strict):
     loss: str = "forward_kl"
-    temperature: float | Auto = Field(
+    temperature: PositiveOrAuto = Field(
         default=4.0, description="softening of both distributions; auto: chosen by a sweep on validation"
     )
     alpha: float | Auto = Field(
@@ -145,18 +148,11 @@ class DistillSpec(Strict):
     signal: Literal["cache", "live"] = "cache"
     cache_dir: str | None = Field(default=None, description="where the teacher cache lives; default RUN/cache")
 
-    @field_validator("temperature", "alpha", mode="before")
+    @field_validator("alpha", mode="before")
     @classmethod
     def _number_or_auto(cls, value):
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ValueError("must be a number, or auto")
-        return value
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive_temperature(cls, value):
-        if value != "auto" and value <= 0:
-            raise ValueError("must be > 0, or auto")
         return value
 
     @field_validator("alpha")
@@ -501,18 +497,11 @@ class TextDataSpec(Strict):
 
 class EncoderTeacherSpec(Strict):
     path: str = Field(default="~/.cache/distill/all-mpnet-base-v2", description="HF / sentence-transformers folder")
-    probe_c: float | Auto = Field(
+    probe_c: PositiveOrAuto = Field(
         default="auto",
         description="inverse L2 strength of the logistic-regression head; auto: chosen by 5-fold cross-validation "
         "(log loss) on the labeled training texts",
     )
-
-    @field_validator("probe_c", mode="before")
-    @classmethod
-    def _positive_or_auto(cls, value):
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
-            raise ValueError("must be a number > 0, or auto")
-        return value
 
 
 class StaticSpec(Strict):
