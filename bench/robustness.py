@@ -40,8 +40,10 @@ Under heavy CPU contention (other jobs on the same 2 cores) runs were 3-10× slo
 
 Bar, per data set: when the teacher beats the baseline on validation in every seed (the check never fired), the
 distilled student beats the baseline on test in every seed, by a mean margin > 2 sd of the margins; when the check
-fired on every seed, the run said so, and that passes; a check that fired on some seeds only fails; a run that
-crashed leaves its figures null ("not measured"), and fails. The bench passes when every data set does and the
+fired on every seed, the run said so, and that passes; when it fired on some seeds only, those said so and every
+other seed's margin must exceed 2 sd of all the seeds' margins (until 2026-12-01 a mixed data set failed outright;
+the issue's words are "wherever the teacher beats the baseline on validation", run by run); a run that crashed
+leaves its figures null ("not measured"), and fails. The bench passes when every data set does and the
 whole bench took ≤ 3600 s. Ends with one JSON line; exits 1 on a miss.
 
     python bench/robustness.py [--seeds 0 1 2] [--only mnist digits] [--out runs/robustness] [--quick]
@@ -222,10 +224,14 @@ def verdict(rows: list[dict], margin: dict) -> tuple[bool, str]:
     fired = sum(r["fired"] for r in rows)
     if fired == len(rows):
         return True, "teacher not (clearly) better than the baseline on validation in every seed: the run says so"
-    if fired:
-        return False, f"teacher check differs between seeds (fired on {fired}/{len(rows)})"
     if margin["sd"] is None:
         return False, "one seed: no sd of the margin to judge by (not measured)"
+    if fired:  # the seeds that said so pass; each seed that did not must win by more than 2 sd of all the margins
+        quiet = [m for m, r in zip(margin["each"], rows, strict=True) if not r["fired"]]
+        said, bar = f"teacher check fired on {fired}/{len(rows)} seeds (said)", 2 * margin["sd"]
+        if min(quiet) > bar:
+            return True, f"{said}; where it did not, distilled beats baseline by > 2 sd ({min(quiet):.3g} > {bar:.3g})"
+        return False, f"{said}; where it did not, a margin {min(quiet):.3g} is not above 2 sd ({bar:.3g})"
     if min(margin["each"]) <= 0:
         return False, "teacher better on validation, yet the distilled student does not beat the baseline every seed"
     if margin["mean"] <= 2 * margin["sd"]:
@@ -260,7 +266,8 @@ def _shown(stats: dict, digits: int) -> str:
 
 
 def _auto(choice: dict | None) -> str:
-    return "-" if not choice else " ".join(f"{'T' if k == 'temperature' else 'α'}{v:g}" for k, v in choice.items())
+    names = {"temperature": "T", "alpha": "α", "lr": "lr"}
+    return "-" if not choice else " ".join(f"{names.get(k, k)}{v:g}" for k, v in choice.items())
 
 
 def print_table(summaries: dict) -> None:
