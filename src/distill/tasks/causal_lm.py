@@ -135,10 +135,10 @@ def setup(recipe: LMRecipe) -> LMSetup:
         if student_spec.prune is not None:
             plan(teacher.config, student_spec.prune.params, student_spec.prune.axes)  # a bad target fails fast
     vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
-    refuse_logit_softcapping(student, "student", ": choose a student without final_logit_softcapping")
     if recipe.distill.signal == "live":  # the cache stores the teacher's own logits; recorded traces its log-probs
         hint = ": use distill.signal: cache (it stores the teacher's own logits) or a teacher without the cap"
         refuse_logit_softcapping(teacher, "teacher", hint)
+    refuse_logit_softcapping(student, "student", ": choose a student without final_logit_softcapping")
     if recipe.distill.signal == "recorded":  # the traces carry the teacher's targets
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
