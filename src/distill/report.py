@@ -229,10 +229,8 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
         tmp.write_text("\n".join(parts) + "\n")
     with atomic_path(run_dir / "report.html") as tmp:
         notes = [note, distill, *([auto_note] if auto_note else [])]
-        page = html_report(title, " ".join([*warnings, summary]), models, columns, notes, plots)
-        if gens:
-            page = page.replace("</body>", f"<h2>Generations on held-out prompts</h2>{generations_html(gens)}</body>")
-        tmp.write_text(page)
+        sections = [("Generations on held-out prompts", generations_html(gens))] if gens else []
+        tmp.write_text(html_report(title, " ".join([*warnings, summary]), models, columns, notes, plots, sections))
     return target
 
 
@@ -319,8 +317,11 @@ def _budget(budget: dict) -> str:
     return ", ".join(f"{value} {unit if value != 1 else unit[:-1]}" for unit, value in budget.items())
 
 
-def html_report(title: str, summary: str, models: dict, columns: list, notes: list[str], plots: list) -> str:
-    """One file, no external resources: the images are embedded as data: URIs."""
+def html_report(
+    title: str, summary: str, models: dict, columns: list, notes: list[str], plots: list, sections: list = ()
+) -> str:
+    """One file, no external resources: the images are embedded as data: URIs. ``sections``: (heading, HTML) pairs
+    a task adds after the plots."""
     esc = html.escape
     head = "".join(f"<th>{esc(t)}</th>" for _, t, _ in columns)
     rows = "".join(
@@ -335,6 +336,7 @@ def html_report(title: str, summary: str, models: dict, columns: list, notes: li
         for heading, image in plots
     )
     notes_html = "".join(f"<p class=note>{esc(n)}</p>" for n in notes)
+    extra = "".join(f"<h2>{esc(heading)}</h2>{body}" for heading, body in sections)
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -343,7 +345,7 @@ def html_report(title: str, summary: str, models: dict, columns: list, notes: li
         "img{max-width:100%}</style></head><body>"
         f"<h1>{esc(title)}</h1><p class=headline>{esc(summary)}</p>"
         f"<table><thead><tr><th>model</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{notes_html}{figures}</body></html>\n"
+        f"{notes_html}{figures}{extra}</body></html>\n"
     )
 
 

@@ -227,6 +227,20 @@ class _FusedLinearSparseKD(torch.autograd.Function):
         return *saved_gradients(ctx, grad_out), *([None] * 8)
 
 
+def _kept_positions(student_hidden: Tensor, student_head: Tensor, targets: SparseTargets, mask, chunk_size, vocab_size):
+    """What the chunked losses work on: the hidden states [n, H] of the kept positions, the flat mask that kept them
+    (None: all), their flat targets (ids, logp, tail) and the vocabulary size; bad arguments raise."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = _vocab(student_head.shape[0], vocab_size)
+    keep = _check(student_hidden.shape[:-1], targets, mask)
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if keep is not None:
+        keep = keep.to(h.device)
+        h = h[keep]
+    return h, keep, targets.to(h.device)._flat(keep), vocab_size
+
+
 def chunked_sparse_kd_loss(
     student_hidden: Tensor,
     student_head: Tensor,
@@ -244,15 +258,8 @@ def chunked_sparse_kd_loss(
     Only the masked positions are gathered, then processed ``chunk_size`` at a time; gradients w.r.t. the
     hidden states, the head and the bias are folded in during the forward (see ``distill.losses.chunked``).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab_size = _vocab(student_head.shape[0], vocab_size)
-    keep = _check(student_hidden.shape[:-1], targets, mask)
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if keep is not None:
-        keep = keep.to(h.device)
-        h = h[keep]
-    ids, logp, tail = targets.to(h.device)._flat(keep)
+    kept = _kept_positions(student_hidden, student_head, targets, mask, chunk_size, vocab_size)
+    h, _, (ids, logp, tail), vocab_size = kept
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     needs = grad_needs(h, student_head, student_bias)
     return _FusedLinearSparseKD.apply(
@@ -313,12 +320,12 @@ class _FusedLinearSparseKDCE(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h_c, labels_c = h[rows], labels[rows, None]
             z = F.linear(h_c, ws, bs).to(acc)
-            on = None if distilled is None else distilled[rows]  # the rows the KD term covers (None: all)
+            on = slice(None) if distilled is None else distilled[rows]  # the rows the KD term covers
             kd_value, g_kd = _chunk_value_and_grad(
-                log_probs(z if on is None else z[on], temperature),
-                ids[rows] if on is None else ids[rows][on],
-                None if logp is None else (logp[rows] if on is None else logp[rows][on]),
-                None if tail is None else (tail[rows] if on is None else tail[rows][on]),
+                log_probs(z[on], temperature),
+                ids[rows][on],
+                None if logp is None else logp[rows][on],
+                None if tail is None else tail[rows][on],
                 temperature,
                 any(needs),
             )
@@ -329,10 +336,7 @@ class _FusedLinearSparseKDCE(torch.autograd.Function):
             if g_kd is None:
                 continue
             g = log_p.exp_().scatter_add_(-1, labels_c, log_p.new_full(labels_c.shape, -1.0)).mul_(ce_weight)
-            if on is None:
-                g.add_(g_kd, alpha=kd_weight)
-            else:
-                g[on] += g_kd.mul_(kd_weight)
+            g[on] += g_kd.mul_(kd_weight)
             del g_kd
             fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
         save_gradients(ctx, grads, w, b)
@@ -366,20 +370,14 @@ def chunked_sparse_kd_with_ce(
     ``chunked_sparse_kd_loss`` over the positions in ``mask`` and ``distilled`` (default: all of ``mask``), CE is
     ``chunked_cross_entropy`` of ``labels`` over ``mask``, both divided by ``normalizer``. Two separate calls make
     the [chunk, V] logits and fold their gradient into the [V, H] head twice; this makes and folds them once."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab_size = _vocab(student_head.shape[0], vocab_size)
-    keep = _check(student_hidden.shape[:-1], targets, mask)
     if labels.shape != student_hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match positions {tuple(student_hidden.shape[:-1])}")
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    labels = labels.reshape(-1).clamp(min=0)
-    on = None if distilled is None else distilled.reshape(-1).to(torch.bool)
+    kept = _kept_positions(student_hidden, student_head, targets, mask, chunk_size, vocab_size)
+    h, keep, (ids, logp, tail), vocab_size = kept
+    labels = labels.reshape(-1).clamp(min=0).to(h.device)
+    on = None if distilled is None else distilled.reshape(-1).to(device=h.device, dtype=torch.bool)
     if keep is not None:
-        keep = keep.to(h.device)
-        h, labels = h[keep], labels[keep.to(labels.device)]
-        on = None if on is None else on.to(keep.device)[keep]
-    ids, logp, tail = targets.to(h.device)._flat(keep)
+        labels, on = labels[keep], None if on is None else on[keep]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     return _FusedLinearSparseKDCE.apply(
         h,
@@ -388,8 +386,8 @@ def chunked_sparse_kd_with_ce(
         ids,
         logp,
         tail,
-        labels.to(h.device),
-        None if on is None else on.to(h.device),
+        labels,
+        on,
         normalizer_scale(normalizer, h.shape[0], acc, h.device),
         kd_weight,
         ce_weight,

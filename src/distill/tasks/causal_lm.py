@@ -112,7 +112,7 @@ class LMSetup:
     teacher: nn.Module
     tokenizer: object
     teacher_id: str
-    student_init: nn.Module
+    student_init: nn.Module | None  # None until with_student makes a student cut or pruned from the teacher
     vocab_size: int
     train: TokenData
     heldout: TokenData  # the test split of the report
@@ -127,7 +127,7 @@ def setup(recipe: LMRecipe) -> LMSetup:
     teacher_path = resolve_model_path(recipe.teacher.path)
     teacher, tokenizer = load_causal_lm(teacher_path, dtype=recipe.teacher.dtype)
     teacher.eval().requires_grad_(False)
-    student_spec, pruning = recipe.student, None
+    student_spec = recipe.student
     if student_spec.path is not None:  # checked before the data is read: a mismatch fails fast
         student, student_tokenizer = load_causal_lm(resolve_model_path(student_spec.path), dtype="float32")
     else:  # cut or pruned from the teacher: its tokenizer and configuration
@@ -152,7 +152,8 @@ def setup(recipe: LMRecipe) -> LMSetup:
             "teacher on; give more text or a smaller data.block_size"
         )
     teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
-    return LMSetup(teacher, tokenizer, teacher_id, student, vocab_size, train, heldout, validation, pruning)
+    student_init = student if student_spec.path is not None else None  # else: with_student, from the adapted teacher
+    return LMSetup(teacher, tokenizer, teacher_id, student_init, vocab_size, train, heldout, validation)
 
 
 def with_student(s: LMSetup, recipe: LMRecipe) -> LMSetup:

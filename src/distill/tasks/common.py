@@ -325,7 +325,8 @@ def choose_auto(
     best = min((run(at(t, a0), best["lr"]) for t in temperatures), key=rank)
     alphas = AUTO_ALPHAS if a_auto else (a0,)
     best = min((run(at(best["temperature"], a), best["lr"]) for a in alphas), key=rank)
-    choice = {key.rsplit(".", 1)[1]: best[key.rsplit(".", 1)[1]] for key in keys}
+    names = [key.rsplit(".", 1)[1] for key in keys]  # distill.temperature → temperature, student.train.lr → lr
+    choice = {name: best[name] for name in names}
     settings = ", ".join(f"{key} {value:g}" for key, value in choice.items())
     if main:
         print(f"auto: chose {settings} from {len(table)} short runs on the validation split", flush=True)

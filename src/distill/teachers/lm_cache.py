@@ -81,15 +81,15 @@ def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, bat
             )
         for b in range(stop - start):
             gen = block_generator(params["seed"], start + b, logits.device) if mode == "sampled" else None
-            sets = [  # one after another from the block's stream: set 0 is what a one-set cache draws
+            drawn = [  # one after another from the block's stream: set 0 is what a one-set cache draws
                 sparse_targets_from_logits(
                     logits[b], mode=mode, k=k, temperature=params["temperature"], generator=gen, vocab_size=vocab_size
                 )
                 for _ in range(params.get("sets", 1))
             ]
-            t = sets[0]
+            t = drawn[0]
             row = start - lo + b
-            shard["ids"][row] = to_numpy(torch.cat([each.ids for each in sets], -1))
+            shard["ids"][row] = to_numpy(torch.cat([each.ids for each in drawn], -1))
             if mode == "topk":
                 shard["logp"][row] = to_numpy(t.logp)
                 shard["tail"][row] = to_numpy(t.tail)
