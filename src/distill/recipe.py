@@ -6,11 +6,21 @@ Unknown keys and bad values fail with one line naming the key, the value and wha
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distill.errors import DistillError
 from distill.losses.divergences import PER_POSITION
@@ -115,6 +125,24 @@ def positive_or_auto(value):
 
 PositiveOrAuto = Annotated[float | Auto, BeforeValidator(positive_or_auto)]
 
+Tracker = Literal["tensorboard", "mlflow", "trackio", "aim"]
+
+
+def trackers_installed(names: list[str]) -> list[str]:
+    """Validator body: every tracker's package imports. Checked when the recipe is read, because accelerate would
+    drop a missing tracker with a debug message and the run would train for hours without logging to it."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"{name} needs the {name} package: pip install {name}")
+    return names
+
+
+LogWith = Annotated[list[Tracker], AfterValidator(trackers_installed)]
+LOG_WITH_HELP = (
+    "experiment trackers the training loop also logs to, through accelerate (files under RUN/trackers/ where the "
+    "tracker keeps them locally); log.jsonl stays the record"
+)
+
 
 class StudentTrainSpec(TrainSpec):
     """A student's training settings: its learning rate may be left to the sweep on the validation split."""
@@ -215,6 +243,7 @@ class Recipe(Strict):
     task: Literal["classification"] = "classification"
     name: str = "run"
     seed: int = 0
+    log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
@@ -364,6 +393,7 @@ class LMRecipe(Strict):
     task: Literal["causal_lm"]
     name: str = "run"
     seed: int = 0
+    log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     data: LMDataSpec = Field(default_factory=LMDataSpec)
     teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
@@ -544,6 +574,7 @@ class TextClassificationRecipe(Strict):
     task: Literal["text_classification"]
     name: str = "run"
     seed: int = 0
+    log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     data: TextDataSpec = Field(default_factory=lambda: TextDataSpec(labeled_fraction=0.1))
     teacher: EncoderTeacherSpec = Field(default_factory=EncoderTeacherSpec)
     student: EncoderStudentSpec = Field(
@@ -578,6 +609,7 @@ class EmbeddingRecipe(Strict):
     task: Literal["embedding"]
     name: str = "run"
     seed: int = 0
+    log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     data: list[TextDataSpec] = Field(
         default_factory=lambda: [TextDataSpec(source="rotten_tomatoes")],
         description="training texts (train split) and held-out texts (test split); the labels feed linear probes",

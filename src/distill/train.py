@@ -13,8 +13,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,11 +36,63 @@ from distill.recipe import DistillSpec, TrainSpec
 TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", log_with: Sequence[str] = (), out: Path | None = None) -> Accelerator:
     """The run's Accelerator. Launched as several processes (torchrun, accelerate launch) on a machine without
-    CUDA, accelerate must be told to use CPU processes (gloo); otherwise each process would train alone."""
+    CUDA, accelerate must be told to use CPU processes (gloo); otherwise each process would train alone.
+
+    ``log_with`` names the recipe's experiment trackers; those that keep files locally keep them in
+    ``out/trackers``. Each stage's loop opens and closes its own run in them (``stage_trackers``)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
+    trackers = {"log_with": list(log_with), "project_dir": Path(out) / "trackers"} if log_with else {}
+    return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available(), **trackers)
+
+
+@contextmanager
+def stage_trackers(accelerator: Accelerator, run_dir: Path, stage: str, spec: TrainSpec) -> Iterator[None]:
+    """The recipe's trackers (``make_accelerator(log_with=...)``) open for one stage: a run in the project named after
+    the run folder, configured with the stage's training settings, closed when the stage ends or fails.
+
+    The trackers are finished by hand rather than by ``accelerator.end_training()``: that also destroys the process
+    group, which the next stage of a multi-process run still needs."""
+    if not accelerator.log_with:
+        yield
+        return
+    config = {"stage": stage} | {
+        f"train.{key}": value for key, value in spec.model_dump(mode="json").items() if value is not None
+    }  # flat scalars: TensorBoard's hparams take nothing else
+    names = {"mlflow": {"run_name": stage}, "trackio": {"name": stage}}
+    accelerator.init_trackers(Path(run_dir).resolve().name, config=config, init_kwargs=names)
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:  # none on the other processes: only the main one logs
+            tracker.finish()
+        accelerator.trackers = []  # init_trackers appends: the next stage must not log to these closed ones
+
+
+def tracker_values(entry: dict) -> dict[str, float]:
+    """A log.jsonl entry as tracker scalars, named by stage: ``student/loss``, ``student/validation/accuracy``.
+    Flags (best, stopped) and the step (the trackers' x axis) are left out."""
+    stage, values = entry["stage"], {}
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            values |= {f"{stage}/{key}/{k}": v for k, v in value.items() if _is_number(v)}
+        elif key != "step" and _is_number(value):
+            values[f"{stage}/{key}"] = value
+    return values
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def progress_info(terms: dict[str, float] | None, validation: dict[str, float] | None, select_by: str) -> str:
+    """The progress bar's words: the last logged loss terms (``loss 0.41 kd 0.30 ce 0.11``) and the last
+    validation's ``select_by`` metric (``val accuracy 0.912``)."""
+    parts = [f"{key} {value:.4g}" for key, value in (terms or {}).items()]
+    if validation and select_by in validation:
+        parts.append(f"val {select_by} {validation[select_by]:.4g}")
+    return "  ".join(parts)
 
 
 Validator = Callable[[nn.Module], dict[str, float]]  # the model → its metrics on the validation split
@@ -375,8 +427,16 @@ def train_loop(
         if accelerator.is_main_process:
             _save_checkpoint(checkpoint, model_state, optimizer_state, scheduler, position)
 
-    def validate(log) -> None:
-        """Validate, log, keep the weights when they are the best so far, count validations since."""
+    def record(log, entry: dict) -> None:
+        """One log.jsonl line (the record; a resume trims it to the checkpoint) and the same values to the trackers,
+        which may see a resumed stage's steps twice."""
+        if accelerator.is_main_process:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        accelerator.log(tracker_values(entry), step=entry["step"])  # the main process only; no-op without trackers
+
+    def validate(log) -> dict[str, float]:
+        """Validate, log, keep the weights when they are the best so far, count validations since; the metrics."""
         model.eval()
         with torch.no_grad():
             metrics = validator(model if fsdp else accelerator.unwrap_model(model))
@@ -396,9 +456,8 @@ def train_loop(
             position["stale"] += 1
         position["stopped"] = bool(spec.patience and position["stale"] >= spec.patience)
         entry = {"stage": name, "step": step, "validation": metrics, "best": better, "stopped": position["stopped"]}
-        if accelerator.is_main_process:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+        record(log, entry)
+        return metrics
 
     every = spec.eval_every or steps_per_epoch
     step = position["step"]
@@ -413,7 +472,8 @@ def train_loop(
         transient=False,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    with progress, log_path.open("a") as log:
+    shown: dict = {"terms": None, "validation": None}  # what the progress bar says: the last logged values
+    with progress, log_path.open("a") as log, stage_trackers(accelerator, run_dir, name, spec):
         task = progress.add_task(name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], epochs):
             if position["stopped"]:
@@ -474,13 +534,11 @@ def train_loop(
                         "lr": scheduler.get_last_lr()[0],
                         "examples_per_s": round(seen / (time.perf_counter() - started), 1),
                     }
-                    if accelerator.is_main_process:
-                        log.write(json.dumps(entry) + "\n")
-                        log.flush()
-                    progress.update(task, info=f"loss {terms_sum['loss']:.4f}")
-                progress.update(task, completed=step)
+                    record(log, entry)
+                    shown["terms"] = terms_sum
                 if validator is not None and (step % every == 0 or step == total_steps):
-                    validate(log)
+                    shown["validation"] = validate(log)
+                progress.update(task, completed=step, info=progress_info(**shown, select_by=spec.select_by))
                 if step % spec.checkpoint_every == 0 or position["batch"] == 0 or position["stopped"]:
                     save()
                 if on_step is not None:

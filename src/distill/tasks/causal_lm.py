@@ -313,7 +313,7 @@ def train_or_load(
 def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
     out = Path(out)
     s = setup(recipe)
-    accelerator = make_accelerator(recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision, recipe.log_with, out)
     prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     s = with_student(adapt_teacher(s, recipe, out, accelerator, resume=resume, on_step=on_step), recipe)
     d = recipe.distill

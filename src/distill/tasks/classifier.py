@@ -50,7 +50,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
     for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
         build_classifier(spec, data.input_shape, data.num_classes)
     check_auto_data(auto_settings(recipe.distill, recipe.student.train), 0 if data.val_y is None else len(data.val_y))
-    accelerator = make_accelerator(recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision, recipe.log_with, out)
     prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
     common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
 

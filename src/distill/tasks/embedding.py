@@ -168,7 +168,7 @@ def train_student(
         if static.epochs:  # without epochs there is no loop, so nothing to validate or select
             train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
             batches = EmbeddingBatches(rows, torch.from_numpy(targets), "mse", pad_id_of(teacher_tok))
-            accelerator = make_accelerator("no")
+            accelerator = make_accelerator("no", recipe.log_with, out)
             check = embedding_validator(validation, teacher_tok, max_length, "mse")
             model = train_loop(
                 "student", model, train, batches, out, accelerator, seed=recipe.seed, on_step=step, validator=check
@@ -183,7 +183,7 @@ def train_student(
         batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
         if recipe.distill.token_states:
             batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
-        accelerator = make_accelerator("no")
+        accelerator = make_accelerator("no", recipe.log_with, out)
         check = embedding_validator(validation, tokenizer, max_length, recipe.distill.loss)
         torch.manual_seed(recipe.seed + 1)
         model = train_loop(

@@ -147,7 +147,7 @@ def run(
     teacher_path = Path(recipe.teacher.path).expanduser()
     teacher_encoder, teacher_tok = load_encoder(teacher_path)
     base_encoder, student_tok = student_encoder(recipe.student, teacher_encoder, teacher_tok)
-    accelerator = make_accelerator("no")
+    accelerator = make_accelerator("no", recipe.log_with, out)
     if accelerator.num_processes > 1:
         raise DistillError("task: text_classification runs in one process; launch it without torchrun")
     check_auto_data(auto_settings(recipe.distill, recipe.student.train), len(data.val_texts or []), "texts")
