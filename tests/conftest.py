@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture
 def tiny_recipe():
+    return tiny_digits_recipe()
+
+
+def tiny_digits_recipe() -> dict:
     """A digits recipe that trains in about a second."""
     return {
         "name": "tiny",

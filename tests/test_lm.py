@@ -346,6 +346,20 @@ def test_report_shows_generations_of_every_model_side_by_side(tok, tmp_path):
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "## Generations on held-out prompts" in report and "| student, distilled |" in report
     assert "<h2>Generations on held-out prompts</h2>" in (tmp_path / "run" / "report.html").read_text()
+    # Issue 20: the held-out passage shaded by the student's KL to the teacher, equal to a direct float64 sum.
+    passage = metrics["token_kl"]
+    teacher = setup(recipe).teacher
+    ids = torch.from_numpy(heldout.input_ids[:1]).long()
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1, : len(tok)].double(), -1)
+        q = torch.log_softmax(student(input_ids=ids).logits[0, :-1, : len(tok)].double(), -1)
+    real = torch.from_numpy(heldout.labels[0, 1:]) != -100
+    expected = (p.exp() * (p - q)).sum(-1)[real]
+    assert passage["kl"] == pytest.approx(expected.tolist(), abs=2e-4)
+    assert passage["pieces"] == [tok.decode([int(t)]) for t in ids[0, 1:][real]]
+    assert "Where the student differs from the teacher" in report and "class=passage" in (
+        tmp_path / "run" / "report.html"
+    ).read_text()
 
 
 def test_a_pruned_student_runs_end_to_end_and_records_what_went(tok, tmp_path):

@@ -99,6 +99,19 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="finished run folders of one task")],
+    out: Annotated[Path, typer.Option("--out", help="folder for COMPARE.md, compare.html, compare.png")] = Path(
+        "compare"
+    ),
+) -> None:
+    """Compare finished runs: one table of every model of every run, the settings that differ, one plot."""
+    from distill.tasks import compare_runs
+
+    print(compare_runs(runs, out))
+
+
+@app.command()
 def fetch(
     what: Annotated[
         str,

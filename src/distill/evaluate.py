@@ -331,3 +331,76 @@ def text_speed(model: nn.Module, tokenizer, texts: list[str], *, max_length: int
         "texts_per_s": round(len(texts) / seconds, 1),
         "threads": threads,
     }
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> dict:
+    """Expected calibration error of the top-1 confidence (equal-width bins; the count-weighted mean of
+    |accuracy − confidence| per bin) and the reliability diagram's points: [mean confidence, accuracy, examples] of
+    every non-empty bin."""
+    probs = torch.softmax(logits.double(), -1)
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    which = torch.clamp((confidence * bins).long(), max=bins - 1)  # confidence 1.0 falls in the last bin
+    points, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        if n:
+            conf, acc = confidence[inside].mean().item(), correct[inside].mean().item()
+            ece += n / len(labels) * abs(acc - conf)
+            points.append([round(conf, 4), round(acc, 4), n])
+    return {"ece": round(ece, 6), "bins": points}
+
+
+def disagreements(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, *, top: int = 8
+) -> dict:
+    """Where the student's top-1 differs from the teacher's: how often, which (teacher, student) class pairs most
+    often, and the ``top`` examples whose two distributions differ most (total variation), each with both models'
+    three most likely classes."""
+    teacher_p, student_p = torch.softmax(teacher_logits.double(), -1), torch.softmax(student_logits.double(), -1)
+    t, s = teacher_p.argmax(-1), student_p.argmax(-1)
+    differ = torch.nonzero(t != s).flatten()
+    pairs: dict[tuple[int, int], int] = {}
+    for i in differ.tolist():
+        pairs[(int(t[i]), int(s[i]))] = pairs.get((int(t[i]), int(s[i])), 0) + 1
+    distance = 0.5 * (teacher_p - student_p).abs().sum(-1)
+    worst = differ[torch.argsort(distance[differ], descending=True)[:top]]
+
+    def likely(p: torch.Tensor) -> list:
+        values, classes = p.topk(min(3, len(p)))
+        return [[int(c), round(v, 4)] for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
+
+    return {
+        "count": len(differ),
+        "of": len(labels),
+        "pairs": [[a, b, n] for (a, b), n in sorted(pairs.items(), key=lambda item: -item[1])[:10]],
+        "examples": [
+            {
+                "index": int(i),
+                "label": int(labels[i]),
+                "distance": round(distance[i].item(), 4),
+                "teacher": likely(teacher_p[i]),
+                "student": likely(student_p[i]),
+            }
+            for i in worst.tolist()
+        ],
+    }
+
+
+@torch.inference_mode()
+def token_kl_passage(student: nn.Module, teacher: nn.Module, heldout, tokenizer, *, vocab_size: int, row: int = 0):
+    """One held-out passage token by token: each target token's text and the student's forward KL to the teacher
+    at the position that predicts it (what the report colours)."""
+    ids = torch.from_numpy(heldout.input_ids[row : row + 1]).long()
+    attention = torch.from_numpy(heldout.attention_mask[row : row + 1]).long()
+    mask = torch.from_numpy(heldout.labels[row : row + 1, 1:]) != IGNORE_INDEX
+    student_logp = _target_log_probs(student.eval().to("cpu"), ids, attention, mask, vocab_size)
+    teacher_logp = _target_log_probs(teacher.eval().to("cpu"), ids, attention, mask, vocab_size)
+    kl = PER_POSITION["forward_kl"](student_logp, teacher_logp)
+    targets = ids[:, 1:][mask]
+    return {
+        "context": tokenizer.decode(ids[0, : int(torch.nonzero(mask[0])[0]) + 1]) if mask.any() else "",
+        "pieces": [tokenizer.decode([int(token)]) for token in targets],
+        "kl": [round(float(value), 5) for value in kl],
+    }

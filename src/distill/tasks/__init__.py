@@ -6,7 +6,6 @@ for export and which formats that student can take. Adding a task is one module 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from distill.recipe import (
 )
 from distill.recipe import parse_recipe as parse_with
 from distill.report import ReportView, write_report
+from distill.report.compare import compare, read_run
 from distill.tasks import causal_lm, classifier, embedding, text_classification
 from distill.train import STAGE_DONE
 
@@ -95,10 +95,7 @@ def task_of_run(run_dir: Path) -> str:
 
 def report(run_dir: Path) -> Path:
     """Rewrite a finished run's REPORT.md, report.html and plots (the task is the one its metrics.json names)."""
-    try:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    except FileNotFoundError:
-        raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
+    metrics = read_run(run_dir)
     return write_report(run_dir, TASKS[metrics.get("task", "classification")].report)
 
 
@@ -125,4 +122,16 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool 
     target = Path(out) if out is not None else run_dir / "exports" / fmt
     if target.exists() and not force:  # checked before the student is loaded
         raise DistillError(f"export target {target} already exists; pass --force to replace it")
-    return export_student(task.load_student(run_dir), fmt, target, run_dir, force=force)
+    result = export_student(task.load_student(run_dir), fmt, target, run_dir, force=force)
+    if (run_dir / "metrics.json").exists():  # the report lists every export with its check
+        write_report(run_dir, task.report)
+    return result
+
+
+def compare_runs(run_dirs: list[Path], out: Path) -> Path:
+    """``distill compare``: finished runs of one task side by side (COMPARE.md, compare.html, compare.png)."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        metrics = read_run(run_dir)
+        runs.append((run_dir, metrics, TASKS[metrics.get("task", "classification")].report))
+    return compare(runs, out)

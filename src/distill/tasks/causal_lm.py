@@ -24,7 +24,7 @@ from distill.data.lm import load_lm_data, split_lm_data
 from distill.data.token_blocks import TokenData, split_holdout
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.evaluate import lm_metrics, lm_validation, side_by_side
+from distill.evaluate import lm_metrics, lm_validation, side_by_side, token_kl_passage
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 from distill.io import write_json
@@ -367,6 +367,9 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
             new_tokens=recipe.eval.generation_tokens,
             seed=recipe.seed,
         )
+    extra["token_kl"] = token_kl_passage(
+        models["student"], models["teacher"], s.heldout, s.tokenizer, vocab_size=s.vocab_size
+    )
     return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, **extra)
 
 

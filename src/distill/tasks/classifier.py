@@ -27,6 +27,7 @@ from distill.tasks.common import (
     check_auto_data,
     choose_auto,
     choose_baseline_lr,
+    comparison,
     finish,
     int8_student,
     machine,
@@ -130,14 +131,28 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
     if int8 := int8_student(out, load_student):
         models["student_int8"] = int8
     results = evaluate_models(recipe, models, data)
+    logits = {name: predict_logits(model, data.test_x) for name, (model, _) in models.items()}
+    classes = [str(c) for c in range(data.num_classes)]
+    shown = comparison(logits, torch.from_numpy(data.test_y), lambda i: example(data, i), classes)
     if "student_int8" in results:
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     distill = distill.model_dump(mode="json")
     environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
     validation = {name: validation_summary(out, name) for name in models if name != "student_int8"}
     warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
-    extra = {"validation": validation, "warnings": warnings} | ({"auto": auto} if auto else {})
+    extra = {"validation": validation, "warnings": warnings} | ({"auto": auto} if auto else {}) | shown
     return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment, **extra)
+
+
+def example(data: ArrayData, index: int) -> dict:
+    """Test example ``index`` as the report shows it: an image's pixels (grey, 0–255), or a vector's first values."""
+    x = data.test_x[index].reshape(data.input_shape)
+    if len(data.input_shape) < 2:
+        return {"text": "features " + ", ".join(f"{v:.3g}" for v in x[:12]) + (" …" if x.size > 12 else "")}
+    image = x[0] if len(data.input_shape) == 3 else x  # the first channel of a [C, H, W] image
+    low, high = float(image.min()), float(image.max())
+    grey = np.round(255 * (image - low) / (high - low or 1.0)).astype(np.uint8)
+    return {"image": grey.tolist()}
 
 
 def train_or_load(

@@ -3,9 +3,12 @@ with one marker, the int8 copy of the student, and the ending (metrics.json and 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ import torch
 import yaml
 
 from distill.errors import DistillError
+from distill.evaluate import calibration, disagreements
 from distill.export.quantize import WEIGHTS, load_int8
 from distill.export.run_export import Student, export_student
 from distill.io import atomic_path, fsync_path, fsync_tree, write_json
@@ -81,7 +85,44 @@ def train_or_load(folder: Path, *, resume: bool, load: Callable, train: Callable
 
 
 def machine(**extra) -> dict:
-    return {"platform": platform.platform(), "torch": torch.__version__, **extra}
+    """Where and with what the run was measured: the platform, the versions that shape the numbers, the command."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "distill": _version("distill"),
+        "command": _command(),
+        **extra,
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _command() -> str:
+    """The command line as the user typed it (``distill run ...`` rather than the script's full path)."""
+    argv = sys.argv
+    program = "distill" if Path(argv[0]).name == "distill" else Path(argv[0]).name
+    return shlex.join([program, *argv[1:]])
+
+
+def comparison(logits: dict[str, torch.Tensor], labels: torch.Tensor, example: Callable[[int], dict],
+               classes: list[str]) -> dict:  # fmt: skip
+    """What the report shows beyond the table for a classifier: each model's calibration on the test split, and
+    where the distilled student disagrees with the teacher (``example(i)`` adds test example i's image or text)."""
+    where = disagreements(logits["teacher"], logits["student"], labels)
+    for entry in where["examples"]:
+        entry |= example(entry["index"])
+    return {
+        "calibration": {name: calibration(values, labels) for name, values in logits.items()},
+        "disagreements": where | {"classes": classes},
+    }
 
 
 def int8_student(out: Path, load_student: Callable[[Path], Student]):

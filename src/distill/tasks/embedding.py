@@ -416,7 +416,7 @@ def note(metrics: dict) -> str:
 def quality(models: dict) -> Quality:
     """The first probe's accuracy."""
     probe = next(key for key in next(iter(models.values())) if key.startswith("probe_"))
-    return Quality(probe, f"{probe.removeprefix('probe_')} probe accuracy (higher is better)")
+    return Quality(probe, f"{probe.removeprefix('probe_')} probe accuracy (higher is better)", higher_is_better=True)
 
 
 VIEW = ReportView(headline=headline, columns=columns, note=note, quality=quality)

@@ -46,6 +46,7 @@ from distill.tasks.common import (
     check_auto_data,
     choose_auto,
     choose_baseline_lr,
+    comparison,
     finish,
     machine,
     prepare_run_dir,
@@ -234,9 +235,10 @@ def run(
     speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
     results = {"teacher": _scores(teacher, teacher_test_logits, data, None, out / "teacher")}
     results["teacher"] |= text_speed(teacher, teacher_tok, speed_texts, **speed)
+    logits = {"teacher": teacher_test_logits}
     for name, model in trained.items():
-        logits = torch.from_numpy(encode(model, test_rows, base.pad_id))
-        results[name] = _scores(model, logits, data, teacher_test_logits, out / name)
+        logits[name] = torch.from_numpy(encode(model, test_rows, base.pad_id))
+        results[name] = _scores(model, logits[name], data, teacher_test_logits, out / name)
         results[name] |= text_speed(model, student_tok, speed_texts, **speed)
     sizes = {
         "source": recipe.data.source,
@@ -252,6 +254,8 @@ def run(
     warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
     extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed), "teacher_probe": probe}
     extra |= {"auto": auto} if auto else {}
+    extra |= comparison(logits, torch.from_numpy(data.test_labels), lambda i: {"text": data.test_texts[i][:300]},
+                        list(data.classes))  # fmt: skip
     distill = distill.model_dump(mode="json")
     return finish(out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, **extra)
 
