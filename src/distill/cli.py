@@ -91,6 +91,26 @@ def generate(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="a classification or causal_lm recipe YAML")],
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set student.train.batch_size=16")] = [],  # noqa: B006
+    steps: Annotated[int, typer.Option(help="optimizer steps timed per stage (after one warm-up step)")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the table")] = False,
+) -> None:
+    """Before a run: peak memory of each stage and time per epoch on this machine, from a few timed steps."""
+    import json
+
+    from distill.plan import make_plan, show_plan
+    from distill.tasks import load_recipe
+
+    planned = make_plan(load_recipe(recipe, set_), steps=steps)
+    if json_:
+        print(json.dumps(planned.as_dict()))
+    else:
+        show_plan(planned)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
     """Rewrite REPORT.md and plots from a run folder's metrics.json and log.jsonl."""
     from distill.tasks import report as write_report

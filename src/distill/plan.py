@@ -1,0 +1,642 @@
+"""``distill plan RECIPE``: the memory each stage of a run will need and its time per epoch, before anything runs.
+
+Per stage, from the recipe's real models at its real shapes (weights random where the run trains them anyway):
+
+- parameters, and the bytes of weights, gradients and optimizer state (float32; AdamW keeps two states per
+  parameter, SGD with momentum one, without momentum none);
+- activations: what autograd saves for backward in one forward of a micro-batch, measured with saved-tensor hooks
+  on the real model (parameters excluded);
+- causal LMs: the loss's vocabulary buffers, ``LOSS_BUFFERS`` float32 [positions, V] arrays if the logits were
+  materialised, [chunk, V] with the chunked loss the run uses, and the full-vocabulary log-probs of a validation
+  batch; after training, the int8 export's check and the evaluation, which materialise them too;
+- the teacher beside the stage, and the models the process still holds from earlier stages;
+
+and the time per epoch: one warm-up step, then a few real optimizer steps (forward, backward, clipping, step) at the
+recipe's batch size, timed, times the steps of an epoch, plus its validations, each timed once.
+
+Peak RSS of a process also holds the interpreter and its libraries: ``import_bytes`` is this process's RSS when the
+plan starts (``distill plan`` has imported what ``distill run`` imports), and the process peak is that + the data +
+the largest stage. Freed memory the allocator keeps is not modelled. On CUDA, each stage is compared with the
+device's total memory instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.data.arrays import load_data
+from distill.errors import DistillError
+from distill.export.run_export import LM_BLOCKS
+from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS, smoothable_layers
+from distill.io import atomic_path
+from distill.losses import IGNORE_INDEX
+from distill.losses.sparse import SparseTargets
+from distill.models.causal_lm import last_hidden
+from distill.models.classifiers import build_classifier
+from distill.recipe import LMRecipe, Recipe, TrainSpec, auto_settings
+from distill.tasks import causal_lm as lm
+from distill.tasks import classifier
+from distill.teachers.live import LiveTeacher
+from distill.teachers.lm_cache import build_lm_cache, record_dtype
+from distill.teachers.lm_signals import SparseSignal
+from distill.train import ClassifierBatches, Stage, make_accelerator, train_loop
+
+FLOAT = 4  # bytes: weights, gradients, optimizer states and the losses' vocabulary buffers are float32
+# The chunked losses keep about 4 float32 [chunk, V] buffers live (student logits / log-probs, teacher or target
+# probabilities, the gradient: losses/chunked.py); materialised logits take the same 4 over every position.
+LOSS_BUFFERS = 4
+# A validation batch of evaluate.lm_validation holds the model's logits, their masked copy and log-probs, then with a
+# teacher its log-probs and the KL's temporaries: about 5 [positions, V] float32 at its peak, 3 without a teacher.
+# evaluate.lm_metrics holds the same 5.
+VALIDATION_BUFFERS = {True: 5, False: 3}
+# The int8 export of an LM student: SmoothQuant scores each alpha on SCORED_BLOCKS (export/smooth.int8_kl: the float
+# model's log-probs, the int8 copy's, exp, difference, product: 5 [blocks, seq, V] float32) with the float model, the
+# best and the current candidate and the copy being quantised in memory (3 student copies besides the loaded one);
+# without smoothing, the check (export/run_export.check_export) holds 6 units over LM_BLOCKS (two float64 arrays).
+SMOOTH_BUFFERS, SMOOTH_COPIES, CHECK_BUFFERS = 5, 3, 6
+# Fast steps are timed for about a second (a median of many is steadier on a shared machine); slow ones ``steps`` times.
+TIMING_SECONDS, MAX_TIMED_STEPS = 1.0, 1000
+CACHE_BATCH = 8  # blocks per teacher forward when the LM cache is built (teachers/lm_cache.build_lm_cache)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    examples: int  # trained on per epoch (LM: blocks)
+    batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    steps: int  # the stage's whole budget
+    parameters: int = 0
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0  # saved for backward by one micro-batch's forward
+    loss_buffers: int = 0  # what the run's loss holds: the chunked [chunk, V] buffers (LMs)
+    loss_buffers_full: int = 0  # the same with [positions, V] logits materialised
+    validation: int = 0  # a validation batch's full-vocabulary buffers (LMs)
+    teacher: int = 0  # the teacher beside this stage: its weights, and its hidden states when it runs live
+    resident: int = 0  # models of earlier stages (and the student's starting copy) the process still holds
+    data_reload: int = 0  # the data set loaded a second time (a classifier's export checks on its test split)
+    step_seconds: float | None = None  # median of the timed steps; None: not measured
+    validation_seconds: float = 0.0  # one validation pass, and writing the best weights it finds
+    validations_per_epoch: float = 0.0
+    checkpoint_seconds: float = 0.0  # writing a checkpoint: weights and optimizer state
+    checkpoints_per_epoch: float = 0.0  # at each epoch's end and every train.checkpoint_every steps
+    training: bool = True  # False: a phase that trains nothing (cache build, export, evaluation)
+
+    @property
+    def peak(self) -> int:
+        """A training step (gradients, optimizer, activations, loss buffers) or a validation, whichever is larger."""
+        step = self.gradients + self.optimizer + self.activations + self.loss_buffers
+        held = self.resident + self.teacher + self.weights + self.data_reload
+        return held + max(step, self.optimizer + self.validation)
+
+    @property
+    def epoch_seconds(self) -> float | None:
+        if self.step_seconds is None:
+            return None
+        return (
+            self.step_seconds * self.steps_per_epoch
+            + self.validation_seconds * self.validations_per_epoch
+            + self.checkpoint_seconds * self.checkpoints_per_epoch
+        )
+
+    @property
+    def seconds(self) -> float | None:
+        """The whole stage: all its steps and validations."""
+        return None if self.epoch_seconds is None else self.epoch_seconds * self.steps / self.steps_per_epoch
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"peak": self.peak, "epoch_seconds": self.epoch_seconds, "seconds": self.seconds}
+
+
+@dataclass
+class Plan:
+    task: str
+    device: str
+    data_bytes: int
+    stages: list[StagePlan]
+    import_bytes: int = 0  # the process's RSS with the libraries imported, before any data or model
+    cache_disk_bytes: int = 0  # the teacher cache the run writes
+    cache_bytes_per_token: int | None = None  # LM caches (a classifier's holds its logits: 4 bytes per class)
+    device_memory: int | None = None  # CUDA: the device's total memory
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        """On the CPU the process's peak RSS (imports + data + largest stage); on CUDA the largest stage."""
+        largest = max(stage.peak for stage in self.stages)
+        return largest if self.device_memory else self.import_bytes + self.data_bytes + largest
+
+    @property
+    def seconds(self) -> float:
+        """The timed stages, all epochs (what was not timed is not in it)."""
+        return sum(stage.seconds or 0.0 for stage in self.stages)
+
+    def fits(self) -> dict[str, bool] | None:
+        return None if self.device_memory is None else {s.name: s.peak <= self.device_memory for s in self.stages}
+
+    def as_dict(self) -> dict:
+        figures = {"peak": self.peak, "seconds": self.seconds, "fits": self.fits()}
+        return asdict(self) | figures | {"stages": [stage.as_dict() for stage in self.stages]}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def make_plan(recipe, *, steps: int = 3) -> Plan:
+    """The plan of a parsed recipe (``tasks.load_recipe``), with ``steps`` timed optimizer steps per stage."""
+    if steps < 1:
+        raise DistillError(f"--steps {steps}: time at least 1 step")
+    import_bytes = current_rss()  # before this plan loads any data or model
+    if isinstance(recipe, Recipe):
+        plan = classifier_plan(recipe, steps)
+    elif isinstance(recipe, LMRecipe):
+        plan = lm_plan(recipe, steps)
+    else:
+        raise DistillError(f"distill plan covers classification and causal_lm recipes, not task: {recipe.task}")
+    plan.import_bytes = import_bytes
+    if torch.cuda.is_available():
+        plan.device_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return plan
+
+
+# ---- what every training stage has ----
+
+
+def state_bytes(model: nn.Module, spec: TrainSpec) -> dict:
+    """Parameters, and the float32 bytes of weights, gradients and optimizer state."""
+    parameters = sum(p.numel() for p in model.parameters())  # a tied head is one parameter
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    states = optimizer_states(spec)
+    return {
+        "parameters": parameters,
+        "weights": parameters * FLOAT,
+        "gradients": trainable * FLOAT,
+        "optimizer": trainable * FLOAT * states,
+    }
+
+
+def optimizer_states(spec: TrainSpec) -> int:
+    """Float32 states per parameter: AdamW two moments, SGD one momentum buffer (none at momentum 0)."""
+    return 2 if spec.optimizer == "adamw" else int(spec.momentum > 0)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters in their own dtype (a bfloat16 teacher: 2 per parameter)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def saved_bytes(forward, model: nn.Module) -> int:
+    """Bytes autograd saves for backward while ``forward()`` runs: unique storages, the parameters excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+class _Timed(Exception):
+    """Raised from the loop's on_step hook once enough steps are timed: the rest of the run is not needed."""
+
+
+def timed_steps(name: str, model: nn.Module, spec: TrainSpec, batches, accelerator, steps: int) -> dict:
+    """Seconds of an optimizer step in the run's own loop (``train.train_loop`` in a scratch folder, its progress bar
+    silenced): the median gap between consecutive steps after the first (one-time set-up), ``steps`` of them, more
+    while they fit in ``TIMING_SECONDS``. Then the seconds of writing a checkpoint (weights and optimizer state) and
+    a best-weights file, as the loop writes them (atomically, fsynced)."""
+    budget = {"max_steps": MAX_TIMED_STEPS + 1, "checkpoint_every": 10**9, "eval_every": None, "patience": None}
+    if spec.lr == "auto":  # left to a sweep; any rate costs the same
+        budget["lr"] = 1e-3
+    stamps: list[float] = []
+
+    def stamp(step: int) -> None:
+        stamps.append(time.perf_counter())
+        timed = len(stamps) - 1
+        if timed >= MAX_TIMED_STEPS or (timed >= steps and stamps[-1] - stamps[0] >= TIMING_SECONDS):
+            raise _Timed
+
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            train_loop(
+                name, model, spec.model_copy(update=budget), batches, Path(folder), accelerator, seed=0, on_step=stamp
+            )
+        except _Timed:
+            pass
+        accelerator.free_memory()  # the run keeps each stage's optimizer (keep_optimizers); this process need not
+        state = accelerator.unwrap_model(model).state_dict()
+        # the optimizer's state has the bytes of ``state_bytes``: states per parameter, float32
+        moments = [torch.zeros_like(p) for p in model.parameters() for _ in range(optimizer_states(spec))]
+        checkpoint = timed(lambda: write(Path(folder) / "checkpoint.pt", {"model": state, "optimizer": moments}))
+        best = timed(lambda: write(Path(folder) / "best.pt", state))
+    step_seconds = float(statistics.median(np.diff(stamps)))
+    return {"step_seconds": step_seconds, "checkpoint_seconds": checkpoint, "best_seconds": best}
+
+
+def write(path: Path, state) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def schedule(spec: TrainSpec, examples: int, validates: bool) -> dict:
+    """Steps per epoch and in all, and validations per epoch, as ``train.train_loop`` counts them."""
+    per_epoch = max(1, math.ceil(examples / spec.batch_size))
+    return {
+        "examples": examples,
+        "batch_size": spec.batch_size,
+        "grad_accum": spec.grad_accum,
+        "steps_per_epoch": per_epoch,
+        "steps": spec.max_steps or spec.epochs * per_epoch,
+        "validations_per_epoch": per_epoch / (spec.eval_every or per_epoch) if validates else 0.0,
+        "checkpoints_per_epoch": 1 + per_epoch / spec.checkpoint_every,
+    }
+
+
+# ---- classification ----
+
+
+def classifier_plan(recipe: Recipe, steps: int) -> Plan:
+    before = current_rss()
+    data = load_data(recipe.data, recipe.seed)
+    arrays = (data.train_x, data.train_y, data.test_x, data.test_y, data.val_x, data.val_y)
+    data_bytes = sum(a.nbytes for a in arrays if a is not None)
+    # Loading peaks above the arrays it leaves (the raw file, conversions): the process's high-water mark says by how
+    # much when nothing larger came before (a fresh process), else the arrays are the floor.
+    loading = max(data_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    accelerator = make_accelerator(recipe.mixed_precision)
+    check = classifier.validator(data)
+    labeled = int((data.train_y != IGNORE_INDEX).sum())
+
+    def stage(name, spec, model_spec, examples, **kwargs) -> StagePlan:
+        model = build_classifier(model_spec, data.input_shape, data.num_classes)
+        return classifier_stage(name, model, spec, data, examples, accelerator, steps, check, **kwargs)
+
+    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+    teacher_bytes = weight_bytes(teacher)
+    stages = []
+    if not recipe.teacher.checkpoint:
+        stages.append(stage("teacher", recipe.teacher.train, recipe.teacher.model, labeled))
+    student_spec = recipe.student.model
+    if recipe.baseline:  # hard labels only: the labeled examples
+        stages.append(stage("baseline", recipe.student.train, student_spec, labeled, teacher=teacher_bytes))
+    if recipe.distill.signal == "cache":  # the cached logits are read from disk: a stand-in table costs the same
+        table = torch.randn(len(data.train_x), data.num_classes)
+        signal = lambda ids, x: table[ids]  # noqa: E731
+    else:
+        signal = LiveTeacher(teacher, accelerator.device)
+    resident = stages[-1].weights if recipe.baseline else 0  # the baseline is kept for the evaluation
+    stages.append(
+        stage(
+            "student",
+            recipe.student.train,
+            student_spec,
+            len(data.train_x),
+            teacher=teacher_bytes,
+            resident=resident,
+            signal=signal,
+            distill=recipe.distill,
+        )
+    )
+    # The int8 export reloads the student and the data set (classifier.load_student) while the run holds its own.
+    student = stages[-1].weights
+    stages.append(
+        StagePlan(
+            "int8 export",
+            0,
+            0,
+            1,
+            1,
+            0,
+            teacher=teacher_bytes,
+            resident=resident + 2 * student,
+            data_reload=loading,
+            training=False,
+        )
+    )
+    keys = auto_settings(recipe.distill, recipe.student.train)
+    notes = [f"{', '.join(keys)}: auto sweeps train short candidate stages first; they are not in this plan"]
+    notes = notes if keys else []
+    plan = Plan("classification", str(accelerator.device), data_bytes, keep_optimizers(stages), notes=notes)
+    plan.cache_disk_bytes = len(data.train_x) * data.num_classes * FLOAT if recipe.distill.signal == "cache" else 0
+    return plan
+
+
+def classifier_stage(
+    name, model, spec, data, examples, accelerator, steps, check, *, teacher=0, resident=0, signal=None, distill=None
+) -> StagePlan:
+    """One classifier stage: its state, the activations of a micro-batch, its timed steps and validation."""
+    model.to(accelerator.device)
+    micro = torch.from_numpy(np.ascontiguousarray(data.train_x[: spec.batch_size // spec.grad_accum]))
+    with accelerator.autocast():
+        activations = saved_bytes(lambda: model(micro.to(accelerator.device)), model)
+    # as train.train_stage: a hard-label stage trains on the labeled examples, a distilled one on all
+    keep = data.train_y != IGNORE_INDEX if signal is None else np.ones(len(data.train_y), dtype=bool)
+    stage = Stage(name=name, model=model, train=spec, teacher=signal, distill=distill)
+    x, y, ids = torch.from_numpy(data.train_x[keep]), torch.from_numpy(data.train_y[keep]), np.flatnonzero(keep)
+    batches = ClassifierBatches(x, y, torch.from_numpy(ids), stage, data.input_shape)
+    times = timed_steps(name, model, spec, batches, accelerator, steps)
+    best = times.pop("best_seconds")  # a validation that improves writes the best weights
+    validation_seconds = timed(lambda: check(model.eval())) + best if check else 0.0
+    return StagePlan(
+        name=name,
+        **schedule(spec, examples, check is not None),
+        **state_bytes(model, spec),
+        activations=activations,
+        teacher=teacher,
+        resident=resident,
+        **times,
+        validation_seconds=validation_seconds,
+    )
+
+
+# ---- causal language models ----
+
+
+def lm_plan(recipe: LMRecipe, steps: int) -> Plan:
+    s = lm.with_student(lm.setup(recipe), recipe)  # an adapted teacher has the same shapes: cut from the loaded one
+    accelerator = make_accelerator(recipe.mixed_precision)
+    d, seq, vocab = recipe.distill, s.train.input_ids.shape[1], s.vocab_size
+    teacher_bytes, student_bytes = weight_bytes(s.teacher), weight_bytes(s.student_init)
+    shapes = {"seq": seq, "vocab": vocab, "eval_batch": recipe.eval.batch_size, "accelerator": accelerator}
+
+    def stage(name, model, spec, batches, **kwargs) -> StagePlan:
+        return lm_stage(name, model, spec, batches, s, recipe, steps, shapes, **kwargs)
+
+    stages = []
+    if recipe.teacher.train is not None:  # fine-tuned in float32 beside the teacher as loaded
+        model, batches = (
+            copy.deepcopy(s.teacher).float().requires_grad_(True),
+            lm.LMBatches(s.train, vocab, d.chunk_size),
+        )
+        held = student_bytes if recipe.student.path else 0  # a student given by path is loaded first
+        check = lm.validator(s, recipe, None)
+        stages.append(
+            stage("teacher", model, recipe.teacher.train, batches, teacher=teacher_bytes, resident=held, check=check)
+        )
+        teacher_bytes *= 2  # the adapted teacher and the one it started from (the report compares both)
+    check, held = lm.validator(s, recipe, s.teacher), student_bytes  # the students start from their own copy of it
+    if recipe.baseline:
+        batches = lm.LMBatches(s.train, vocab, d.chunk_size)
+        model = copy.deepcopy(s.student_init)
+        stages.append(
+            stage("baseline", model, recipe.student.train, batches, teacher=teacher_bytes, resident=held, check=check)
+        )
+        held += student_bytes  # kept for the evaluation
+    if d.signal == "cache":
+        stages.append(cache_stage(s, recipe, teacher_bytes, held, accelerator))
+        lookup = stand_in_targets(d.cache_mode, d.cache_k, seq, vocab)  # what the cache returns, drawn at random
+        batches = lm.LMBatches(s.train, vocab, d.chunk_size, distill=d, signal=SparseSignal(lookup, d.temperature))
+    else:
+        with tempfile.TemporaryDirectory() as out:  # only a cache would be written there
+            batches = lm.student_batches(recipe, Path(out), s, accelerator)
+    live = d.signal == "live" or d.onpolicy is not None
+    beside = teacher_bytes + (teacher_hidden_bytes(s.teacher, recipe.student.train, seq) if live else 0)
+    model = copy.deepcopy(s.student_init)
+    stages.append(stage("student", model, recipe.student.train, batches, teacher=beside, resident=held, check=check))
+    stages += after_training(s, recipe, teacher_bytes, held + student_bytes)
+    parts = [part for part in (s.train, s.heldout, s.validation) if part is not None]
+    data = sum(a.nbytes for part in parts for a in (part.input_ids, part.labels, part.attention_mask))
+    plan = Plan("causal_lm", str(accelerator.device), data, keep_optimizers(stages))
+    plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
+    if d.signal == "cache":
+        record = record_dtype(d.cache_mode, d.cache_k, vocab, lm.cache_sets(recipe, len(s.train)))
+        plan.cache_bytes_per_token, plan.cache_disk_bytes = record.itemsize, record.itemsize * s.train.input_ids.size
+    return plan
+
+
+def keep_optimizers(stages: list[StagePlan]) -> list[StagePlan]:
+    """The run's accelerator keeps every optimizer it prepared (``Accelerator._optimizers``; ``train.train_loop`` does
+    not free them), so each finished stage's optimizer state stays in memory through the stages after it."""
+    kept = 0
+    for stage in stages:
+        stage.resident += kept
+        kept += stage.optimizer
+    return stages
+
+
+def lm_stage(name, model, spec, batches, s, recipe, steps, shapes, *, teacher, resident, check) -> StagePlan:
+    """One LM stage: state, activations of a micro-batch, the loss's vocabulary buffers, timed steps, validation."""
+    accelerator, seq, vocab = shapes["accelerator"], shapes["seq"], shapes["vocab"]
+    model.to(accelerator.device)
+    micro = spec.batch_size // spec.grad_accum
+    ids = torch.from_numpy(s.train.input_ids[:micro]).long().to(accelerator.device)
+    attention = torch.from_numpy(s.train.attention_mask[:micro]).long().to(accelerator.device)
+    with accelerator.autocast():
+        activations = saved_bytes(lambda: last_hidden(model, ids, attention), model)
+    positions = len(ids) * (seq - 1)  # every position predicts a next token (padding and prompts at most)
+    times = timed_steps(name, model, spec, batches, accelerator, steps)
+    best = times.pop("best_seconds")  # a validation that improves writes the best weights
+    validation_seconds = timed(lambda: check(accelerator.unwrap_model(model).eval())) + best if check else 0.0
+    with_teacher = name != "teacher"
+    validation_batch = min(shapes["eval_batch"], len(s.validation) if s.validation is not None else 0)
+    return StagePlan(
+        name=name,
+        **schedule(spec, len(s.train), check is not None),
+        **state_bytes(model, spec),
+        activations=activations,
+        loss_buffers=LOSS_BUFFERS * min(recipe.distill.chunk_size, positions) * vocab * FLOAT,
+        loss_buffers_full=LOSS_BUFFERS * positions * vocab * FLOAT,
+        validation=VALIDATION_BUFFERS[with_teacher] * validation_batch * (seq - 1) * vocab * FLOAT if check else 0,
+        teacher=teacher,
+        resident=resident,
+        **times,
+        validation_seconds=validation_seconds,
+    )
+
+
+def teacher_hidden_bytes(teacher: nn.Module, spec: TrainSpec, seq: int) -> int:
+    """A live teacher's forward keeps every layer's hidden states until the last is taken (``last_hidden``)."""
+    config = teacher.config.get_text_config()
+    micro = spec.batch_size // spec.grad_accum
+    element = next(teacher.parameters()).element_size()
+    return (config.num_hidden_layers + 1) * micro * seq * config.hidden_size * element
+
+
+def stand_in_targets(mode: str, k: int, seq: int, vocab: int):
+    """A cache lookup's shape and dtype with random content: the loss costs the same whatever the ids."""
+
+    def lookup(rows: torch.Tensor, epoch: int) -> tuple[SparseTargets, None]:
+        ids = torch.randint(0, vocab, (len(rows), seq, k))
+        if mode == "sampled":
+            return SparseTargets(ids), None
+        logp = torch.full((len(rows), seq, k), -math.log(2 * k))  # half the mass on the k tokens, half in the tail
+        return SparseTargets(ids, logp, torch.full((len(rows), seq), -math.log(2))), None
+
+    return lookup
+
+
+def cache_stage(s, recipe: LMRecipe, teacher_bytes: int, resident: int, accelerator) -> StagePlan:
+    """The teacher's pass over the training blocks that builds the LM cache: its logits of ``CACHE_BATCH`` blocks,
+    and the per-block log-probs and probabilities the draws are made from; one batch of it written, timed."""
+    d, seq, blocks = recipe.distill, s.train.input_ids.shape[1], len(s.train)
+    rows = s.teacher.get_output_embeddings().weight.shape[0]  # the logits cover the padded head rows too
+    teacher = s.teacher.to(accelerator.device)
+
+    @torch.no_grad()
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        return teacher(input_ids=input_ids.to(accelerator.device)).logits.float()
+
+    sample = s.train.input_ids[:CACHE_BATCH]
+    with tempfile.TemporaryDirectory() as folder:
+        seconds = timed(
+            lambda: build_lm_cache(
+                logits,
+                sample,
+                Path(folder) / "cache",
+                mode=d.cache_mode,
+                k=d.cache_k,
+                temperature=d.temperature,
+                teacher_id="plan",
+                data_id="plan",
+                vocab_size=s.vocab_size,
+                progress=False,
+            )
+        )
+    batches = math.ceil(blocks / CACHE_BATCH)
+    return StagePlan(
+        name="teacher cache",
+        examples=blocks,
+        batch_size=CACHE_BATCH,
+        grad_accum=1,
+        steps_per_epoch=batches,
+        steps=batches,
+        parameters=sum(p.numel() for p in s.teacher.parameters()),
+        loss_buffers=(len(sample) + 2) * seq * rows * FLOAT,
+        teacher=teacher_bytes,
+        resident=resident,
+        step_seconds=seconds,
+        training=False,
+    )
+
+
+def after_training(s, recipe: LMRecipe, teacher_bytes: int, resident: int) -> list[StagePlan]:
+    """The int8 export of the student (reloaded, smoothed, checked) and the evaluation of every model on the held-out
+    blocks: memory only. ``resident``: the students kept until the end (starting copy, baseline, student)."""
+    seq, vocab, student = s.train.input_ids.shape[1], s.vocab_size, weight_bytes(s.student_init)
+    buffers, copies = CHECK_BUFFERS * min(len(s.heldout), LM_BLOCKS) * seq * vocab * FLOAT, 1
+    if smoothable_layers(s.student_init):  # smoothing first, then the same check
+        calibration = s.train.input_ids[: CALIBRATION_BLOCKS + SCORED_BLOCKS]
+        scored = len(calibration[CALIBRATION_BLOCKS:]) or min(len(calibration), SCORED_BLOCKS)
+        buffers, copies = max(buffers, SMOOTH_BUFFERS * scored * seq * vocab * FLOAT), SMOOTH_COPIES
+    export = StagePlan(
+        "int8 export",
+        0,
+        0,
+        1,
+        1,
+        0,
+        loss_buffers=buffers,
+        teacher=teacher_bytes,
+        resident=resident + (1 + copies) * student,
+        training=False,
+    )
+    batch = min(recipe.eval.batch_size, len(s.heldout))
+    evaluation = StagePlan(
+        "evaluation",
+        len(s.heldout),
+        batch,
+        1,
+        math.ceil(len(s.heldout) / max(batch, 1)),
+        1,
+        loss_buffers=VALIDATION_BUFFERS[True] * batch * (seq - 1) * vocab * FLOAT,
+        teacher=teacher_bytes,
+        resident=resident + student,
+        training=False,
+    )
+    return [export, evaluation]  # the int8 student (≤ the float one) is held through the evaluation
+
+
+# ---- the table ----
+
+
+def size(n: int | None) -> str:
+    if not n:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "not measured"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def show_plan(plan: Plan) -> None:
+    """One column per stage, one row per figure; then the process's peak and the training time on one line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"distill plan: {plan.task} on {plan.device}", title_justify="left")
+    table.add_column("")
+    for stage in plan.stages:
+        table.add_column(stage.name, justify="right")
+    fits = plan.fits()
+    rows = {
+        "parameters": [f"{s.parameters:,}" if s.parameters else "—" for s in plan.stages],
+        "weights": [size(s.weights) for s in plan.stages],
+        "gradients": [size(s.gradients) for s in plan.stages],
+        "optimizer state": [size(s.optimizer) for s in plan.stages],
+        "activations / micro-batch": [size(s.activations) for s in plan.stages],
+        "vocab buffers, chunked": [size(s.loss_buffers) for s in plan.stages],
+        "vocab buffers, unchunked": [size(s.loss_buffers_full) for s in plan.stages],
+        "validation buffers": [size(s.validation) for s in plan.stages],
+        "teacher beside it": [size(s.teacher) for s in plan.stages],
+        "other models held": [size(s.resident) for s in plan.stages],
+        "data loaded again": [size(s.data_reload) for s in plan.stages],
+        "peak": [size(s.peak) for s in plan.stages],
+        "fits the device": [("yes" if fits[s.name] else "[red]no[/red]") if fits else "—" for s in plan.stages],
+        "s / step": [duration(s.step_seconds) if s.training else "—" for s in plan.stages],
+        "s / epoch": [duration(s.epoch_seconds) if s.training else "—" for s in plan.stages],
+        "epochs": [f"{s.steps / s.steps_per_epoch:g}" if s.training else "—" for s in plan.stages],
+        "whole stage": [duration(s.seconds) for s in plan.stages],
+    }
+    for label, cells in rows.items():
+        if any(cell != "—" for cell in cells):  # a classifier has no vocabulary rows; the CPU no device to fit
+            table.add_row(label, *cells)
+    console = Console()
+    console.print(table)
+    where = (
+        f"the largest stage, of {size(plan.device_memory)} on the device"
+        if plan.device_memory
+        else f"process RSS: imports {size(plan.import_bytes)} + data {size(plan.data_bytes)} + the largest stage"
+    )
+    cache = f"; teacher cache on disk {size(plan.cache_disk_bytes)}" if plan.cache_disk_bytes else ""
+    if plan.cache_bytes_per_token:
+        cache += f" ({plan.cache_bytes_per_token} bytes/token)"
+    console.print(f"peak {size(plan.peak)} ({where}); training {duration(plan.seconds)}{cache}", highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
