@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.io import atomic_path
 from distill.report import sections as build
-from distill.report.blocks import LABELS, html_page, human_bytes, markdown
+from distill.report.blocks import LABELS, human_bytes, write_pages
 from distill.report.plots import models_figure
 
 
@@ -114,9 +113,4 @@ def write_report(run_dir: Path, view: ReportView) -> Path:
     ]
     sections = [section for section in sections if section]
     title = f"Distillation report: {metrics.get('recipe', run_dir.name)}"
-    target = run_dir / "REPORT.md"
-    with atomic_path(target) as tmp:
-        tmp.write_text(markdown(title, sections))
-    with atomic_path(run_dir / "report.html") as tmp:
-        tmp.write_text(html_page(title, sections))
-    return target
+    return write_pages(run_dir / "REPORT.md", run_dir / "report.html", title, sections)

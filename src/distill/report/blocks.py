@@ -6,7 +6,9 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from distill.io import atomic_path
 from distill.report.plots import Figure
 
 LABELS = {
@@ -122,6 +124,15 @@ def html_page(title: str, sections: list[Section]) -> str:
         '<meta name=viewport content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>" + "".join(body) + "</body></html>\n"
     )
+
+
+def write_pages(markdown_path: Path, html_path: Path, title: str, sections: list[Section]) -> Path:
+    """Both renderings of one document, each written atomically; returns the Markdown file."""
+    with atomic_path(markdown_path) as tmp:
+        tmp.write_text(markdown(title, sections))
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(html_page(title, sections))
+    return markdown_path
 
 
 CSS = (

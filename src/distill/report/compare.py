@@ -9,9 +9,8 @@ from pathlib import Path
 import yaml
 
 from distill.errors import DistillError
-from distill.io import atomic_path
 from distill.report import plots
-from distill.report.blocks import LABELS, Section, Table, cell, html_page, human_bytes, markdown
+from distill.report.blocks import LABELS, Section, Table, cell, human_bytes, write_pages
 from distill.report.sections import flatten
 
 
@@ -85,9 +84,4 @@ def compare(runs: list[tuple[Path, dict, object]], out: Path) -> Path:
     if exports := exports_table(run_dirs, names):
         sections.append(Section("Exported files", [exports]))
     title = "Runs compared: " + ", ".join(names)
-    target = out / "COMPARE.md"
-    with atomic_path(target) as tmp:
-        tmp.write_text(markdown(title, sections))
-    with atomic_path(out / "compare.html") as tmp:
-        tmp.write_text(html_page(title, sections))
-    return target
+    return write_pages(out / "COMPARE.md", out / "compare.html", title, sections)
