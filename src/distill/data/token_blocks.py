@@ -19,6 +19,27 @@ import numpy as np
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 
+# Stands for the eos between two documents in a block's text: one character, so that the eos tokens of two tokenizers
+# span the same characters and line up like any other token.
+SEPARATOR = "\x00"
+
+
+@dataclass(frozen=True)
+class BlockTexts:
+    """What each block of packed text reads: its text (documents joined by ``SEPARATOR``) and the character span
+    [starts, ends) of each of its tokens in that text. Cross-tokenizer distillation tokenizes the same text with the
+    teacher's tokenizer and lines the two up by these spans."""
+
+    texts: list[str]
+    starts: np.ndarray  # int64 [N, S]
+    ends: np.ndarray  # int64 [N, S]
+    # [N]: where the token after the block starts, in the block's text: before the end of the block's last token when
+    # that token ends inside a character (a byte-level tokenizer split it), whose other bytes open the next block
+    following: np.ndarray
+
+    def subset(self, idx: np.ndarray) -> BlockTexts:
+        return BlockTexts([self.texts[i] for i in idx], self.starts[idx], self.ends[idx], self.following[idx])
+
 
 @dataclass(frozen=True)
 class TokenData:
@@ -29,6 +50,7 @@ class TokenData:
     # The teacher's log-probs stored with the traces, when trained on (``teachers.recorded.RecordedTargets``): any
     # row-aligned targets with ``subset``, kept here so that they travel with their rows through every split.
     recorded: object | None = None
+    texts: BlockTexts | None = None  # the text of each block and its tokens' character spans (``pack_text``)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -36,7 +58,10 @@ class TokenData:
     def subset(self, indices) -> TokenData:
         idx = np.asarray(indices, dtype=np.int64)
         recorded = None if self.recorded is None else self.recorded.subset(idx)
-        return TokenData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx], recorded=recorded)
+        texts = None if self.texts is None else self.texts.subset(idx)
+        return TokenData(
+            self.input_ids[idx], self.labels[idx], self.attention_mask[idx], recorded=recorded, texts=texts
+        )
 
     def fingerprint(self) -> str:
         """Content hash of the arrays: a teacher cache is only valid for these exact tokens."""
@@ -58,10 +83,14 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
 
-def pack_text(texts: list[str], tokenizer, block_size: int) -> TokenData:
-    """Tokenize, join documents with eos, and cut the stream into full blocks (the remainder is dropped)."""
+def pack_text(texts: list[str], tokenizer, block_size: int, *, with_texts: bool = False) -> TokenData:
+    """Tokenize, join documents with eos, and cut the stream into full blocks (the remainder is dropped).
+    ``with_texts``: also keep each block's text and its tokens' character spans (``TokenData.texts``)."""
     eos = _eos_id(tokenizer)
-    stream = [token for ids in _tokenize(tokenizer, texts) for token in [*ids, eos]]
+    if with_texts:
+        stream, spans = _stream_with_spans(texts, tokenizer, eos)
+    else:
+        stream = [token for ids in _tokenize(tokenizer, texts) for token in [*ids, eos]]
     if block_size < 1 or len(stream) < block_size:
         raise DistillError(
             f"the text has {len(stream)} tokens, fewer than one block of data.block_size={block_size}; "
@@ -69,7 +98,62 @@ def pack_text(texts: list[str], tokenizer, block_size: int) -> TokenData:
         )
     blocks = len(stream) // block_size
     ids = np.asarray(stream[: blocks * block_size], dtype=np.int64).reshape(blocks, block_size)
-    return TokenData(ids.astype(np.int32), ids, np.ones(ids.shape, dtype=np.int8))
+    block_texts = None
+    if with_texts:
+        corpus = SEPARATOR.join(texts) + SEPARATOR
+        all_starts = np.append(spans[0], len(corpus))  # after the last token: the end of the text
+        starts, ends = (np.asarray(a[: blocks * block_size], dtype=np.int64).reshape(blocks, block_size) for a in spans)
+        first, last = starts[:, 0], ends[:, -1]
+        texts_of = [corpus[lo:hi] for lo, hi in zip(first, last, strict=True)]
+        following = all_starts[block_size : (blocks + 1) * block_size : block_size] - first
+        block_texts = BlockTexts(texts_of, starts - first[:, None], ends - first[:, None], following)
+    return TokenData(ids.astype(np.int32), ids, np.ones(ids.shape, dtype=np.int8), texts=block_texts)
+
+
+ROUND_TRIP_FIX = (
+    "cross-tokenizer distillation compares both tokenizers on the same characters: use one that keeps the text "
+    "as it is (byte-level BPE, or SentencePiece with byte fallback), without lowercasing or unknown tokens"
+)
+
+
+def tokenizer_name(tokenizer) -> str:
+    return f"the tokenizer of {tokenizer.name_or_path}" if tokenizer.name_or_path else f"the {type(tokenizer).__name__}"
+
+
+def round_trip_error(tokenizer, texts: list[str], ids: list[list[int]]) -> str | None:
+    """Where the first text that ``ids`` do not spell back differs (None: all do). Whitespace is left out of the
+    comparison: WordPiece and some normalisers drop or fold it, which costs the alignment nothing."""
+    decoded = tokenizer.batch_decode(ids, clean_up_tokenization_spaces=False)
+    for number, (text, back) in enumerate(zip(texts, decoded, strict=True)):
+        want, got = ([i for i, c in enumerate(t) if not c.isspace()] for t in (text, back))  # where the rest is
+        differs = next((k for k, (i, j) in enumerate(zip(want, got, strict=False)) if text[i] != back[j]), None)
+        if differs is None and len(want) == len(got):
+            continue
+        k = min(len(want), len(got)) if differs is None else differs
+        i, j = (w[k] if k < len(w) else len(t) for w, t in ((want, text), (got, back)))
+        return f"text {number} reads back {back[j : j + 16]!r} where it has {text[i : i + 16]!r}"
+    return None
+
+
+def _stream_with_spans(texts: list[str], tokenizer, eos: int) -> tuple[list[int], tuple[list[int], list[int]]]:
+    """The packed token stream and each token's character span in ``SEPARATOR.join(texts) + SEPARATOR`` (an eos
+    spans the separator after its document). Needs a fast tokenizer (``teachers.cross_tokenizer`` checks first)."""
+    for number, text in enumerate(texts):
+        if SEPARATOR in text:
+            raise DistillError(
+                f"document {number} holds a NUL character, which stands for the end of a document here; remove it"
+            )
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False) if texts else None
+    if texts and (problem := round_trip_error(tokenizer, texts, encoded["input_ids"])):
+        raise DistillError(f"{tokenizer_name(tokenizer)} cannot round-trip the text: {problem}; {ROUND_TRIP_FIX}")
+    stream, starts, ends, base = [], [], [], 0
+    for number, text in enumerate(texts):
+        offsets = encoded["offset_mapping"][number]
+        stream += [*encoded["input_ids"][number], eos]
+        starts += [base + start for start, _ in offsets] + [base + len(text)]
+        ends += [base + end for _, end in offsets] + [base + len(text) + 1]
+        base += len(text) + 1
+    return stream, (starts, ends)
 
 
 def read_text_files(path: str | Path) -> list[str]:

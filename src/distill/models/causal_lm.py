@@ -207,21 +207,27 @@ def save_causal_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | 
     return folder
 
 
-def check_vocab(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> int:
-    """Return the number of real vocabulary rows, after checking teacher and student share one vocabulary.
+def check_vocab(
+    teacher_tokenizer, student_tokenizer, teacher_config, student_config, *, cross_tokenizer: str | None = None
+) -> int:
+    """Return the number of the student's real vocabulary rows, after checking each model has a row for every token of
+    its tokenizer and, unless a cross-tokenizer method is chosen, that teacher and student share one vocabulary.
 
     Logit distillation compares distributions token by token, so both tokenizers must map the same strings to
-    the same ids. Embedding rows beyond ``len(tokenizer)`` are padding the losses mask out.
+    the same ids. Embedding rows beyond ``len(tokenizer)`` are padding the losses mask out, so two models with one
+    tokenizer whose tables are padded to different sizes are distilled over the real tokens.
     """
     n_teacher, n_student = len(teacher_tokenizer), len(student_tokenizer)
-    if n_teacher != n_student or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+    same_vocab = n_teacher == n_student and teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+    if not same_vocab and cross_tokenizer is None:
         same = " (same size, different token ids)" if n_teacher == n_student else ""
         raise DistillError(
-            f"teacher tokenizer has {n_teacher} tokens and student tokenizer {n_student}{same}; "
-            "logit distillation needs both to use the same tokenizer"
+            f"teacher tokenizer has {n_teacher} tokens and student tokenizer {n_student}{same}; logit distillation "
+            "needs both to use the same tokenizer, or a cross-tokenizer method: set distill.cross_tokenizer: align "
+            "(shared tokens and spans, lined up by character offsets) or uld (sorted probabilities)"
         )
-    for role, config in (("teacher", teacher_config), ("student", student_config)):
+    for role, config, tokens in (("teacher", teacher_config, n_teacher), ("student", student_config, n_student)):
         rows = config.get_text_config().vocab_size
-        if rows < n_teacher:
-            raise DistillError(f"{role} model has {rows} vocabulary rows but its tokenizer has {n_teacher} tokens")
-    return n_teacher
+        if rows < tokens:
+            raise DistillError(f"{role} model has {rows} vocabulary rows but its tokenizer has {tokens} tokens")
+    return n_student
