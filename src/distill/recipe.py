@@ -378,6 +378,12 @@ class LMDistillSpec(DistillSpec):
     onpolicy: OnPolicySpec | None = Field(
         default=None, description="on-policy distillation (GKD) from the live teacher on prompt/response data"
     )
+    cross_tokenizer: Literal["uld", "align"] | None = Field(
+        default=None,
+        description="a teacher whose tokenizer is not the student's, lined up by character offsets: uld (distance "
+        "between sorted probability vectors) or align (forward KL over the shared tokens where the tokens coincide, "
+        "chain rule over spans where they do not); its cache keeps the teacher's top cache_k",
+    )
 
 
 class LMEvalSpec(Strict):
@@ -405,6 +411,8 @@ class LMRecipe(Strict):
     @model_validator(mode="after")
     def _recorded_from_traces(self) -> LMRecipe:
         d = self.distill
+        if d.cross_tokenizer is not None:
+            _check_cross_tokenizer(self)
         if d.signal == "recorded" and self.data.source != "jsonl":
             raise ValueError(
                 f"distill.signal 'recorded' trains on traces written by distill generate: set data.source: jsonl "
@@ -425,6 +433,30 @@ class LMRecipe(Strict):
                 f"log-probabilities cannot be re-tempered; got temperature {d.temperature}, loss {d.loss!r})"
             )
         return self
+
+
+def _check_cross_tokenizer(recipe: LMRecipe) -> None:
+    d, method = recipe.distill, f"distill.cross_tokenizer {recipe.distill.cross_tokenizer!r}"
+    if d.signal == "recorded" or d.onpolicy is not None:
+        raise ValueError(
+            f"{method} reads the teacher live or from its cache: set distill.signal: live or cache "
+            f"without distill.onpolicy (got signal {d.signal!r})"
+        )
+    if d.loss != "forward_kl":
+        raise ValueError(
+            f"{method} compares distributions its own way (uld: sorted probabilities; align: forward "
+            f"KL): leave distill.loss at forward_kl (got {d.loss!r})"
+        )
+    if recipe.data.source == "jsonl":
+        raise ValueError(
+            f"{method} lines both tokenizers up on plain text: data.source shakespeare, text or "
+            "hf_dataset (got 'jsonl')"
+        )
+    if recipe.teacher.train is not None:
+        raise ValueError(
+            f"{method}: teacher.train would adapt the teacher on the student's tokens; adapt it in a run "
+            "of its own (its own tokenizer) and give that run's teacher folder as teacher.path"
+        )
 
 
 # ---- teacher-written traces (task: generate) ----

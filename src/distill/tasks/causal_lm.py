@@ -57,6 +57,15 @@ from distill.tasks.common import (
     validated_scores,
 )
 from distill.tasks.common import train_or_load as train_or_load_stage
+from distill.teachers.cross_tokenizer import (
+    CrossTokenizerCache,
+    CrossTokenizerSignal,
+    TeacherView,
+    build_cross_cache,
+    check_offsets,
+    cross_cache_dir,
+    teacher_view,
+)
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
@@ -73,7 +82,7 @@ class LMBatches:
     vocab_size: int
     chunk_size: int
     distill: LMDistillSpec | None = None
-    signal: LiveLMSignal | SparseSignal | None = None
+    signal: LiveLMSignal | SparseSignal | CrossTokenizerSignal | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -119,6 +128,7 @@ class LMSetup:
     validation: TokenData | None  # training blocks held out to validate every stage and check the teacher
     pruning: dict | None = None  # what models.prune removed and why (student.prune)
     teacher_base: nn.Module | None = None  # the teacher before teacher.train adapted it
+    teacher_view: TeacherView | None = None  # distill.cross_tokenizer: the teacher's tokens of each training block
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -134,7 +144,13 @@ def setup(recipe: LMRecipe) -> LMSetup:
         student, student_tokenizer = teacher, tokenizer
         if student_spec.prune is not None:
             plan(teacher.config, student_spec.prune.params, student_spec.prune.axes)  # a bad target fails fast
-    vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config)
+    cross = recipe.distill.cross_tokenizer
+    vocab_size = check_vocab(tokenizer, student_tokenizer, teacher.config, student.config, cross_tokenizer=cross)
+    if cross == "align" and tokenizer.get_vocab() == student_tokenizer.get_vocab():
+        cross = None  # one tokenizer: align is forward KL, token by token on the same blocks
+    if cross:  # the blocks are the student's tokens; the teacher reads their text with its own tokenizer
+        check_offsets(tokenizer, student_tokenizer)
+    data_tokenizer = student_tokenizer if cross else tokenizer
     if recipe.distill.signal == "live":  # the cache stores the teacher's own logits; recorded traces its log-probs
         hint = ": use distill.signal: cache (it stores the teacher's own logits) or a teacher without the cap"
         refuse_logit_softcapping(teacher, "teacher", hint)
@@ -142,7 +158,7 @@ def setup(recipe: LMRecipe) -> LMSetup:
     if recipe.distill.signal == "recorded":  # the traces carry the teacher's targets
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
-        train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
+        train, heldout = load_lm_data(recipe.data, data_tokenizer, recipe.seed, with_texts=bool(cross))
     validation = None
     if recipe.data.validation_fraction > 0:
         train, validation = split_holdout(train, recipe.data.validation_fraction, recipe.seed + 104_729)
@@ -153,7 +169,12 @@ def setup(recipe: LMRecipe) -> LMSetup:
         )
     teacher_id = lm_id(teacher_path, recipe.teacher.dtype)
     student_init = student if student_spec.path is not None else None  # else: with_student, from the adapted teacher
-    return LMSetup(teacher, tokenizer, teacher_id, student_init, vocab_size, train, heldout, validation)
+    view = None
+    if cross:
+        view = teacher_view(train, tokenizer, student_tokenizer, teacher_vocab=len(tokenizer), student_vocab=vocab_size)
+    return LMSetup(
+        teacher, data_tokenizer, teacher_id, student_init, vocab_size, train, heldout, validation, teacher_view=view
+    )
 
 
 def with_student(s: LMSetup, recipe: LMRecipe) -> LMSetup:
@@ -219,12 +240,22 @@ def cache_sets(recipe: LMRecipe, blocks: int) -> int:
 
 
 def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
+    d = recipe.distill
+    if s.teacher_view is not None:
+        return cross_cache_dir(
+            cache_root(d, out), s.teacher_id, s.train.fingerprint(), s.teacher_view, d.cache_k, d.temperature
+        )
     sets = cache_sets(recipe, len(s.train.input_ids))
     return lm_cache_dir(cache_root(recipe.distill, out), s.teacher_id, s.train.fingerprint(), recipe.distill, sets)
 
 
-def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache:
+def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | CrossTokenizerCache:
     """The teacher cache of this recipe, built (or finished) first if needed."""
+    d = recipe.distill
+    if s.teacher_view is not None:
+        path, data_id = cache_path(recipe, out, s), s.train.fingerprint()
+        options = {"k": d.cache_k, "temperature": d.temperature, "teacher_id": s.teacher_id, "data_id": data_id}
+        return build_cross_cache(path, s.teacher, s.train, s.teacher_view, **options, device=device)
     return ensure_lm_cache(
         cache_path(recipe, out, s),
         s.teacher,
@@ -256,10 +287,16 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
             chunk_size=d.chunk_size,
             seed=recipe.seed,
         )
-    if d.signal == "cache":
+    if s.teacher_view is not None and d.signal == "live":
+        teacher = s.teacher.to(accelerator.device)
+        signal = CrossTokenizerSignal(d.cross_tokenizer, s.teacher_view, d.temperature, teacher=teacher)
+    elif d.signal == "cache":
         with accelerator.main_process_first():  # the main process builds it, the others open it
             cache = open_cache(recipe, out, s, accelerator.device)
-        signal = SparseSignal(lambda rows, epoch: (cache.targets(rows, epoch), None), d.temperature)
+        if s.teacher_view is not None:
+            signal = CrossTokenizerSignal(d.cross_tokenizer, s.teacher_view, d.temperature, cache=cache)
+        else:
+            signal = SparseSignal(lambda rows, epoch: (cache.targets(rows, epoch), None), d.temperature)
     elif d.signal == "live":
         signal = LiveLMSignal(s.teacher.to(accelerator.device), d.loss, d.temperature, d.divergence_kwargs())
     else:  # recorded: the targets travel with the training blocks
@@ -276,6 +313,8 @@ def validator(s: LMSetup, recipe: LMRecipe, teacher: nn.Module | None):
     ``teacher``); None without a validation split."""
     if s.validation is None:
         return None
+    if s.teacher_view is not None:  # another tokenizer: agreement and KL token by token mean nothing
+        teacher = None
     size = {"vocab_size": s.vocab_size, "batch_size": recipe.eval.batch_size}
     return lambda model: lm_validation(model, teacher, s.validation, **size)
 
