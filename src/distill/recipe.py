@@ -302,6 +302,11 @@ class LMTeacherSpec(Strict):
         description="adapt the teacher first: fine-tune it with next-token cross-entropy on the training blocks "
         "(stage 'teacher', checkpointed and resumable); the student is cut or pruned from the adapted teacher",
     )
+    endpoint: EndpointSpec | None = Field(
+        default=None,
+        description="a served teacher (vLLM-style /v1/completions with prompt_logprobs) builds the teacher cache; "
+        "teacher.path still gives the tokenizer, the student to cut and the report's teacher row",
+    )
 
 
 class FromTeacher(Strict):
@@ -427,12 +432,30 @@ class LMRecipe(Strict):
                 "distill.onpolicy needs distill.signal: live (the teacher scores the student's completions) and "
                 f"data.source: jsonl (prompts to complete); got signal {d.signal!r}, source {self.data.source!r}"
             )
+        if self.teacher.endpoint is not None:
+            _check_served_teacher(self)
         if d.signal == "recorded" and (d.temperature != 1.0 or d.loss != "forward_kl"):
             raise ValueError(
                 "distill.signal 'recorded' needs distill.temperature: 1 and loss: forward_kl (recorded top-k "
                 f"log-probabilities cannot be re-tempered; got temperature {d.temperature}, loss {d.loss!r})"
             )
         return self
+
+
+def _check_served_teacher(recipe: LMRecipe) -> None:
+    """A served teacher answers top-k log-probabilities of prompts at temperature 1: it can build a top-k cache."""
+    d = recipe.distill
+    if d.signal != "cache" or d.cache_mode != "topk" or d.temperature != 1.0:
+        raise ValueError(
+            "teacher.endpoint builds a top-k teacher cache from the server's log-probabilities, which are at "
+            "temperature 1: set distill.signal: cache, distill.cache_mode: topk, distill.temperature: 1 (got "
+            f"signal {d.signal!r}, cache_mode {d.cache_mode!r}, temperature {d.temperature:g})"
+        )
+    if recipe.teacher.endpoint.api != "completions" or recipe.teacher.train is not None or d.cross_tokenizer:
+        raise ValueError(
+            "teacher.endpoint needs endpoint.api: completions (prompt log-probabilities), no teacher.train (a "
+            "served teacher is not ours to adapt) and no distill.cross_tokenizer"
+        )
 
 
 def _check_cross_tokenizer(recipe: LMRecipe) -> None:

@@ -71,6 +71,7 @@ from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
+from distill.teachers.served_cache import served_id, served_teacher_logits
 from distill.train import make_accelerator, train_loop, validation_summary
 
 
@@ -246,7 +247,13 @@ def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
             cache_root(d, out), s.teacher_id, s.train.fingerprint(), s.teacher_view, d.cache_k, d.temperature
         )
     sets = cache_sets(recipe, len(s.train.input_ids))
-    return lm_cache_dir(cache_root(recipe.distill, out), s.teacher_id, s.train.fingerprint(), recipe.distill, sets)
+    teacher_id = cache_teacher_id(recipe, s)
+    return lm_cache_dir(cache_root(recipe.distill, out), teacher_id, s.train.fingerprint(), recipe.distill, sets)
+
+
+def cache_teacher_id(recipe: LMRecipe, s: LMSetup) -> str:
+    """What keys the teacher cache: the local teacher's weights, or the server and model that answered."""
+    return served_id(recipe.teacher.endpoint) if recipe.teacher.endpoint else s.teacher_id
 
 
 def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | CrossTokenizerCache:
@@ -256,17 +263,20 @@ def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | Cro
         path, data_id = cache_path(recipe, out, s), s.train.fingerprint()
         options = {"k": d.cache_k, "temperature": d.temperature, "teacher_id": s.teacher_id, "data_id": data_id}
         return build_cross_cache(path, s.teacher, s.train, s.teacher_view, **options, device=device)
+    endpoint, blocks = recipe.teacher.endpoint, s.train.input_ids  # a served teacher: the cache from its answers
+    served = endpoint and served_teacher_logits(endpoint, s.vocab_size, d.cache_k, s.tokenizer.decode, blocks)
     return ensure_lm_cache(
         cache_path(recipe, out, s),
         s.teacher,
         s.train.input_ids,
         recipe.distill,
-        teacher_id=s.teacher_id,
+        teacher_id=cache_teacher_id(recipe, s),
         data_id=s.train.fingerprint(),
         vocab_size=s.vocab_size,
         seed=recipe.seed,
         device=device,
         sets=cache_sets(recipe, len(s.train.input_ids)),
+        **({"served": served, "batch_size": endpoint.concurrency} if endpoint else {}),
     )
 
 
@@ -472,11 +482,15 @@ def headline(models: dict) -> str:
     if "baseline" in models:
         b = models["baseline"]
         gap = b["perplexity"] - t["perplexity"]
-        closed = 100 * (b["perplexity"] - s["perplexity"]) / gap if gap > 0 else float("nan")
+        effect = (
+            f"distillation closes {100 * (b['perplexity'] - s['perplexity']) / gap:.0f}% of its perplexity gap to "
+            "the teacher"
+            if gap > 0
+            else "the teacher is no better, so there is no gap for distillation to close"
+        )
         text += (
             f"; the same student trained with plain cross-entropy reaches {b['perplexity']:.2f} "
-            f"(agreement {b['agreement_with_teacher']:.1%}): distillation closes {closed:.0f}% of its perplexity "
-            "gap to the teacher"
+            f"(agreement {b['agreement_with_teacher']:.1%}): {effect}"
         )
     text += "."
     if "student_int8" in models:

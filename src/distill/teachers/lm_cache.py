@@ -317,8 +317,11 @@ def ensure_lm_cache(
     seed: int,
     device,
     sets: int = 1,
+    served: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 8,
 ) -> LMCache:
-    """Open the teacher cache at ``path``, building (or finishing) it first if needed."""
+    """Open the teacher cache at ``path``, building (or finishing) it first if needed: from ``teacher`` run here, or
+    from ``served`` (a served teacher's answers as log-probabilities, ``served_cache.served_teacher_logits``)."""
     if d.loss != "forward_kl":
         raise DistillError(
             f"distill.loss {d.loss}: the LM teacher cache estimates forward_kl only; "
@@ -326,14 +329,13 @@ def ensure_lm_cache(
         )
     built_before = (path / "meta.json").exists()
     if not built_before:
-        teacher.to(device)
 
         @torch.no_grad()
         def teacher_logits(input_ids: torch.Tensor) -> torch.Tensor:
-            return teacher(input_ids=input_ids.to(device)).logits.float()
+            return teacher.to(device)(input_ids=input_ids.to(device)).logits.float()
 
         build_lm_cache(
-            teacher_logits,
+            served or teacher_logits,
             train_ids,
             path,
             mode=d.cache_mode,
@@ -345,6 +347,7 @@ def ensure_lm_cache(
             seed=seed,
             shard_blocks=d.cache_shard_blocks,
             sets=sets,
+            batch_size=batch_size,
         )
     # A cache made by an earlier run is checked shard by shard against its SHA-256 (a same-size corruption passes the
     # size check); one this call just wrote was hashed as it was written.
