@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import threading
@@ -48,6 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from distill.data.fetch import fetch_shakespeare
 from distill.data.token_blocks import read_text_files
+from distill.evaluate import bits_per_char
 from distill.models.causal_lm import save_causal_lm
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import LMBatches, adapt_teacher, open_cache, setup
@@ -113,24 +113,6 @@ def write_recipe(path: Path, raw: dict):
 
 
 @torch.inference_mode()
-def bits_per_char(model, tokenizer, chunks: list[str], batch_size: int = 8) -> float:
-    """Σ −log₂ p(token) over every token of every chunk (each read after an eos) / the chunks' characters."""
-    model = model.eval()
-    vocab, eos = len(tokenizer), tokenizer.eos_token_id
-    bits = 0.0
-    for start in range(0, len(chunks), batch_size):
-        rows = [[eos, *tokenizer(c, add_special_tokens=False)["input_ids"]] for c in chunks[start : start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab].float()
-        logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-        bits -= (logp * mask[:, 1:]).sum().item() / math.log(2)
-    return bits / sum(map(len, chunks))
-
-
 class PeakMemory:
     """The peak resident memory of the process while the block runs, above what it held when it began."""
 

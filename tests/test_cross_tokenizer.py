@@ -19,7 +19,7 @@ from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 from distill.data.token_blocks import BlockTexts, pack_text
 from distill.errors import DistillError
 from distill.losses.cross_tokenizer import log1mexp, merge_spans, shared_kl, span_kl, uld_distance
-from distill.models.causal_lm import check_vocab, head_of, last_hidden
+from distill.models.causal_lm import check_vocab, head_of, last_hidden, load_causal_lm
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import LMBatches, setup, student_batches, with_student
 from distill.tasks.causal_lm import run as run_lm
@@ -416,6 +416,32 @@ def test_a_run_with_one_tokenizer_on_two_table_sizes_finishes(teacher_tok, tmp_p
     metrics = run_lm(load_recipe(path), tmp_path / "run")
     student = metrics["models"]["student"]
     assert np.isfinite(student["perplexity"]) and student["kl_to_teacher"] >= 0
+
+
+def test_a_run_across_tokenizers_reports_bits_per_character(teacher_tok, student_tok, tmp_path):
+    """Across tokenizers the report compares bits per character, each model through its own tokenizer; nothing
+    token by token (no teacher perplexity on the student's tokens, no agreement, KL, teacher check or token KL)."""
+    from distill.data.token_blocks import SEPARATOR
+    from distill.evaluate import bits_per_char
+
+    teacher_dir = save_tiny(tiny_llama(teacher_tok, layers=1, seed=0), teacher_tok, tmp_path / "teacher")
+    student_dir = save_tiny(tiny_llama(student_tok, layers=1, seed=1), student_tok, tmp_path / "student")
+    path, raw = write_recipe(tmp_path, teacher_dir, student_dir, signal="live", cross_tokenizer="align")
+    raw |= {"baseline": True, "eval": raw["eval"] | {"generations": 1, "generation_tokens": 3}}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    metrics = run_lm(recipe, tmp_path / "run")
+    models = metrics["models"]
+    assert all("bits_per_char" in m and m["kl_to_teacher"] is None for m in models.values())
+    assert models["teacher"]["perplexity"] is None and np.isfinite(models["student"]["perplexity"])
+    s = setup(recipe)
+    chunks = [doc for text in s.heldout.texts.texts for doc in text.split(SEPARATOR) if doc]
+    teacher = load_causal_lm(teacher_dir)[0]
+    assert models["teacher"]["bits_per_char"] == pytest.approx(bits_per_char(teacher, teacher_tok, chunks), rel=1e-6)
+    assert "token_kl" not in metrics and "teacher" not in metrics["generations"][0]
+    assert not any("teacher is not" in w for w in metrics["warnings"])
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "bits per character" in report and "held-out bits/char" in report
 
 
 def test_bad_input_is_one_line(teacher_tok, student_tok, tmp_path):

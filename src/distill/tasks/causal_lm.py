@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.data.lm import load_lm_data, split_lm_data
-from distill.data.token_blocks import TokenData, split_holdout
+from distill.data.token_blocks import SEPARATOR, TokenData, split_holdout
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.evaluate import lm_metrics, lm_validation, side_by_side, token_kl_passage
+from distill.evaluate import bits_per_char, lm_metrics, lm_validation, side_by_side, token_kl_passage
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
 from distill.io import write_json
@@ -130,6 +130,7 @@ class LMSetup:
     pruning: dict | None = None  # what models.prune removed and why (student.prune)
     teacher_base: nn.Module | None = None  # the teacher before teacher.train adapted it
     teacher_view: TeacherView | None = None  # distill.cross_tokenizer: the teacher's tokens of each training block
+    teacher_tokenizer: object = None  # distill.cross_tokenizer: the teacher's own (``tokenizer`` is the student's)
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -174,8 +175,9 @@ def setup(recipe: LMRecipe) -> LMSetup:
     if cross:
         view = teacher_view(train, tokenizer, student_tokenizer, teacher_vocab=len(tokenizer), student_vocab=vocab_size)
     return LMSetup(
-        teacher, data_tokenizer, teacher_id, student_init, vocab_size, train, heldout, validation, teacher_view=view
-    )
+        teacher, data_tokenizer, teacher_id, student_init, vocab_size, train, heldout, validation, teacher_view=view,
+        teacher_tokenizer=tokenizer if cross else None,
+    )  # fmt: skip
 
 
 def with_student(s: LMSetup, recipe: LMRecipe) -> LMSetup:
@@ -375,7 +377,8 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
         models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage, validate=check)
-        if check is not None and accelerator.is_main_process:  # the main process writes the log
+        # With another tokenizer the teacher cannot be scored on the student's tokens: no teacher check.
+        if check is not None and s.teacher_view is None and accelerator.is_main_process:
             teacher_scores = validator(s, recipe, None)(s.teacher)
             baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
@@ -392,6 +395,8 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     for name, file in files.items():
         if name in results:
             results[name]["file_bytes"] = file.stat().st_size
+    if s.teacher_view is not None:
+        cross_tokenizer_scores(results, models, s)
     if "student_int8" in results:  # dynamic int8 modules hide their packed weights from .parameters()
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     data = {"train_blocks": len(s.train), "heldout_blocks": len(s.heldout), "block_size": recipe.data.block_size}
@@ -406,8 +411,9 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}
-    if recipe.eval.generations:
+    if recipe.eval.generations:  # the teacher of another tokenizer cannot be decoded with the student's
         shown = {name: models[name] for name in ("teacher", "baseline", "student") if name in models}
+        shown = {name: m for name, m in shown.items() if s.teacher_view is None or name != "teacher"}
         extra["generations"] = side_by_side(
             shown,
             s.heldout,
@@ -416,10 +422,24 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
             new_tokens=recipe.eval.generation_tokens,
             seed=recipe.seed,
         )
-    extra["token_kl"] = token_kl_passage(
-        models["student"], models["teacher"], s.heldout, s.tokenizer, vocab_size=s.vocab_size
-    )
+    if s.teacher_view is None:  # per-token KL needs one vocabulary
+        extra["token_kl"] = token_kl_passage(
+            models["student"], models["teacher"], s.heldout, s.tokenizer, vocab_size=s.vocab_size
+        )
     return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, **extra)
+
+
+def cross_tokenizer_scores(results: dict, models: dict, s: LMSetup) -> None:
+    """Across tokenizers, perplexities per token and agreement or KL token by token compare nothing: every model is
+    scored in bits per character of the held-out text, each through its own tokenizer; the teacher's perplexity
+    (measured on the student's tokens) and the token-level comparisons are dropped."""
+    chunks = [doc for text in s.heldout.texts.texts for doc in text.split(SEPARATOR) if doc]
+    for name, model in models.items():
+        tokenizer = s.teacher_tokenizer if name in ("teacher", "teacher_base") else s.tokenizer
+        results[name]["bits_per_char"] = bits_per_char(model, tokenizer, chunks)
+        results[name] |= {"agreement_with_teacher": None, "kl_to_teacher": None}
+        if name in ("teacher", "teacher_base"):
+            results[name]["perplexity"] = None
 
 
 def build_cache(recipe: LMRecipe, out: Path) -> Path:
@@ -469,8 +489,29 @@ COLUMNS = [
 ]
 
 
+BITS_PER_CHAR = ("bits_per_char", "held-out bits/char (each its own tokenizer)", "{:.4f}")
+
+
+def cross_tokenizer_headline(models: dict) -> str:
+    """Across tokenizers the one fair unit is bits per character of the same held-out text."""
+    t, s = models["teacher"], models["student"]
+    text = (
+        f"The distilled student (another tokenizer) is {t['parameters'] / s['parameters']:.1f}× smaller "
+        f"({human_bytes(s['file_bytes'])} vs {human_bytes(t['file_bytes'])}), with {s['bits_per_char']:.4f} bits per "
+        f"character of held-out text against the teacher's {t['bits_per_char']:.4f}"
+    )
+    if "baseline" in models:
+        b = models["baseline"]["bits_per_char"]
+        change = 100 * (b - s["bits_per_char"]) / b
+        effect = f"{'saves' if change >= 0 else 'costs'} {abs(change):.1f}% of the bits"
+        text += f"; trained with plain cross-entropy it reaches {b:.4f}: distillation {effect}"
+    return text + "."
+
+
 def headline(models: dict) -> str:
     """Size, speed and quality of the distilled LM against the teacher and the cross-entropy student."""
+    if "bits_per_char" in models["student"]:
+        return cross_tokenizer_headline(models)
     t, s = models["teacher"], models["student"]
     text = (
         f"The distilled student is {t['parameters'] / s['parameters']:.1f}× smaller "
@@ -522,7 +563,11 @@ def note(metrics: dict) -> str:
 
 VIEW = ReportView(
     headline=headline,
-    columns=lambda models: COLUMNS,
+    columns=lambda models: [*COLUMNS, BITS_PER_CHAR] if "bits_per_char" in models["student"] else COLUMNS,
     note=note,
-    quality=lambda models: Quality("perplexity", "held-out perplexity (lower is better)", log_scale=True),
+    quality=lambda models: (
+        Quality("bits_per_char", "held-out bits per character (lower is better)")
+        if "bits_per_char" in models["student"]
+        else Quality("perplexity", "held-out perplexity (lower is better)", log_scale=True)
+    ),
 )
