@@ -319,7 +319,7 @@ def classifier_plan(recipe: Recipe, steps: int) -> Plan:
         stages.append(stage("baseline", recipe.student.train, student_spec, labeled, teacher=teacher_bytes))
     if recipe.distill.signal == "cache":  # the cached logits are read from disk: a stand-in table costs the same
         table = torch.randn(len(data.train_x), data.num_classes)
-        signal = lambda ids, x: table[ids]  # noqa: E731
+        signal = lambda ids, x: table[ids].to(x.device)  # noqa: E731
     else:
         signal = LiveTeacher(teacher, accelerator.device)
     resident = stages[-1].weights if recipe.baseline else 0  # the baseline is kept for the evaluation
