@@ -155,6 +155,10 @@ class Plan:
         return asdict(self) | figures | {"stages": [stage.as_dict() for stage in self.stages]}
 
 
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -294,13 +298,15 @@ def schedule(spec: TrainSpec, examples: int, validates: bool) -> dict:
 
 
 def classifier_plan(recipe: Recipe, steps: int) -> Plan:
-    before = current_rss()
+    before, high_before = current_rss(), peak_rss()
     data = load_data(recipe.data, recipe.seed)
     arrays = (data.train_x, data.train_y, data.test_x, data.test_y, data.val_x, data.val_y)
     data_bytes = sum(a.nbytes for a in arrays if a is not None)
     # Loading peaks above the arrays it leaves (the raw file, conversions): the process's high-water mark says by how
-    # much when nothing larger came before (a fresh process), else the arrays are the floor.
-    loading = max(data_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    # much only when loading set it. Otherwise the arrays are the floor: an earlier peak (imports, or pages the kernel
+    # has since reclaimed, which lower the current RSS but not the mark) is not the data's.
+    high = peak_rss()
+    loading = max(data_bytes, high - before) if high > high_before else data_bytes
     accelerator = make_accelerator(recipe.mixed_precision)
     check = classifier.validator(data)
     labeled = int((data.train_y != IGNORE_INDEX).sum())
