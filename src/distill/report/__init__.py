@@ -86,14 +86,22 @@ def accuracy_view(columns: list, note: Callable[[dict], str]) -> ReportView:
     )
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """A finished run's metrics.json; one line when the run has not finished or the file is damaged."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
+    except json.JSONDecodeError as exc:
+        problem = f"{run_dir}/metrics.json is damaged ({exc.msg})"
+        raise DistillError(f"{problem}; delete it and finish the run with --resume") from None
+
+
 def write_report(run_dir: Path, view: ReportView) -> Path:
     """REPORT.md and a self-contained report.html from metrics.json, log.jsonl and the run folder's exports;
     ``view`` is the task's way of summarising its numbers. Both renderings come from one list of sections."""
     run_dir = Path(run_dir)
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except FileNotFoundError:
-        raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
+    metrics = read_metrics(run_dir)
     models = metrics["models"]
     quality = view.quality(models)
     figure = models_figure(run_dir, models, quality, LABELS)

@@ -38,8 +38,21 @@ def cell(value, fmt) -> str:
 class Table:
     header: list[str]
     rows: list[list[str]]
-    first_left: bool = True  # the first column names the row; the rest are figures, right-aligned
-    text: bool = False  # every column is text (left-aligned)
+    align: str | None = None  # "l" or "r" per column; default: the first names the row (left), figures right
+
+    def left(self, column: int) -> bool:
+        return (self.align or "l" + "r" * (len(self.header) - 1))[column] == "l"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links (a run folder's file); Markdown shows its text."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -89,13 +102,19 @@ def inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
 
 
+def _cell_html(value) -> str:
+    if isinstance(value, Link):
+        return f'<a href="{html.escape(value.href)}">{html.escape(value.text)}</a>'
+    return html.escape(str(value))
+
+
 def html_table(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(str(h))}</th>" for h in table.header)
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td{' class=left' if table.text or (i == 0 and table.first_left) else ''}>{esc(str(value))}</td>"
+            f"<td{' class=left' if table.left(i) else ''}>{_cell_html(value)}</td>"
             for i, value in enumerate(row)
         )
         + "</tr>"

@@ -14,16 +14,6 @@ from distill.report.blocks import LABELS, Section, Table, cell, human_bytes, wri
 from distill.report.sections import flatten
 
 
-def read_run(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except FileNotFoundError:
-        raise DistillError(f"{run_dir} has no metrics.json: the run has not finished; rerun it with --resume") from None
-    except json.JSONDecodeError as exc:
-        problem = f"{run_dir}/metrics.json is damaged ({exc.msg})"
-        raise DistillError(f"{problem}; delete it and finish the run with --resume") from None
-
-
 def run_names(run_dirs: list[Path]) -> list[str]:
     """Each run's folder name, or its path where two runs share a name."""
     names = [d.name for d in run_dirs]

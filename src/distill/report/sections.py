@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from distill.report import plots
-from distill.report.blocks import LABELS, Html, Section, Table, cell, human_bytes, markdown_table
+from distill.report.blocks import LABELS, Html, Link, Section, Table, cell, human_bytes
 
 esc = html.escape
 
@@ -195,7 +195,7 @@ def auto_section(auto: dict) -> Section:
 
 def _auto_table(rows: list[dict]) -> Table:
     keys = [key for key in AUTO_COLUMNS if key in rows[0]]
-    return Table(keys, [[f"{row[key]:.4g}" for key in keys] for row in rows], first_left=False)
+    return Table(keys, [[f"{row[key]:.4g}" for key in keys] for row in rows], align="r" * len(keys))
 
 
 def _budget(budget: dict) -> str:
@@ -229,7 +229,7 @@ def settings_section(run_dir: Path, metrics: dict) -> Section:
 def exports_section(run_dir: Path) -> Section | None:
     """Every exported file, linked, with its size and the check its reload passed."""
     records = sorted((run_dir / "exports").glob("*.json"))
-    rows, links = [], []
+    rows = []
     for record in records:
         result = json.loads(record.read_text())
         folder = Path(result["path"])
@@ -240,19 +240,14 @@ def exports_section(run_dir: Path) -> Section | None:
         )
         for f in files:
             where = _relative(f, run_dir)
-            rows.append([result["format"], where, human_bytes(f.stat().st_size), check])
-            links.append(f'<tr><td class=left>{esc(result["format"])}</td><td class=left><a href="{esc(where)}">'
-                         f"{esc(where)}</a></td><td>{human_bytes(f.stat().st_size)}</td><td class=left>{esc(check)}"
-                         "</td></tr>")  # fmt: skip
+            rows.append([result["format"], Link(where, where), human_bytes(f.stat().st_size), check])
     if not rows:
         return None
-    table = Table(["format", "file", "size", "round-trip check (reloaded vs the student)"], rows)
-    page = ("<div class=scroll><table><thead><tr><th>format</th><th>file</th><th>size</th><th>round-trip check "
-            f"(reloaded vs the student)</th></tr></thead><tbody>{''.join(links)}</tbody></table></div>")  # fmt: skip
+    table = Table(["format", "file", "size", "round-trip check (reloaded vs the student)"], rows, align="llrl")
     return Section("Exported files", [
         "Each export was reloaded and compared with the student before it was kept (`distill export RUN --format "
         "F` adds more).",
-        Html(page, markdown_table(table)),
+        table,
     ])  # fmt: skip
 
 
@@ -276,7 +271,7 @@ def generations_section(generations: list[dict]) -> Section:
         rows += [[LABELS.get(name, name), out["greedy"], out["sampled"]] for name, out in entry.items()
                  if isinstance(out, dict)]  # fmt: skip
         blocks += [f"**Prompt {number}:** {entry['prompt'].strip()}"]
-        blocks += [Table(["model", "greedy", "sampled"], rows, text=True)]
+        blocks += [Table(["model", "greedy", "sampled"], rows, align="lll")]
     return Section("Generations on held-out prompts", blocks)
 
 

@@ -22,8 +22,8 @@ from distill.recipe import (
     read_recipe,
 )
 from distill.recipe import parse_recipe as parse_with
-from distill.report import ReportView, write_report
-from distill.report.compare import compare, read_run
+from distill.report import ReportView, read_metrics, write_report
+from distill.report.compare import compare
 from distill.tasks import causal_lm, classifier, embedding, text_classification
 from distill.train import STAGE_DONE
 
@@ -95,7 +95,7 @@ def task_of_run(run_dir: Path) -> str:
 
 def report(run_dir: Path) -> Path:
     """Rewrite a finished run's REPORT.md, report.html and plots (the task is the one its metrics.json names)."""
-    metrics = read_run(run_dir)
+    metrics = read_metrics(run_dir)
     return write_report(run_dir, TASKS[metrics.get("task", "classification")].report)
 
 
@@ -132,6 +132,6 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     """``distill compare``: finished runs of one task side by side (COMPARE.md, compare.html, compare.png)."""
     runs = []
     for run_dir in map(Path, run_dirs):
-        metrics = read_run(run_dir)
+        metrics = read_metrics(run_dir)
         runs.append((run_dir, metrics, TASKS[metrics.get("task", "classification")].report))
     return compare(runs, out)

@@ -66,12 +66,12 @@ from distill.teachers.cross_tokenizer import (
     cross_cache_dir,
     teacher_view,
 )
-from distill.teachers.identity import lm_id
+from distill.teachers.identity import lm_id, served_id
 from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
-from distill.teachers.served_cache import served_id, served_teacher_logits
+from distill.teachers.served_cache import served_teacher_logits
 from distill.train import make_accelerator, train_loop, validation_summary
 
 
@@ -255,7 +255,8 @@ def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
 
 def cache_teacher_id(recipe: LMRecipe, s: LMSetup) -> str:
     """What keys the teacher cache: the local teacher's weights, or the server and model that answered."""
-    return served_id(recipe.teacher.endpoint) if recipe.teacher.endpoint else s.teacher_id
+    endpoint = recipe.teacher.endpoint
+    return served_id(endpoint.url, endpoint.model) if endpoint else s.teacher_id
 
 
 def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | CrossTokenizerCache:

@@ -55,3 +55,8 @@ def _module_folders(folder: Path) -> tuple[str, ...]:
         return tuple(sorted({m["path"] for m in modules if m.get("path")}))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return ()  # no modules.json: a plain HF folder, mean pooling (models.encoders); an unreadable one fails there
+
+
+def served_id(url: str, model: str) -> str:
+    """A served teacher: the server and the model name (its weights are not ours to hash)."""
+    return "served-" + hashlib.sha256(f"{url.rstrip('/')}|{model}".encode()).hexdigest()[:12]

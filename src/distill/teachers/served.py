@@ -216,17 +216,25 @@ def backoff_wait(endpoint: EndpointSpec, attempt: int, retry_after: float | None
     return jittered if retry_after is None else max(retry_after, jittered)
 
 
-def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep, uniform=random.uniform) -> dict:
-    """``post`` + ``parse_choice`` with up to ``endpoint.retries`` retries and ``backoff_wait`` between them;
-    ``sleep`` and ``uniform`` are there for tests."""
+def with_retries(endpoint: EndpointSpec, parse, body: dict, sleep=time.sleep, uniform=random.uniform):
+    """``parse(post(endpoint, body))`` with up to ``endpoint.retries`` retries and ``backoff_wait`` between them; the
+    last Retryable is raised. ``sleep`` and ``uniform`` are there for tests."""
     for attempt in range(endpoint.retries + 1):
         try:
-            return parse_choice(post(endpoint, body), endpoint.api, k, endpoint.url)
+            return parse(post(endpoint, body))
         except Retryable as exc:
             if attempt == endpoint.retries:
                 raise
             sleep(backoff_wait(endpoint, attempt, exc.wait, uniform))
     raise AssertionError("unreachable")
+
+
+def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep, uniform=random.uniform) -> dict:
+    """One completion (``parse_choice`` of the answer), retried as ``with_retries`` does."""
+    def parse(answer: dict) -> dict:
+        return parse_choice(answer, endpoint.api, k, endpoint.url)
+
+    return with_retries(endpoint, parse, body, sleep, uniform)
 
 
 def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) -> Iterator[tuple[object, dict]]:

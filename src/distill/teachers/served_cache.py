@@ -11,9 +11,7 @@ temperature, sampled caches and the chat API before any request.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.recipe import EndpointSpec
-from distill.teachers.served import MALFORMED, Retryable, as_logprob, backoff_wait, post
+from distill.teachers.served import MALFORMED, Retryable, as_logprob, with_retries
 
 
 def request_body(endpoint: EndpointSpec, ids: list[int], k: int) -> dict:
@@ -45,19 +43,18 @@ def parse_prompt_logprobs(answer: dict, n_tokens: int) -> list:
     return parsed
 
 
-def block_logprobs(endpoint: EndpointSpec, ids: list[int], k: int, sleep=time.sleep) -> list:
-    """One block through the server, with ``endpoint.retries`` retries (back-off as for generation)."""
-    for attempt in range(endpoint.retries + 1):
-        try:
-            return parse_prompt_logprobs(post(endpoint, request_body(endpoint, ids, k)), len(ids))
-        except Retryable as exc:
-            if attempt == endpoint.retries:
-                raise DistillError(
-                    f"teacher.endpoint: a block failed {endpoint.retries + 1} times ({exc}); the shards written so "
-                    "far are kept: rerun `distill cache` to go on"
-                ) from None
-            sleep(backoff_wait(endpoint, attempt, exc.wait))
-    raise AssertionError("unreachable")
+def block_logprobs(endpoint: EndpointSpec, ids: list[int], k: int) -> list:
+    """One block through the server, retried as a generation request is (``served.with_retries``)."""
+    def parse(answer: dict) -> list:
+        return parse_prompt_logprobs(answer, len(ids))
+
+    try:
+        return with_retries(endpoint, parse, request_body(endpoint, ids, k))
+    except Retryable as exc:
+        raise DistillError(
+            f"teacher.endpoint: a block failed {endpoint.retries + 1} times ({exc}); the shards written so far are "
+            "kept: rerun `distill cache` to go on"
+        ) from None
 
 
 def check_alignment(entries: list, ids: list[int], block: int, decode: Callable[[list[int]], str]) -> None:
@@ -114,8 +111,3 @@ def served_teacher_logits(
         return torch.stack([as_logits(entries, vocab_size, k) for entries in answers])
 
     return logits
-
-
-def served_id(endpoint: EndpointSpec) -> str:
-    """What keys a served teacher's cache: the server and the model name (its weights are not ours to hash)."""
-    return "served-" + hashlib.sha256(f"{endpoint.url.rstrip('/')}|{endpoint.model}".encode()).hexdigest()[:12]
