@@ -130,8 +130,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
         return {}
     if int8 := int8_student(out, load_student):
         models["student_int8"] = int8
-    results = evaluate_models(recipe, models, data)
-    logits = {name: predict_logits(model, data.test_x) for name, (model, _) in models.items()}
+    results, logits = evaluate_models(recipe, models, data)
     classes = [str(c) for c in range(data.num_classes)]
     shown = comparison(logits, torch.from_numpy(data.test_y), lambda i: example(data, i), classes)
     if "student_int8" in results:
@@ -209,20 +208,23 @@ def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Va
     return lambda model: validation_scores(predict_logits(model, data.val_x), labels, teacher_logits)
 
 
-def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> dict:
-    teacher_logits = predict_logits(models["teacher"][0], data.test_x)
-    return {
+def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> tuple[dict, dict]:
+    """Every model's metrics on the test split, and its test logits (computed once, also for the report)."""
+    logits = {name: predict_logits(model, data.test_x) for name, (model, _) in models.items()}
+    results = {
         name: classifier_metrics(
             model,
             weights,
+            logits[name],
             data.test_x,
             data.test_y,
-            None if name == "teacher" else teacher_logits,
+            None if name == "teacher" else logits["teacher"],
             threads=recipe.eval.threads,
             runs=recipe.eval.latency_runs,
         )
         for name, (model, weights) in models.items()
     }
+    return results, logits
 
 
 def load_student(run_dir: Path) -> Student:
