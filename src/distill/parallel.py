@@ -1,9 +1,14 @@
-"""FSDP (torch's ``fully_shard``, FSDP2) for students that do not fit one device.
+"""FSDP (torch's ``fully_shard``, FSDP2) for students and live teachers that do not fit one device.
 
 Each transformer layer is one FSDP unit and the root holds the rest (embeddings, final norm, head); the root
 keeps its parameters gathered after forward, so a loss that reads the head's weight outside ``forward`` (the
 chunked LM losses) sees a plain tensor. Checkpoints hold full (unsharded) state dicts, the same files as one
 process or DDP writes, so a run can resume under another launch. Works with gloo on CPUs and NCCL on GPUs.
+
+A frozen teacher (``shard_frozen``) is sharded the same way for forward passes only: a layer's parameters are
+gathered for its forward and freed after it, the root's once the loss has read the head (``release``). It is
+never trained, so it has no optimizer state, gradients or checkpoint. Its forward is a collective: every process
+must run it as often as the others (the training loop gives a rank with no share of a batch a stand-in row).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -85,3 +90,22 @@ def gather(model: nn.Module, template: nn.Module) -> nn.Module:
     plain = template.to_empty(device="cpu")
     plain.load_state_dict(state)
     return plain
+
+
+def shard_frozen(model: nn.Module) -> nn.Module:
+    """``model`` frozen (eval, no gradients) and sharded in place over the default process group for inference:
+    each layer unit gathers its parameters for its forward and frees them after; the root keeps its own gathered
+    after forward until ``release``. FSDP moves each unit to the process group's device as it shards it, so the
+    whole model is never on that device at once."""
+    model.eval().requires_grad_(False)
+    for unit in layer_units(model):
+        fully_shard(unit, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)  # the loss reads the head after forward
+    return model
+
+
+def release(model: nn.Module) -> None:
+    """Free the root's gathered parameters of a model sharded by ``shard_frozen`` (nothing for a plain model).
+    Only after the last read of them: the freed storage is reused by the next gather."""
+    if isinstance(model, FSDPModule):
+        model.reshard()

@@ -307,6 +307,12 @@ class LMTeacherSpec(Strict):
         description="a served teacher (vLLM-style /v1/completions with prompt_logprobs) builds the teacher cache; "
         "teacher.path still gives the tokenizer, the student to cut and the report's teacher row",
     )
+    shard: bool = Field(
+        default=False,
+        description="with distill.signal: live under several processes, shard the frozen teacher over them (FSDP: "
+        "each transformer layer's parameters gathered for its forward and freed after), for a teacher that does "
+        "not fit one device; in one process the whole teacher runs, as without it",
+    )
 
 
 class FromTeacher(Strict):
@@ -432,6 +438,8 @@ class LMRecipe(Strict):
                 "distill.onpolicy needs distill.signal: live (the teacher scores the student's completions) and "
                 f"data.source: jsonl (prompts to complete); got signal {d.signal!r}, source {self.data.source!r}"
             )
+        if self.teacher.shard:
+            _check_sharded_teacher(self)
         if self.teacher.endpoint is not None:
             _check_served_teacher(self)
         if d.signal == "recorded" and (d.temperature != 1.0 or d.loss != "forward_kl"):
@@ -440,6 +448,22 @@ class LMRecipe(Strict):
                 f"log-probabilities cannot be re-tempered; got temperature {d.temperature}, loss {d.loss!r})"
             )
         return self
+
+
+def _check_sharded_teacher(recipe: LMRecipe) -> None:
+    """teacher.shard shards the local model the live signal runs; no other signal runs a model each step."""
+    d = recipe.distill
+    if d.signal != "live" or recipe.teacher.endpoint is not None:
+        raise ValueError(
+            "teacher.shard shards the local teacher that distill.signal: live runs at every step; a cached, recorded "
+            f"or served teacher has no model to shard: set distill.signal: live, or drop teacher.shard (got signal "
+            f"{d.signal!r}{', teacher.endpoint' if recipe.teacher.endpoint else ''})"
+        )
+    if d.cross_tokenizer is not None:
+        raise ValueError(
+            f"teacher.shard does not take distill.cross_tokenizer {d.cross_tokenizer!r} (its live signal runs the "
+            "whole teacher): use distill.signal: cache for it, or drop teacher.shard"
+        )
 
 
 def _check_served_teacher(recipe: LMRecipe) -> None:

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from distill import parallel
 from distill.data.lm import load_lm_data, split_lm_data
 from distill.data.token_blocks import SEPARATOR, TokenData, split_holdout
 from distill.devices import to_numpy
@@ -289,7 +290,7 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
     if d.onpolicy is not None:
         return OnPolicyBatches(
             s.train,
-            s.teacher.to(accelerator.device),
+            live_teacher(recipe, s, accelerator),
             s.vocab_size,
             lam=d.onpolicy.lam,
             beta=d.onpolicy.beta,
@@ -311,10 +312,22 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
         else:
             signal = SparseSignal(lambda rows, epoch: (cache.targets(rows, epoch), None), d.temperature)
     elif d.signal == "live":
-        signal = LiveLMSignal(s.teacher.to(accelerator.device), d.loss, d.temperature, d.divergence_kwargs())
+        signal = LiveLMSignal(live_teacher(recipe, s, accelerator), d.loss, d.temperature, d.divergence_kwargs())
     else:  # recorded: the targets travel with the training blocks
         signal = SparseSignal(lambda rows, epoch: s.train.recorded[rows], d.temperature)
     return LMBatches(s.train, s.vocab_size, d.chunk_size, distill=d, signal=signal)
+
+
+def live_teacher(recipe: LMRecipe, s: LMSetup, accelerator: Accelerator) -> nn.Module:
+    """The teacher a live signal runs: whole, on the device; or with ``teacher.shard`` under several processes a copy
+    sharded over them (the whole teacher stays on the CPU for validation and the report, which rank 0 writes alone)."""
+    if recipe.teacher.shard and (accelerator.num_processes > 1 or torch.distributed.is_initialized()):
+        teacher = parallel.shard_frozen(copy.deepcopy(s.teacher))
+        units = len(parallel.layer_units(teacher)) + 1
+        world = torch.distributed.get_world_size()
+        accelerator.print(f"teacher: sharded over {world} process{'es' if world > 1 else ''}, {units} units")
+        return teacher
+    return s.teacher.to(accelerator.device)
 
 
 def pad_id(tokenizer) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from distill import parallel
 from distill.losses.chunked import chunked_distillation_loss
 from distill.losses.sparse import (
     SparseTargets,
@@ -68,10 +69,12 @@ class LiveLMSignal:
     divergence_kwargs: dict = field(default_factory=dict)
 
     def kd(self, s: StudentTokens) -> Tensor:
+        # Always runs the teacher, even for a micro-batch with nothing to distill: a sharded teacher's forward is a
+        # collective every process takes part in.
         with torch.no_grad():  # not inference_mode: the teacher's hidden states are saved for backward
             teacher_hidden = last_hidden(self.model, s.ids, s.attention)[:, :-1]
-        t_weight, t_bias = head_of(self.model)
-        return chunked_distillation_loss(
+        t_weight, t_bias = head_of(self.model)  # a sharded teacher's root (the head) is still gathered here
+        loss = chunked_distillation_loss(
             s.hidden,
             s.weight,
             teacher_hidden,
@@ -82,6 +85,10 @@ class LiveLMSignal:
             **s.loss_kwargs(),
             **self.divergence_kwargs,
         )
+        # The fused loss made every gradient in its forward and keeps none of the teacher's tensors for backward,
+        # so a sharded teacher can free its head now.
+        parallel.release(self.model)
+        return loss
 
     def kd_with_ce(self, s: StudentTokens, next_tokens: Tensor, kd_weight: float, ce_weight: float):
         kd, ce = self.kd(s), chunked_cross_entropy(s.hidden, s.weight, next_tokens, **s.loss_kwargs())
