@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from test_cli import CLI
 
 # Float32 forward passes of the same weights on the same inputs: the gathered layers compute exactly what the
-# whole model computes (measured: 0.0 on both models); the bound leaves room for a kernel that splits differently.
+# whole model computes (measured: 0.0 on all three models, bfloat16 too); the bound leaves room for a kernel that
+# splits its work differently.
 LOGITS_ATOL = 1e-6
 GRAD_ATOL = 1e-7  # the student's gradients through the KD loss (measured: 0.0)
 
@@ -81,8 +82,13 @@ def worker(out: Path) -> None:
     tok = tiny_tokenizer()
     ids, attention = _inputs(tok, rank)
     report = {}
-    for name, build in (("llama", tiny_llama), ("qwen2_tied", tiny_qwen2)):
-        whole = build(tok, layers=4, seed=0).requires_grad_(False)
+    models = {
+        "llama": lambda: tiny_llama(tok, layers=4, seed=0),
+        "qwen2_tied": lambda: tiny_qwen2(tok, layers=4, seed=0),  # tied head and embeddings, q/k/v biases
+        "llama_bf16": lambda: tiny_llama(tok, layers=4, seed=0).to(torch.bfloat16),  # teacher.dtype: bfloat16
+    }
+    for name, build in models.items():
+        whole = build().requires_grad_(False)
         student = tiny_llama(tok, layers=2, seed=3)
         vocab = len(tok)
         sharded = parallel.shard_frozen(copy.deepcopy(whole))
@@ -200,6 +206,24 @@ def test_a_run_with_the_sharded_teacher_reaches_the_weights_of_the_unsharded_run
     print(f"sharded teacher, 2 processes: {against_two:.2e} from 2 processes unsharded, {against_one:.2e} from one")
     assert against_two < 1e-5 and against_one < 1e-5
     assert (tmp_path / "two_sharded" / "REPORT.md").exists()
+
+
+def test_a_sharded_teacher_beside_an_fsdp_student(tmp_path):
+    """Two FSDP trees in one step (a big teacher often comes with a student sharded too): under 2 processes the
+    student of one process, within 1e-5."""
+    from test_ddp import run_two_processes
+
+    from distill.tasks import load_recipe
+    from distill.tasks.causal_lm import run as run_lm
+
+    path, _ = sharded_recipe(tmp_path, fsdp=True)
+    two = run_two_processes(path, tmp_path / "two", os.environ | {"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "teacher: sharded over 2 processes" in two.stdout
+    with torch_threads(1):
+        run_lm(load_recipe(path), tmp_path / "one")  # one process: neither is sharded
+    difference = max_difference(student_weights(tmp_path / "two"), student_weights(tmp_path / "one"))
+    assert difference < 1e-5, difference
 
 
 def test_the_sharded_teacher_is_never_trained(tmp_path, monkeypatch):
