@@ -302,10 +302,11 @@ class LMTeacherSpec(Strict):
         description="adapt the teacher first: fine-tune it with next-token cross-entropy on the training blocks "
         "(stage 'teacher', checkpointed and resumable); the student is cut or pruned from the adapted teacher",
     )
-    endpoint: EndpointSpec | None = Field(
+    endpoint: LMEndpointSpec | None = Field(
         default=None,
-        description="a served teacher (vLLM-style /v1/completions with prompt_logprobs) builds the teacher cache; "
-        "teacher.path still gives the tokenizer, the student to cut and the report's teacher row",
+        description="a served teacher (/v1/completions: vLLM's prompt_logprobs, or echo + logprobs as llama.cpp's "
+        "Python server answers) builds the teacher cache; teacher.path still gives the tokenizer, the student to cut "
+        "and the report's teacher row",
     )
     shard: bool = Field(
         default=False,
@@ -527,6 +528,23 @@ class EndpointSpec(Strict):
     backoff: float = Field(default=0.5, gt=0.0, description="seconds before the first retry, doubled each time")
     timeout: float = Field(default=120.0, gt=0.0, description="seconds per request")
     api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+
+
+class LMEndpointSpec(EndpointSpec):
+    """A served causal-LM teacher whose answers build the teacher cache (``teacher.endpoint`` of a causal_lm recipe)."""
+
+    format: Literal["prompt_logprobs", "echo"] = Field(
+        default="prompt_logprobs",
+        description="how the server gives each block's log-probabilities: prompt_logprobs (vLLM: the block sent as "
+        "token ids, answers keyed by id) or echo (echo: true + logprobs: k, as llama-cpp-python's server and "
+        "OpenAI-style legacy completions answer: keyed by token text, mapped back to our ids; token ids are sent, "
+        "or the block's text where the server takes only text)",
+    )
+    on_mismatch: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a block whose tokens the server read differently from ours: stop the build naming the block, "
+        "the position and both tokens, or skip it (it gets no teacher targets; counted in the cache's meta.json)",
+    )
 
 
 class GenTeacherSpec(Strict):

@@ -13,6 +13,10 @@ entries): epoch e reads set e mod sets. One fixed set reused every epoch pulls t
 empirical distribution (counts/k), not towards the teacher's; fresh draws each epoch keep every epoch's targets
 an independent unbiased estimate, so over the epochs the student is fit to sets·k draws per token. The sets are
 drawn one after another from the block's stream, so set 0 is what a one-set cache holds.
+
+A teacher that cannot answer for some blocks (a served teacher that read a block's tokens differently, under
+``on_mismatch: skip``) returns a ``TeacherAnswer`` naming them: they are written as uniform records, listed in the
+meta's ``skipped_blocks``, and never handed out as targets (``LMCache.lookup`` masks them; ``targets`` refuses them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,19 @@ from distill.losses.sparse import MODES, SparseTargets, sparse_targets_from_logi
 
 FORMAT = "distill.lm_sparse/1"
 FIX = "rebuild it with `distill cache RECIPE`"
+
+
+@dataclass
+class TeacherAnswer:
+    """What a teacher function may return instead of bare logits [B, S, V]: also the rows it has no answer for
+    (``skipped``, indices into the batch; their logits are ignored), counts summed over the cache (``counts``: say,
+    alternatives a served teacher gave that could not be mapped to one of our tokens) and facts about how it was
+    asked (``notes``); all three are kept in meta.json."""
+
+    logits: torch.Tensor
+    skipped: list[int] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -71,9 +89,15 @@ def _intact(path: Path, entry: dict) -> bool:
 def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, batch_size) -> dict:
     mode, k, vocab_size = params["mode"], params["k"], params["vocab_size"]
     shard = np.empty((hi - lo, params["seq_len"]), dtype=record)
+    skipped, counts, notes = [], {}, {}
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
-        logits = teacher_logits_fn(torch.from_numpy(input_ids[start:stop].astype(np.int64)))
+        answer = teacher_logits_fn(torch.from_numpy(input_ids[start:stop].astype(np.int64)))
+        answer = answer if isinstance(answer, TeacherAnswer) else TeacherAnswer(answer)
+        logits = answer.logits
+        skipped += [start + int(row) for row in answer.skipped]
+        counts = {key: counts.get(key, 0) + answer.counts.get(key, 0) for key in counts | answer.counts}
+        notes = answer.notes | notes  # the first said stays (the first block skipped)
         if logits.ndim != 3 or logits.shape[:2] != (stop - start, params["seq_len"]) or logits.shape[2] < vocab_size:
             raise DistillError(
                 f"teacher returned logits of shape {tuple(logits.shape)} for {stop - start} blocks of "
@@ -95,11 +119,25 @@ def _write_shard(path, teacher_logits_fn, input_ids, lo, hi, record, params, bat
                 shard["tail"][row] = to_numpy(t.tail)
     with atomic_path(path) as tmp, tmp.open("wb") as handle:  # np.save(path) would append ".npy" to the name
         np.save(handle, shard)
-    return {"file": path.name, "blocks": hi - lo, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    entry = {"file": path.name, "blocks": hi - lo, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return entry | {key: value for key, value in (("skipped", skipped), ("counts", counts), ("notes", notes)) if value}
+
+
+def _answers(entries: list[dict]) -> dict:
+    """What the shards' teacher answers add to meta.json: the skipped blocks, the counts summed, the notes (none of
+    them for a teacher that answered every block with bare logits, whose meta stays as it always was)."""
+    skipped = sorted(b for e in entries for b in e.get("skipped", []))
+    counts = {}
+    for e in entries:
+        for key, n in e.get("counts", {}).items():
+            counts[key] = counts.get(key, 0) + n
+    notes = {key: value for e in reversed(entries) for key, value in e.get("notes", {}).items()}  # first wins
+    pairs = (("skipped_blocks", skipped), ("teacher_counts", counts), ("teacher_notes", notes))
+    return {key: value for key, value in pairs if value}
 
 
 def build_lm_cache(
-    teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor | TeacherAnswer],
     input_ids: np.ndarray,
     out_dir: Path,
     *,
@@ -117,9 +155,9 @@ def build_lm_cache(
 ) -> Path:
     """Run the teacher over ``input_ids`` [N, S] once and store k sparse targets per token in ``out_dir``.
 
-    ``teacher_logits_fn(LongTensor [B, S]) -> [B, S, V]`` is called ``batch_size`` blocks at a time (run it
-    under inference_mode). Rerunning with the same parameters resumes an interrupted build; a finished cache
-    is left as it is. Returns ``out_dir``.
+    ``teacher_logits_fn(LongTensor [B, S]) -> [B, S, V]`` (or a ``TeacherAnswer`` holding them) is called
+    ``batch_size`` blocks at a time (run it under inference_mode). Rerunning with the same parameters resumes an
+    interrupted build; a finished cache is left as it is. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     input_ids = np.asarray(input_ids)
@@ -180,8 +218,20 @@ def build_lm_cache(
             write_json(progress_path, {**params, "shards": list(done.values())})
             if progress:
                 print(f"LM cache {out_dir}: shard {s + 1}/{n_shards} ({hi}/{n_blocks} blocks)", flush=True)
-        write_json(meta_path, {**params, "shards": [done[name] for name in names]})
+        answers = _answers([done[name] for name in names])
+        write_json(meta_path, {**params, "shards": [done[name] for name in names], **answers})
         progress_path.unlink(missing_ok=True)
+        if answers.get("skipped_blocks"):  # said once, when the cache is finished
+            skipped = answers["skipped_blocks"]
+            first = answers.get("teacher_notes", {}).get("first_skipped", "")
+            print(
+                f"LM cache {out_dir}: {len(skipped)} of {n_blocks} blocks skipped, the teacher gave no targets for "
+                f"them (meta.json skipped_blocks; they are not distilled){f'; first: {first}' if first else ''}",
+                flush=True,
+            )
+        if answers.get("teacher_counts"):
+            counts = ", ".join(f"{key} {n}" for key, n in answers["teacher_counts"].items())
+            print(f"LM cache {out_dir}: the teacher's answers: {counts} (meta.json teacher_counts)", flush=True)
     if progress:
         total = sum(done[name]["bytes"] for name in names)
         print(
@@ -197,6 +247,8 @@ class LMCache:
 
     def __init__(self, path: Path, meta: dict, shards: list[np.ndarray]):
         self.path, self.meta, self.shards = path, meta, shards
+        self.skipped = np.zeros(meta["n_blocks"], dtype=bool)  # blocks the teacher gave no targets for
+        self.skipped[meta.get("skipped_blocks", [])] = True
 
     @classmethod
     def open(
@@ -222,6 +274,9 @@ class LMCache:
             seq_len, shard_blocks, entries = meta["seq_len"], meta["shard_blocks"], meta["shards"]
             files = [(path / e["file"], e["blocks"], e["bytes"], e.get("sha256")) for e in entries]
             if sum(f[1] for f in files) != meta["n_blocks"]:
+                raise ValueError
+            skipped = meta.get("skipped_blocks", [])
+            if not all(type(b) is int and 0 <= b < meta["n_blocks"] for b in skipped):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             raise DistillError(f"LM teacher cache {meta_path} is corrupt; {FIX}") from None
@@ -279,11 +334,35 @@ class LMCache:
         return self.targets(block_indices, epoch=0)
 
     def targets(self, block_indices, epoch: int) -> SparseTargets:
-        """Targets of the blocks at ``block_indices`` for ``epoch``: its set of draws (epoch mod sets)."""
+        """Targets of the blocks at ``block_indices`` for ``epoch``: its set of draws (epoch mod sets). A skipped
+        block has none: asking for one is an error (``lookup`` reads past it)."""
+        idx = self._indices(block_indices)
+        if self.skipped[idx].any():
+            block = int(idx.reshape(-1)[self.skipped[idx].reshape(-1)][0])
+            raise DistillError(
+                f"LM teacher cache {self.path}: block {block} has no teacher targets (skipped when the cache was "
+                "built: the teacher read its tokens differently); read the cache with LMCache.lookup, which leaves "
+                "skipped blocks out of the distillation"
+            )
+        return self._read(idx, epoch)
+
+    def lookup(self, block_indices, epoch: int) -> tuple[SparseTargets, torch.Tensor | None]:
+        """``SparseSignal``'s lookup: the blocks' targets for ``epoch`` and which positions have any ([*shape,
+        seq_len] bool, False throughout a skipped block; None when the cache skipped none)."""
+        idx = self._indices(block_indices)
+        scored = None
+        if self.skipped.any():
+            scored = torch.from_numpy(~self.skipped[idx])[..., None].expand(*idx.shape, self.meta["seq_len"])
+        return self._read(idx, epoch), scored
+
+    def _indices(self, block_indices) -> np.ndarray:
         idx = to_numpy(torch.as_tensor(block_indices)).astype(np.int64)
-        flat = idx.reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"block index out of range 0..{len(self) - 1}")
+        return idx
+
+    def _read(self, idx: np.ndarray, epoch: int) -> SparseTargets:
+        flat = idx.reshape(-1)
         out = np.empty((flat.size, self.meta["seq_len"]), dtype=self.shards[0].dtype)
         which = flat // self.meta["shard_blocks"]
         for s in np.unique(which):
@@ -317,11 +396,12 @@ def ensure_lm_cache(
     seed: int,
     device,
     sets: int = 1,
-    served: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    served: Callable[[torch.Tensor], TeacherAnswer] | None = None,
     batch_size: int = 8,
 ) -> LMCache:
     """Open the teacher cache at ``path``, building (or finishing) it first if needed: from ``teacher`` run here, or
-    from ``served`` (a served teacher's answers as log-probabilities, ``served_cache.served_teacher_logits``)."""
+    from ``served`` (a served teacher's answers as log-probabilities, ``served_cache.served_teacher_logits``; the
+    blocks it skipped are listed in the meta and left out by ``LMCache.lookup``)."""
     if d.loss != "forward_kl":
         raise DistillError(
             f"distill.loss {d.loss}: the LM teacher cache estimates forward_kl only; "

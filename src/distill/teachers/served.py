@@ -32,6 +32,14 @@ LOGPROB_SLACK = 1e-4
 MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 
 
+class Refused(DistillError):
+    """A 4xx other than those retried: the server will not take this request as it is (``status``: the code)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class Retryable(Exception):
     """A failure worth another try; ``wait`` is the server's Retry-After, when it gave one."""
 
@@ -81,7 +89,7 @@ def post(endpoint: EndpointSpec, body: dict) -> dict:
         if exc.code in RETRYABLE_STATUS:
             after = retry_after(exc.headers.get("Retry-After") if exc.headers else None)
             raise Retryable(f"HTTP {exc.code} {detail}", after) from None
-        raise DistillError(f"teacher endpoint {endpoint.url}{path} answered HTTP {exc.code}: {detail}") from None
+        raise Refused(f"teacher endpoint {endpoint.url}{path} answered HTTP {exc.code}: {detail}", exc.code) from None
     except http.client.HTTPException as exc:  # before any answer: RemoteDisconnected, a garbled status line
         raise Retryable(f"answer from {endpoint.url}{path} cut short: {exc!r:.200}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
@@ -231,6 +239,7 @@ def with_retries(endpoint: EndpointSpec, parse, body: dict, sleep=time.sleep, un
 
 def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep, uniform=random.uniform) -> dict:
     """One completion (``parse_choice`` of the answer), retried as ``with_retries`` does."""
+
     def parse(answer: dict) -> dict:
         return parse_choice(answer, endpoint.api, k, endpoint.url)
 
