@@ -223,6 +223,42 @@ def test_a_sharded_teacher_beside_an_fsdp_student(tmp_path):
     with torch_threads(1):
         run_lm(load_recipe(path), tmp_path / "one")  # one process: neither is sharded
     difference = max_difference(student_weights(tmp_path / "two"), student_weights(tmp_path / "one"))
+    print(f"FSDP student, sharded teacher over 2 processes: {difference:.2e} from one process")
+    assert difference < 1e-5, difference
+
+
+def test_on_policy_steps_score_with_the_sharded_teacher(tmp_path):
+    """``distill.onpolicy`` (every step on the student's greedy completions, of different lengths on each rank):
+    under 2 processes with the sharded teacher, the student of one process within 1e-5."""
+    from lm_fixtures import save_tiny, tiny_llama
+    from test_ddp import run_two_processes
+
+    from distill.data.arithmetic import char_tokenizer, make_problems
+    from distill.tasks import load_recipe
+    from distill.tasks.causal_lm import run as run_lm
+
+    tokenizer = char_tokenizer()
+    save_tiny(tiny_llama(tokenizer, layers=2, seed=1), tokenizer, tmp_path / "teacher")
+    pairs = [{"prompt": p["prompt"], "response": p["solution"]} for p in make_problems(20, seed=5)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    recipe = {
+        "task": "causal_lm",
+        "data": {"source": "jsonl", "path": str(tmp_path / "pairs.jsonl"), "block_size": 48, "heldout_fraction": 0.2},
+        "teacher": {"path": str(tmp_path / "teacher"), "shard": True},
+        "student": {"from_teacher": {"keep": 1}, "train": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "grad_accum": 2}},
+        "distill": {"signal": "live", "onpolicy": {"lam": 1.0, "max_new_tokens": 6, "temperature": 0.0}},
+        "baseline": False,
+        "eval": {"batch_size": 4, "threads": 1},
+    }
+    path = tmp_path / "onpolicy.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    two = run_two_processes(path, tmp_path / "two", os.environ | {"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "teacher: sharded over 2 processes" in two.stdout
+    with torch_threads(1):
+        run_lm(load_recipe(path), tmp_path / "one")
+    difference = max_difference(student_weights(tmp_path / "two"), student_weights(tmp_path / "one"))
+    print(f"on-policy, sharded teacher over 2 processes: {difference:.2e} from one process")
     assert difference < 1e-5, difference
 
 
