@@ -8,8 +8,9 @@ equal, stored log-probs within one float16 step, tails within one float16 step o
 last position of each block excepted: no loss reads it), and the student distilled from each (same init, same
 steps, no baseline): held-out perplexity within 1 % of each other.
 Cut (2 CPU cores): 64 training blocks of 128 tokens, 16 held-out blocks, 24 student steps of a 2-layer student.
-No vLLM or llama.cpp server here (llama.cpp's server gives no prompt log-probabilities): the reference server
-stands in, so the tokens/s figure is that of our client against a server with no batching.
+No vLLM here, and llama-cpp-python's server (echo log-probabilities, `teacher.endpoint.format: echo`) is opt-in
+(tests/test_llama_server.py): the reference server stands in, in vLLM's format, so the tokens/s figure is that of
+our client against a server with no batching.
 
     python bench/served_cache.py
 """

@@ -322,8 +322,8 @@ class EchoClient:
             return None
         return (
             f"on block {block}, tokens {start}-{start + n}, the next-token distribution of a completion matches "
-            f"{'both' if current <= SAME_DISTRIBUTION else 'neither'} the echo's position {n} (difference "
-            f"{current:.3g}) and position {n - 1} ({shifted:.3g})"
+            f"{'both' if current <= SAME_DISTRIBUTION else 'neither'} of the echo's positions {n} (difference "
+            f"{current:.3g}) and {n - 1} ({shifted:.3g})"
         )
 
     def entries(self, ids: list[int], block: int) -> list | str:
