@@ -104,13 +104,6 @@ def misaligned(entries: list, ids: list[int], block: int, decode: Callable[[list
     return None
 
 
-def check_alignment(entries: list, ids: list[int], block: int, decode: Callable[[list[int]], str]) -> None:
-    """``misaligned`` as an error."""
-    problem = misaligned(entries, ids, block, decode)
-    if problem:
-        raise DistillError(problem)
-
-
 def as_logits(entries: list, vocab_size: int, k: int) -> torch.Tensor:
     """Log-probabilities [S, vocab_size] whose top k are the server's and whose rest share the tail evenly, so that
     the cache's top-k and tail come out as the server gave them. Position t predicts token t + 1 (entry t + 1); the
