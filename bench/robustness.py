@@ -202,6 +202,7 @@ def run_one(name: str, dataset: Dataset, seed: int, prepared: tuple, out: Path, 
             row[key] = figure_of(metrics, model, dataset.task)
         row["auto"] = (metrics.get("auto") or {}).get("choice")
         row["fired"] = any(line.startswith(TEACHER_CHECK) for line in metrics.get("warnings", []))
+        row["teacher_check"] = metrics.get("teacher_check")  # the paired validation lead the check read
     except Exception as exc:  # the bench records the failure and goes on with the next run
         row["error"] = one_line(exc)
     row["seconds"] = round(time.perf_counter() - started, 1)

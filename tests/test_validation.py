@@ -159,7 +159,7 @@ def _lead_reference(teacher: np.ndarray, baseline: np.ndarray, labels: np.ndarra
 
 
 def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(capsys):
-    """Clearly better: at least as accurate, and a cross-entropy lead of more than one standard error of the paired
+    """Clearly better: at least as accurate, and a cross-entropy lead of more than two standard errors of the paired
     difference; else one line — "not better" (less accurate, or no lead) or "not clearly better" (within noise)."""
     from distill.evaluate import paired_loss_lead
     from distill.tasks.common import teacher_check
@@ -178,13 +178,15 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
     assert clearly["loss_lead"] == pytest.approx(mean, abs=1e-6) and clearly["standard_error"] == pytest.approx(
         se, abs=1e-6
     )
-    assert clearly["loss_lead"] > clearly["standard_error"] and teacher_check(clearly) == []
+    assert clearly["loss_lead"] > 2 * clearly["standard_error"] and teacher_check(clearly) == []
     assert teacher_check(lead(noise, sharp))[0].startswith("the teacher is not better than the student trained alone")
-    # a lead within one standard error
+    # a lead within two standard errors (Reuters R8, seed 1: 1.6 errors, a teacher worse on test) is not clear
     wobble = {**clearly, "loss_lead": 0.01, "standard_error": 0.02}
+    assert teacher_check({**clearly, "loss_lead": 0.039, "standard_error": 0.02})[0].startswith("the teacher is not cl")
+    assert teacher_check({**clearly, "loss_lead": 0.041, "standard_error": 0.02}) == []
     line = teacher_check(wobble)[0]
     assert line.startswith("the teacher is not clearly better than the student trained alone on the validation split")
-    assert "0.0100 ± 0.0200 on 40 examples" in line and "data.validation_fraction" in line
+    assert "0.0100 ± 0.0200 on 40 examples: within 2 standard errors" in line and "data.validation_fraction" in line
     assert "warning: the teacher is not clearly better" in capsys.readouterr().out
     # as accurate with a cross-entropy lead below zero but within the error: not clearly better; beyond it: not better
     assert teacher_check({**clearly, "loss_lead": -0.01, "standard_error": 0.02})[0].startswith("the teacher is not cl")

@@ -106,7 +106,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
             accelerator,
             **common | {"seed": student_seed, "validator": check},
         )
-    warnings = []
+    warnings, lead = [], None
     if check is not None and recipe.baseline and accelerator.is_main_process:  # the main process writes the log
         baseline_on_validation = predict_logits(models["baseline"][0], data.val_x)  # the weights it kept
         lead = paired_loss_lead(teacher_on_validation, baseline_on_validation, torch.from_numpy(data.val_y))
@@ -140,6 +140,7 @@ def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
     validation = {name: validation_summary(out, name) for name in models if name != "student_int8"}
     warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
     extra = {"validation": validation, "warnings": warnings} | ({"auto": auto} if auto else {}) | shown
+    extra |= {"teacher_check": lead} if lead else {}
     return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment, **extra)
 
 

@@ -206,7 +206,7 @@ def run(
         )
         return candidate_scores(out, name)
 
-    warnings, baseline_auto = [], None
+    warnings, baseline_auto, lead = [], None, None
     if recipe.baseline:
         baseline_train, baseline_auto = choose_baseline_lr(recipe.distill, out, candidate, train=recipe.student.train)
         trained["baseline"] = train_student(
@@ -214,7 +214,8 @@ def run(
         )
         if check is not None:
             baseline_val_logits = torch.from_numpy(encode(trained["baseline"], val_rows, base.pad_id))
-            warnings = teacher_check(paired_loss_lead(teacher_val_logits, baseline_val_logits, val_labels))
+            lead = paired_loss_lead(teacher_val_logits, baseline_val_logits, val_labels)
+            warnings = teacher_check(lead)
 
     distill, student_train, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train)
     if auto and baseline_auto:
@@ -254,6 +255,7 @@ def run(
     warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
     extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed), "teacher_probe": probe}
     extra |= {"auto": auto} if auto else {}
+    extra |= {"teacher_check": lead} if lead else {}
     extra |= comparison(logits, torch.from_numpy(data.test_labels), lambda i: {"text": data.test_texts[i][:300]},
                         list(data.classes))  # fmt: skip
     distill = distill.model_dump(mode="json")
