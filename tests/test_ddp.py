@@ -146,9 +146,10 @@ def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
         finally:
             if fsdp:
                 torch.distributed.destroy_process_group()
-        trained[fsdp] = model.state_dict()
+        # the non-persistent buffers too (rotary inv_freq): the returned student is what rank 0 evaluates
+        trained[fsdp] = {**dict(model.named_buffers()), **model.state_dict()}
     assert len(sharded) == 1  # the FSDP run did shard
-    assert trained[True].keys() == trained[False].keys()
+    assert trained[True].keys() == trained[False].keys() and "model.rotary_emb.inv_freq" in trained[True]
     for name, tensor in trained[False].items():
         torch.testing.assert_close(trained[True][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -88,6 +88,9 @@ def gather(model: nn.Module, template: nn.Module) -> nn.Module:
     # Every process needs the weights (cpu_offload would give them to rank 0 only).
     state = {k: v.cpu() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
     plain = template.to_empty(device="cpu")
+    buffers = dict(model.named_buffers())  # FSDP shards no buffer; the state dict lacks the non-persistent ones
+    for name, buffer in plain.named_buffers():  # (rotary inv_freq: to_empty leaves it uninitialised)
+        buffer.copy_(buffers[name])
     plain.load_state_dict(state)
     return plain
 
