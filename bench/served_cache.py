@@ -107,9 +107,11 @@ def main() -> int:
     }
     figures["passed"] = same_ids and logp_within and tail_within and gap <= BAR_PERPLEXITY
     speeds = f"local {tokens / local_seconds:,.0f} tokens/s, served {tokens / served_seconds:,.0f} tokens/s"
-    print(f"cache build: {speeds} (served / local {local_seconds / served_seconds:.2f}); ids equal: {same_ids}; "
-          f"max |log-prob diff| {logp_diff:.2e} (within one float16 step: {logp_within}); tails agree: {tail_within} "
-          f"(max |tail probability diff| {tail_diff:.1e})")
+    print(
+        f"cache build: {speeds} (served / local {local_seconds / served_seconds:.2f}); ids equal: {same_ids}; "
+        f"max |log-prob diff| {logp_diff:.2e} (within one float16 step: {logp_within}); tails agree: {tail_within} "
+        f"(max |tail probability diff| {tail_diff:.1e})"
+    )
     print(f"student perplexity: from the local cache {perplexity['local']:.3f}, from the served cache "
           f"{perplexity['served']:.3f} (gap {100 * gap:.3f} %, bar {100 * BAR_PERPLEXITY:.0f} %)")  # fmt: skip
     print(json.dumps(figures))

@@ -98,19 +98,43 @@ def test_generate_collects_traces_and_logprobs_from_llama_cpp(tmp_path, llama_se
     assert 1 <= len(first[0]["top"]) <= 3
 
 
-def test_teacher_cache_from_llama_cpp_echo_matches_the_local_gguf_teacher(tmp_path, llama_server):
+# llama.cpp's own log-probabilities of each block, computed in the server's interpreter: the top k ids and log-probs
+# at every position.
+LLAMA_TOP_K = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, blocks, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, logits_all=True, n_ctx=1024, n_threads=2, verbose=False)
+out = []
+for row in blocks:
+    llm.reset()
+    llm.eval(row)
+    logp = Llama.logits_to_logprobs(np.asarray(llm._scores))
+    top = np.argsort(-logp, axis=-1, kind="stable")[:, :k]
+    out.append([[[int(i), float(logp[t, i])] for i in top[t]] for t in range(len(row))])
+print(json.dumps(out))
+"""
+
+
+def test_teacher_cache_from_llama_cpp_echo(tmp_path, llama_server):
     """llama-cpp-python's server takes prompts as text only and lists at each echo position the distribution after
-    that token (null at position 0): the client finds both by itself, checks every block's tokens, and the cache it
-    writes holds what the local GGUF teacher gives. The two are not bit-equal: llama.cpp computes with the Q4_1
-    weights and 8-bit activations, transformers with the dequantised weights in float32. Measured on these 6 blocks:
-    (see the asserts) top-1 the same nearly everywhere, top-k log-probs within a few hundredths of a nat."""
+    that token (null at position 0): the client finds both by itself, checks every block's tokens and writes a cache
+    that holds llama.cpp's own log-probabilities (within float16 storage), wherever a piece names one of our tokens.
+
+    Against the local GGUF teacher (transformers, the Q4_1 weights dequantised, float32) they are close, not equal:
+    llama.cpp multiplies the quantised weights with 8-bit activations. Measured on these blocks: top-1 the same at
+    0.97 of the positions, 0.93 of the top-8 ids shared, the shared ids' log-probs 0.078 nats apart on average and
+    0.84 at most, as far as llama.cpp's own log-probs are from transformers' (0.078, 0.835): the bars below leave
+    room for other builds' kernels."""
     from distill.losses.sparse import sparse_targets_from_logits
     from distill.models.causal_lm import load_causal_lm, resolve_model_path
     from distill.recipe import LMEndpointSpec
     from distill.teachers.lm_cache import LMCache, build_lm_cache
-    from distill.teachers.served_cache import served_teacher_logits
+    from distill.teachers.served_cache import Pieces, served_teacher_logits
 
-    model, tok = load_causal_lm(resolve_model_path("smollm2"))
+    path = resolve_model_path("smollm2")
+    model, tok = load_causal_lm(path)
     vocab, k, size = len(tok), 8, 32
     ids = tok(TEXT * 2)["input_ids"]
     blocks = np.array([ids[i * size : (i + 1) * size] for i in range(6)], dtype=np.int64)
@@ -119,26 +143,41 @@ def test_teacher_cache_from_llama_cpp_echo_matches_the_local_gguf_teacher(tmp_pa
     options = {"mode": "topk", "k": k, "teacher_id": "t", "data_id": "d", "vocab_size": vocab, "shard_blocks": 4}
     build_lm_cache(served_teacher_logits(spec, vocab, k, tok.decode, blocks), blocks, tmp_path / "c", **options)
     cache = LMCache.open(tmp_path / "c", teacher_id="t", data_id="d", temperature=1.0)
-    assert cache.meta["teacher_notes"] | {"first_skipped": None} == {
-        "format": "echo",
-        "layout": "next",
-        "prompt": "text",
-        "first_skipped": None,
-    }
-    kept = torch.tensor([b for b in range(len(blocks)) if not cache.skipped[b]])
+    notes = cache.meta["teacher_notes"]
+    assert (notes["format"], notes["layout"], notes["prompt"]) == ("echo", "next", "text")
+    kept = [b for b in range(len(blocks)) if not cache.skipped[b]]
     assert len(kept) >= len(blocks) - 1  # a block cut mid-word may be re-tokenised otherwise from its text
+    served = cache[torch.tensor(kept)]
+
+    # llama.cpp itself: each of its top k ids that a piece names unambiguously is in the cache with its log-prob.
+    program = [SERVER_PYTHON, "-c", LLAMA_TOP_K, str(path), json.dumps(blocks[kept].tolist()), str(k)]
+    own = json.loads(subprocess.run(program, capture_output=True, text=True, check=True).stdout)
+    pieces = Pieces(tok.decode, vocab)
+    ambiguous = {i for same in pieces.ids_of.values() if len(same) > 1 for i in same}
+    checked, worst = 0, 0.0
+    for row, block in enumerate(own):
+        for t in range(size - 1):  # cache position t holds the distribution after token t
+            cached = dict(zip(served.ids[row, t].tolist(), served.logp[row, t].tolist(), strict=True))
+            for i, value in block[t]:
+                if i in ambiguous:
+                    continue
+                assert i in cached, (kept[row], t, i)
+                worst = max(worst, abs(cached[i] - value) / (1e-3 + 1e-3 * abs(value)))
+                checked += 1
+    assert checked >= 0.9 * len(kept) * (size - 1) * k and worst <= 1.0
+
+    # The local GGUF teacher.
     with torch.no_grad():
-        local = model(input_ids=torch.from_numpy(blocks[kept.numpy()])).logits.float()
+        local = model(input_ids=torch.from_numpy(blocks[kept])).logits.float()
     ours = sparse_targets_from_logits(local[:, :-1], mode="topk", k=k, vocab_size=vocab)
-    theirs = cache[kept]
-    ids_a, ids_b = ours.ids, theirs.ids[:, :-1]
+    ids_a, ids_b = ours.ids, served.ids[:, :-1]
     top1 = (ids_a[..., 0] == ids_b[..., 0]).float().mean().item()
-    # The log-prob of each id both top-k lists hold, served against local.
-    same = ids_a[..., :, None] == ids_b[..., None, :]
-    diff = (ours.logp[..., :, None] - theirs.logp[:, :-1, None, :].float()).abs()[same]
-    print(f"llama.cpp echo vs local GGUF teacher: top-1 agreement {top1:.3f}, shared top-{k} ids "
-          f"{same.sum().item() / ids_a.numel():.3f}, |log-prob diff| mean {diff.mean():.4f} max {diff.max():.4f}, "
-          f"counts {cache.meta.get('teacher_counts')}")  # fmt: skip
-    assert top1 >= 0.95
-    assert same.sum().item() >= 0.8 * ids_a.numel()
-    assert diff.mean().item() <= 0.05 and diff.max().item() <= 0.5
+    same = ids_a[..., :, None] == ids_b[..., None, :]  # the ids both top-k lists hold, and their log-probs
+    diff = (ours.logp[..., :, None] - served.logp[:, :-1, None, :].float()).abs()[same]
+    print(f"llama.cpp echo cache vs local GGUF teacher: top-1 agreement {top1:.3f}, shared top-{k} ids "
+          f"{same.sum().item() / ids_a.numel():.3f}, |log-prob diff| mean {diff.mean():.4f} max {diff.max():.4f}; "
+          f"llama.cpp's own {checked} log-probs held (worst {worst:.2f} of the float16 bound); {len(kept)} of "
+          f"{len(blocks)} blocks kept; counts {cache.meta.get('teacher_counts')}")  # fmt: skip
+    assert top1 >= 0.93
+    assert same.sum().item() >= 0.85 * ids_a.numel()
+    assert diff.mean().item() <= 0.15 and diff.max().item() <= 1.5

@@ -49,7 +49,7 @@ class FaultyServer(PromptLogprobHandler):
         try:
             payload = b"{not json" if fault == "garbage" else self.answer(body)
         except Unprocessable as exc:
-            self.reply(422, json.dumps({"detail": str(exc)}).encode())
+            self.reply(exc.status, json.dumps({"error": {"message": str(exc)}}).encode())
             return
         self.reply(200, payload, cut=fault == "cut")
         ids = self.prompt_ids(body)

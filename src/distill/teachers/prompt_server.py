@@ -11,8 +11,9 @@ one model. It answers
   listed token's piece is added last);
 - a plain completion with ``logprobs: k``: the greedy next token and its alternatives.
 
-``text_only = True`` refuses a prompt of token ids with HTTP 422, as llama-cpp-python's server does, and tokenises a
-text prompt with the served tokenizer.
+``text_only = True`` refuses a prompt of token ids as llama-cpp-python's server does (its request schema takes a
+string; its error handler answers the validation error with HTTP 500), and tokenises a text prompt with the served
+tokenizer.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def llama_pieces(tokenizer, vocab_size: int) -> list[str]:
 
 
 class Unprocessable(Exception):
-    """A request the server refuses with HTTP 422."""
+    """A request the server refuses (with HTTP 500, as llama-cpp-python's server answers a validation error)."""
+
+    status = 500
 
 
 class PromptLogprobHandler(BaseHTTPRequestHandler):
@@ -97,11 +100,11 @@ class PromptLogprobHandler(BaseHTTPRequestHandler):
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if self.text_only:
-            raise Unprocessable("prompt: Input should be a valid string")
+            raise Unprocessable("('body', 'prompt', 'str'): Input should be a valid string")
         return list(prompt)
 
     def answer(self, body: dict) -> bytes:
-        """The answer to one request (Unprocessable: HTTP 422)."""
+        """The answer to one request (Unprocessable: refused)."""
         ids = self.prompt_ids(body)
         with self.lock:
             if "prompt_logprobs" in body:
@@ -148,7 +151,7 @@ class PromptLogprobHandler(BaseHTTPRequestHandler):
         try:
             payload = self.answer(body)
         except Unprocessable as exc:
-            self.reply(422, json.dumps({"detail": str(exc)}).encode())
+            self.reply(exc.status, json.dumps({"error": {"message": str(exc)}}).encode())
             return
         self.reply(200, payload)
 

@@ -40,7 +40,7 @@ import torch
 from distill.errors import DistillError
 from distill.recipe import EndpointSpec
 from distill.teachers.lm_cache import TeacherAnswer
-from distill.teachers.served import MALFORMED, Refused, Retryable, as_logprob, with_retries
+from distill.teachers.served import MALFORMED, Refused, Retryable, as_logprob, post, with_retries
 
 # Two distributions a server computed for the same context differ by its arithmetic only (batching, kernels): the
 # probe takes log-probabilities this close as the same distribution, and a shifted one differs by far more.
@@ -226,6 +226,7 @@ class EchoClient:
         self.pieces = Pieces(decode, vocab_size)
         self.layout: str | None = None  # "current" (OpenAI: dict t predicts token t) | "next" (after token t)
         self.prompt = "ids"  # or "text", where the server refuses token ids
+        self.refused: str | None = None  # what the server answered to token ids ("" when it took them)
         self.lock = threading.Lock()
         self.counts = {"alternatives": 0, "dropped_ambiguous": 0, "dropped_unknown": 0}
 
@@ -233,11 +234,12 @@ class EchoClient:
     def notes(self) -> dict:
         return {"format": "echo", "layout": self.layout, "prompt": self.prompt}
 
-    def ask(self, ids: list[int], echo: bool) -> Echo:
+    def ask(self, ids: list[int], echo: bool, once: bool = False) -> Echo:
+        """The server's answer for ``ids``, retried (``once``: one try, whose failure raises Refused or Retryable)."""
         prompt = ids if self.prompt == "ids" else self.pieces.text(ids)
         body = {"model": self.endpoint.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
         body |= {"logprobs": self.k, "echo": True} if echo else {"logprobs": self.k}
-        return asked(self.endpoint, parse_echo, body)
+        return parse_echo(post(self.endpoint, body)) if once else asked(self.endpoint, parse_echo, body)
 
     def mapped(self, top: dict[str, float] | None, listed: int | None) -> dict[int, float]:
         """A dict of alternatives as {our id: log-prob}. The piece of the token listed there (``listed``) is that
@@ -275,10 +277,11 @@ class EchoClient:
             for start in range(0, max(len(ids) - PROBE_TOKENS, 0) + 1, PROBE_TOKENS)[:3]:
                 reason = self.probe(ids[start : start + PROBE_TOKENS], block, start)
                 if reason is None:
+                    sent = "token ids" if self.prompt == "ids" else f"text (token ids: {self.refused})"
                     print(
-                        f"served teacher {self.endpoint.url}: echo log-probabilities, blocks sent as "
-                        f"{'token ids' if self.prompt == 'ids' else 'text'}; the server lists at each position the "
-                        f"distribution {'of that token' if self.layout == 'current' else 'after that token'}",
+                        f"served teacher {self.endpoint.url}: echo log-probabilities, blocks sent as {sent}; the "
+                        "server lists at each position the distribution "
+                        f"{'of that token' if self.layout == 'current' else 'after that token'}",
                         flush=True,
                     )
                     return
@@ -294,12 +297,14 @@ class EchoClient:
         completion of the window's first 3 tokens gives for the next token."""
         if len(window) < PROBE_TOKENS:
             return f"block {block} has fewer than {PROBE_TOKENS} tokens"
-        try:
-            echo = self.ask(window, echo=True)
-        except Refused as exc:  # llama-cpp-python's server: the prompt must be text (HTTP 422)
-            if self.prompt == "text" or exc.status not in (400, 422):
-                raise
-            self.prompt = "text"
+        if self.refused is None:  # the first try: are token ids taken?
+            self.refused = ""
+            try:
+                echo = self.ask(window, echo=True, once=True)
+            except (Refused, Retryable) as exc:  # llama-cpp-python's server: "prompt: should be a string" (HTTP 500)
+                self.prompt, self.refused = "text", " ".join(str(exc).split())[:100]
+                echo = self.ask(window, echo=True)
+        else:
             echo = self.ask(window, echo=True)
         problem = self.pieces.misread(echo.pieces, window, block, start)
         if problem:
