@@ -390,3 +390,36 @@ def test_distill_cache_from_a_served_teacher(tok, teacher, tmp_path, served_form
     raw["distill"]["temperature"] = 2.0
     recipe_path.write_text(yaml.safe_dump(raw))
     assert_one_line_error(distill("cache", recipe_path, "--out", tmp_path / "run2"), "temperature 1")
+
+
+def test_a_run_distils_the_blocks_a_served_cache_kept_and_skips_the_others(tok, teacher, tmp_path):
+    """``on_mismatch: skip`` end to end: ``distill run`` trains on a cache with skipped blocks (no KD there)."""
+    from distill.tasks import parse_recipe, run_recipe
+    from distill.tasks.causal_lm import setup
+
+    folder = save_tiny(teacher, tok, tmp_path / "teacher")
+    (tmp_path / "train.txt").write_text(TEXT * 4)
+    spec = {"api": "completions", "backoff": 0.01, "format": "echo", "on_mismatch": "skip"}
+    raw = {
+        "task": "causal_lm",
+        "data": {"source": "text", "path": str(tmp_path / "train.txt"), "block_size": 16, "heldout_fraction": 0.2},
+        "teacher": {"path": str(folder), "endpoint": {"url": "http://127.0.0.1:9", **spec}},
+        "student": {"from_teacher": {"keep": 1}, "train": {"max_steps": 2, "batch_size": 4}},
+        "distill": {"signal": "cache", "cache_mode": "topk", "cache_k": K, "temperature": 1.0},
+        "baseline": False,
+        "eval": {"generations": 0},
+    }
+    train = setup(parse_recipe(raw)).train.input_ids
+    probed = set(train[0, :12].tolist())
+    token = next(int(t) for t in np.unique(train[1:]) if t not in probed and (train == t).any(1).mean() < 0.8)
+    FaultyServer.faults, FaultyServer.answered = [], []
+    FaultyServer.misread = {token: next(i for i in range(3, len(tok)) if i != token and tok.decode([i]).strip())}
+    with serve(teacher, len(tok), FaultyServer, tokenizer=tok, layout="next", text_only=True) as url:
+        raw["teacher"]["endpoint"]["url"] = url
+        metrics = run_recipe(parse_recipe(raw), tmp_path / "run")
+    FaultyServer.misread = {}
+    skipped = [b for b in range(len(train)) if token in train[b]]
+    assert 0 < len(skipped) < len(train)
+    meta = json.loads(next((tmp_path / "run").rglob("meta.json")).read_text())
+    assert meta["skipped_blocks"] == skipped
+    assert metrics["models"]["student"]["perplexity"] > 0

@@ -310,7 +310,7 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
         if s.teacher_view is not None:
             signal = CrossTokenizerSignal(d.cross_tokenizer, s.teacher_view, d.temperature, cache=cache)
         else:
-            signal = SparseSignal(lambda rows, epoch: (cache.targets(rows, epoch), None), d.temperature)
+            signal = SparseSignal(cache.lookup, d.temperature)  # skipped blocks (served teacher) get no KD
     elif d.signal == "live":
         signal = LiveLMSignal(live_teacher(recipe, s, accelerator), d.loss, d.temperature, d.divergence_kwargs())
     else:  # recorded: the targets travel with the training blocks
