@@ -9,14 +9,17 @@ last position of each block excepted: no loss reads it), and the student distill
 steps, no baseline): held-out perplexity within 1 % of each other.
 Cut (2 CPU cores): 64 training blocks of 128 tokens, 16 held-out blocks, 24 student steps of a 2-layer student.
 No vLLM here, and llama-cpp-python's server (echo log-probabilities, `teacher.endpoint.format: echo`) is opt-in
-(tests/test_llama_server.py): the reference server stands in, in vLLM's format, so the tokens/s figure is that of
-our client against a server with no batching.
+(tests/test_llama_server.py): the reference server stands in, so the tokens/s figure is that of our client against
+a server with no batching. `--format echo` has it answer as llama-cpp-python does (echo + logprobs keyed by token
+text, the distribution after each token, text prompts only): pieces several of our ids spell are dropped into the
+tail, so there the bar is the student's perplexity and the ids are reported (the share of top-k entries equal).
 
-    python bench/served_cache.py
+    python bench/served_cache.py [--format prompt_logprobs|echo]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -62,19 +65,27 @@ def within_one_float16_step(a: torch.Tensor, b: torch.Tensor, also: torch.Tensor
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--format", choices=["prompt_logprobs", "echo"], default="prompt_logprobs")
+    args = parser.parse_args()
+    echo = args.format == "echo"
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="served-cache-"))
     local = load_recipe(RECIPE, OVERRIDES)
     s = setup(local)
     tokens = len(s.train) * s.train.input_ids.shape[1]
     local_seconds, local_cache, local_path = timed_cache(local, work / "local", s)
-    with serve(s.teacher, s.vocab_size) as url:
-        served = load_recipe(RECIPE, [*OVERRIDES, f"teacher.endpoint.url={url}", "teacher.endpoint.api=completions",
-                                      "teacher.endpoint.concurrency=2"])  # fmt: skip
+    like_llama_cpp = {"tokenizer": s.tokenizer, "layout": "next", "text_only": True} if echo else {}
+    with serve(s.teacher, s.vocab_size, **like_llama_cpp) as url:
+        endpoint = {"url": url, "api": "completions", "concurrency": 2, "format": args.format}
+        served = load_recipe(
+            RECIPE, [*OVERRIDES, *(f"teacher.endpoint.{key}={value}" for key, value in endpoint.items())]
+        )
         served_seconds, served_cache, served_path = timed_cache(served, work / "served", s)
     rows = torch.arange(len(s.train))
     a, b = local_cache[rows], served_cache[rows]
     same_ids = bool(torch.equal(a.ids[:, :-1], b.ids[:, :-1]))
+    equal_share = float((a.ids[:, :-1] == b.ids[:, :-1]).float().mean())
     logp_a, logp_b = a.logp[:, :-1].float(), b.logp[:, :-1].float()
     logp_diff = float((logp_a - logp_b).abs().max())
     logp_within = within_one_float16_step(logp_a, logp_b)
@@ -91,11 +102,13 @@ def main() -> int:
     gap = abs(perplexity["served"] / perplexity["local"] - 1)
     figures = {
         "bench": "served_cache",
+        "format": args.format,
         "blocks": len(s.train),
         "tokens": tokens,
         "local_tokens_per_s": round(tokens / local_seconds, 1),
         "served_tokens_per_s": round(tokens / served_seconds, 1),
         "same_ids": same_ids,
+        "equal_topk_share": round(equal_share, 6),
         "max_logp_diff": logp_diff,
         "logp_within_one_float16_step": logp_within,
         "max_tail_probability_diff": tail_diff,
@@ -105,7 +118,7 @@ def main() -> int:
         "perplexity_gap": round(gap, 6),
         "cache_folders": [local_path.name, served_path.name],
     }
-    figures["passed"] = same_ids and logp_within and tail_within and gap <= BAR_PERPLEXITY
+    figures["passed"] = gap <= BAR_PERPLEXITY and (echo or (same_ids and logp_within and tail_within))
     speeds = f"local {tokens / local_seconds:,.0f} tokens/s, served {tokens / served_seconds:,.0f} tokens/s"
     print(
         f"cache build: {speeds} (served / local {local_seconds / served_seconds:.2f}); ids equal: {same_ids}; "
