@@ -12,7 +12,9 @@ No vLLM here, and llama-cpp-python's server (echo log-probabilities, `teacher.en
 (tests/test_llama_server.py): the reference server stands in, so the tokens/s figure is that of our client against
 a server with no batching. `--format echo` has it answer as llama-cpp-python does (echo + logprobs keyed by token
 text, the distribution after each token, text prompts only): pieces several of our ids spell are dropped into the
-tail, so there the bar is the student's perplexity and the ids are reported (the share of top-k entries equal).
+tail, and a block whose text the server tokenizes otherwise (a block cut between two newlines the tokenizer would
+merge) is skipped (`on_mismatch: skip`, counted), so there the bar is the student's perplexity and the ids are
+reported (the share of top-k entries equal).
 
     python bench/served_cache.py [--format prompt_logprobs|echo]
 """
@@ -78,12 +80,13 @@ def main() -> int:
     like_llama_cpp = {"tokenizer": s.tokenizer, "layout": "next", "text_only": True} if echo else {}
     with serve(s.teacher, s.vocab_size, **like_llama_cpp) as url:
         endpoint = {"url": url, "api": "completions", "concurrency": 2, "format": args.format}
+        endpoint |= {"on_mismatch": "skip"} if echo else {}  # text prompts: a block's text may tokenize otherwise
         served = load_recipe(
             RECIPE, [*OVERRIDES, *(f"teacher.endpoint.{key}={value}" for key, value in endpoint.items())]
         )
         served_seconds, served_cache, served_path = timed_cache(served, work / "served", s)
-    rows = torch.arange(len(s.train))
-    a, b = local_cache[rows], served_cache[rows]
+    kept = torch.from_numpy(~served_cache.skipped).nonzero()[:, 0]  # blocks the served teacher did not skip
+    a, b = local_cache[kept], served_cache[kept]
     same_ids = bool(torch.equal(a.ids[:, :-1], b.ids[:, :-1]))
     equal_share = float((a.ids[:, :-1] == b.ids[:, :-1]).float().mean())
     logp_a, logp_b = a.logp[:, :-1].float(), b.logp[:, :-1].float()
@@ -117,6 +120,7 @@ def main() -> int:
         "student_perplexity_served": round(perplexity["served"], 4),
         "perplexity_gap": round(gap, 6),
         "cache_folders": [local_path.name, served_path.name],
+        "skipped_blocks": len(json.loads((served_path / "meta.json").read_text()).get("skipped_blocks", [])),
     }
     figures["passed"] = gap <= BAR_PERPLEXITY and (echo or (same_ids and logp_within and tail_within))
     speeds = f"local {tokens / local_seconds:,.0f} tokens/s, served {tokens / served_seconds:,.0f} tokens/s"
