@@ -236,8 +236,8 @@ def test_each_epoch_reads_its_own_set_of_cached_draws_and_a_resumed_epoch_too(to
     from distill.teachers.lm_cache import LMCache
 
     read = []
-    targets = LMCache.targets
-    monkeypatch.setattr(LMCache, "targets", lambda self, rows, epoch: read.append(epoch) or targets(self, rows, epoch))
+    lookup = LMCache.lookup  # what the run reads the cache through
+    monkeypatch.setattr(LMCache, "lookup", lambda self, rows, epoch: read.append(epoch) or lookup(self, rows, epoch))
     path, raw = write_recipe(tmp_path, tok, "cache", baseline=False)
     run_lm(load_recipe(path), tmp_path / "run")
     steps = len(read) // 2
