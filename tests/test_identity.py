@@ -56,3 +56,16 @@ def test_lm_id_sees_the_config_and_the_dtype(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert lm_id(gguf, "float32") != base
+
+
+def test_a_served_teacher_is_keyed_by_server_model_and_answer_format():
+    from distill.teachers.identity import served_id
+
+    base = served_id("http://h:8000/v1/", "m", "prompt_logprobs")
+    assert base == served_id("http://h:8000/v1", "m", "prompt_logprobs")  # a trailing slash is the same server
+    others = {
+        served_id("http://h:8001/v1", "m", "prompt_logprobs"),
+        served_id("http://h:8000/v1", "n", "prompt_logprobs"),
+        served_id("http://h:8000/v1", "m", "echo"),
+    }
+    assert base not in others and len(others) == 3

@@ -257,7 +257,7 @@ def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
 def cache_teacher_id(recipe: LMRecipe, s: LMSetup) -> str:
     """What keys the teacher cache: the local teacher's weights, or the server and model that answered."""
     endpoint = recipe.teacher.endpoint
-    return served_id(endpoint.url, endpoint.model) if endpoint else s.teacher_id
+    return served_id(endpoint.url, endpoint.model, endpoint.format) if endpoint else s.teacher_id
 
 
 def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | CrossTokenizerCache:

@@ -57,6 +57,7 @@ def _module_folders(folder: Path) -> tuple[str, ...]:
         return ()  # no modules.json: a plain HF folder, mean pooling (models.encoders); an unreadable one fails there
 
 
-def served_id(url: str, model: str) -> str:
-    """A served teacher: the server and the model name (its weights are not ours to hash)."""
-    return "served-" + hashlib.sha256(f"{url.rstrip('/')}|{model}".encode()).hexdigest()[:12]
+def served_id(url: str, model: str, answer_format: str) -> str:
+    """A served teacher: the server, the model name (its weights are not ours to hash) and the format it answers in
+    (echo drops pieces our tokenizer spells several ways: a cache built half in each would mix two teachers)."""
+    return "served-" + hashlib.sha256(f"{url.rstrip('/')}|{model}|{answer_format}".encode()).hexdigest()[:12]
