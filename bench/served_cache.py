@@ -120,7 +120,7 @@ def main() -> int:
         "student_perplexity_served": round(perplexity["served"], 4),
         "perplexity_gap": round(gap, 6),
         "cache_folders": [local_path.name, served_path.name],
-        "skipped_blocks": len(json.loads((served_path / "meta.json").read_text()).get("skipped_blocks", [])),
+        "skipped_blocks": int(served_cache.skipped.sum()),
     }
     figures["passed"] = gap <= BAR_PERPLEXITY and (echo or (same_ids and logp_within and tail_within))
     speeds = f"local {tokens / local_seconds:,.0f} tokens/s, served {tokens / served_seconds:,.0f} tokens/s"
