@@ -420,3 +420,24 @@ def test_adapting_the_teacher_on_text_shorter_than_a_block_is_one_line(tok, tmp_
     with pytest.raises(DistillError, match=r"fewer than one block of data.block_size=16; lower data.block_size"):
         run_lm(load_recipe(path), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_runs_the_frozen_teacher_once_and_scores_the_same(tok, monkeypatch):
+    """The teacher's validation log-probs are kept between validations: the same scores as recomputing them, one
+    teacher forward per batch in all; past the memory bound the rest is recomputed, still the same scores."""
+    from distill import evaluate
+
+    blocks = token_data(tok, blocks=5, seq=12)
+    teacher, student = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    size = {"vocab_size": teacher.config.vocab_size, "batch_size": 2}
+    fresh = evaluate.lm_validation(student, teacher, blocks, **size)
+    assert len(calls) == 3
+    memo = {}
+    first, again = (evaluate.lm_validation(student, teacher, blocks, **size, memo=memo) for _ in range(2))
+    assert first == again == fresh and len(calls) == 6 and sorted(memo) == [0, 1, 2]
+    monkeypatch.setattr(evaluate, "TEACHER_MEMO_BYTES", memo[0].nbytes)  # room for the first batch only
+    small = {}
+    assert [evaluate.lm_validation(student, teacher, blocks, **size, memo=small) for _ in range(2)] == [fresh] * 2
+    assert len(calls) == 6 + 3 + 2 and list(small) == [0]

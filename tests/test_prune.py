@@ -3,13 +3,16 @@ unimportant parts are known loses exactly those; shapes and configs reload with 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distill.errors import DistillError
-from distill.models.prune import importance, plan, prune
+from distill.export.gguf import export_gguf
+from distill.models.prune import block_weights, importance, plan, prune
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,34 @@ def test_a_crafted_teacher_loses_exactly_its_unimportant_parts(tok, tmp_path):
 def test_share_and_axes_are_split_as_documented(tok):
     config = tiny_llama(tok, layers=8).config
     assert plan(config, 0.5, ["depth"])["blocks"] == 4
+    # width 0.25: attention and embedding widths × 0.5, the MLP width solved for the share (here also × 0.5)
     assert plan(config, 0.25, ["width"]) == {"blocks": 8, "neurons": 32, "groups": 1, "channels": 16}
     assert plan(config, 0.25, ["depth", "width"])["blocks"] == 4
+
+
+def _smollm2_config():  # SmolLM2-135M's shapes
+    return LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=64,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("share", [0.75, 0.5, 0.25])
+@pytest.mark.parametrize("axes", [["depth"], ["width"], ["depth", "width"]])
+def test_the_kept_block_weights_come_to_the_share(share, axes):
+    config = _smollm2_config()
+    counts = plan(config, share, axes)
+    teacher = 30 * (576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536)  # q, k, v, o and the three MLP matrices
+    heads = counts["groups"] * 3
+    kept = counts["blocks"] * (
+        counts["channels"] * 64 * (2 * heads + 2 * counts["groups"]) + 3 * counts["channels"] * counts["neurons"]
+    )
+    assert block_weights(config, counts) == kept
+    # within 2 %: depth rounds to whole blocks (8 of 30 for a quarter), width to multiples of 32
+    assert kept / teacher == pytest.approx(share, abs=0.02)
+    if "width" in axes:  # multiples of 32 (q8_0 rows): GGUF quantizes every matrix, none falls back to f16
+        assert counts["neurons"] % 32 == 0 and counts["channels"] % heads == 0
+        assert counts["channels"] % 32 == 0 or math.lcm(heads, 32) * 4 > 576
 
 
 def test_bad_prune_targets_are_one_line(tok):
@@ -89,3 +118,24 @@ def test_bad_prune_targets_are_one_line(tok):
         plan(config, 0.5, ["height"])
     with pytest.raises(DistillError, match=r"params 1.5: give the share"):
         plan(config, 1.5, ["depth"])
+
+
+def test_a_width_pruned_student_exports_every_matrix_to_q8_0(tok, tmp_path):
+    """Widths that are multiples of 32: q8_0 packs every matrix (none falls back to f16) and reloads the same."""
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=-(-len(tok) // 32) * 32, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    teacher = LlamaForCausalLM(config).eval()
+    ids, mask = calibration(tok)
+    student, record = prune(teacher, (ids, mask), 0.5, ["width"])
+    assert (student.config.hidden_size, student.config.intermediate_size) == (96, 192)
+    assert record["block_weights"]["kept"] / record["block_weights"]["teacher"] == pytest.approx(0.5, abs=0.02)
+    path = export_gguf(student, tok, tmp_path / "student.gguf", qtype="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    assert types and set(types.values()) == {"Q8_0"}, types
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="student.gguf", dtype=torch.float32).eval()
+    agree = (logits(again, ids).argmax(-1) == logits(student, ids).argmax(-1)).float().mean()
+    assert agree > 0.95

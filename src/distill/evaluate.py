@@ -240,18 +240,31 @@ def lm_perplexity(model: nn.Module, heldout, *, vocab_size: int, batch_size: int
     return math.exp(sums["loss"] / tokens)
 
 
+TEACHER_MEMO_BYTES = 1 << 30  # the frozen teacher's validation log-probs kept between validations, at most
+
+
 @torch.inference_mode()
-def lm_validation(model: nn.Module, teacher: nn.Module | None, blocks, *, vocab_size: int, batch_size: int) -> dict:
+def lm_validation(
+    model: nn.Module, teacher: nn.Module | None, blocks, *, vocab_size: int, batch_size: int, memo: dict | None = None
+) -> dict:
     """What an LM stage is validated on, on its own device: next-token loss and top-1 accuracy, and with a
-    teacher its top-1 agreement and KL per target token (the teacher runs on its device, batch by batch)."""
+    teacher its top-1 agreement and KL per target token (the teacher runs on its device, batch by batch). ``memo``
+    keeps the frozen teacher's log-probs per batch for the next validation (up to ``TEACHER_MEMO_BYTES``; the batches
+    past it are recomputed each time)."""
     device = next(model.parameters()).device
     sums, tokens = _token_sums(), 0
-    for ids, attention, mask, targets in heldout_batches(blocks, batch_size):
+    for i, (ids, attention, mask, targets) in enumerate(heldout_batches(blocks, batch_size)):
         logp = _target_log_probs(model, ids.to(device), attention.to(device), mask.to(device), vocab_size)
         teacher_logp = None
         if teacher is not None:
-            on = next(teacher.parameters()).device
-            teacher_logp = _target_log_probs(teacher, ids.to(on), attention.to(on), mask.to(on), vocab_size).to(device)
+            teacher_logp = memo.get(i) if memo is not None else None
+            if teacher_logp is None:
+                on = next(teacher.parameters()).device
+                teacher_logp = _target_log_probs(teacher, ids.to(on), attention.to(on), mask.to(on), vocab_size)
+                held = sum(t.nbytes for t in memo.values()) if memo is not None else TEACHER_MEMO_BYTES
+                if held + teacher_logp.nbytes <= TEACHER_MEMO_BYTES:
+                    memo[i] = teacher_logp
+            teacher_logp = teacher_logp.to(device)
         _add_token_scores(sums, logp, targets.to(device), teacher_logp)
         tokens += len(targets)
     if tokens == 0:

@@ -39,6 +39,7 @@ from torch import nn
 
 from distill.data.arrays import load_data
 from distill.errors import DistillError
+from distill.evaluate import TEACHER_MEMO_BYTES
 from distill.export.run_export import LM_BLOCKS
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS, smoothable_layers
 from distill.io import atomic_path
@@ -480,12 +481,18 @@ def lm_stage(name, model, spec, batches, s, recipe, steps, shapes, *, teacher, r
         activations=activations,
         loss_buffers=LOSS_BUFFERS * min(recipe.distill.chunk_size, positions) * vocab * FLOAT,
         loss_buffers_full=LOSS_BUFFERS * positions * vocab * FLOAT,
-        validation=VALIDATION_BUFFERS[with_teacher] * validation_batch * (seq - 1) * vocab * FLOAT if check else 0,
+        validation=(VALIDATION_BUFFERS[with_teacher] * validation_batch * (seq - 1) * vocab * FLOAT if check else 0)
+        + (teacher_memo_bytes(s, seq, vocab) if check and with_teacher else 0),
         teacher=teacher,
         resident=resident,
         **times,
         validation_seconds=validation_seconds,
     )
+
+
+def teacher_memo_bytes(s, seq: int, vocab: int) -> int:
+    """The teacher's validation log-probs that evaluate.lm_validation keeps between validations."""
+    return min(TEACHER_MEMO_BYTES, len(s.validation) * (seq - 1) * vocab * FLOAT)
 
 
 def teacher_hidden_bytes(teacher: nn.Module, spec: TrainSpec, seq: int) -> int:

@@ -9,8 +9,10 @@ al. 2024, Sreenivas et al. 2024), weights copied from the teacher.
   reads), one choice for the whole model since the residual stream is shared.
 
 The target is a share of the teacher's transformer-block parameters. Depth alone keeps that share of the blocks;
-width alone shrinks every width by its square root (block parameters scale with width²); both split it evenly
-(the blocks by √share, each width by share^¼). What was removed and why goes into ``pruning`` (the run folder's
+width alone shrinks the attention groups and the embedding width by its square root (block parameters scale with
+width²); both split it evenly (the blocks by √share, those widths by share^¼); the MLP width is then solved for, so
+the kept block weights come to the share. Widths are rounded to multiples of 32 where the teacher's allow it (see
+``plan``). What was removed and why goes into ``pruning`` (the run folder's
 ``prune.json``). Llama-style decoders (Llama, Qwen2, Mistral, SmolLM): q/k/v/o projections and gate/up/down MLPs.
 """
 
@@ -105,7 +107,14 @@ def importance(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
 
 
 def plan(config, share: float, axes: list[str]) -> dict:
-    """How many blocks, MLP neurons, KV groups and embedding channels the student keeps."""
+    """How many blocks, MLP neurons, KV groups and embedding channels the student keeps.
+
+    Blocks and attention follow the share (see the module's docstring); the MLP width is then solved for, so the
+    student's block weights come to ``share`` of the teacher's. Widths are multiples of 32 (q8_0 packs rows of 32,
+    and SIMD units and tensor cores like them; a width that is not falls back to f16 in a GGUF) where the teacher's
+    width holds at least four such units, and the embedding width a multiple of the heads too (transformers checks
+    it).
+    """
     if not 0 < share <= 1:
         raise DistillError(f"student.prune.params {share}: give the share of the teacher's block parameters, in (0, 1]")
     unknown = [axis for axis in axes if axis not in AXES]
@@ -118,10 +127,8 @@ def plan(config, share: float, axes: list[str]) -> dict:
     heads = groups * (config.num_attention_heads // config.num_key_value_heads)
     counts = {
         "blocks": round(config.num_hidden_layers * depth_share),
-        "neurons": round(config.intermediate_size * width),
         "groups": groups,
-        # transformers wants the hidden size a multiple of the attention heads
-        "channels": round(config.hidden_size * width / max(heads, 1)) * heads,
+        "channels": _aligned(config.hidden_size * width, math.lcm(max(heads, 1), ALIGN), config.hidden_size, heads),
     }
     for part, count in counts.items():
         if count < 1:
@@ -129,7 +136,40 @@ def plan(config, share: float, axes: list[str]) -> dict:
                 f"student.prune.params {share}: leaves no {part[:-1].replace('group', 'attention head group')} "
                 f"(the teacher has {_teacher_count(config, part)}); prune less"
             )
+    counts["neurons"] = config.intermediate_size
+    if "width" in axes:  # the MLP takes what the share leaves once attention is kept
+        per_block = share * block_weights(config, _teacher_counts(config)) / counts["blocks"]
+        neurons = (per_block - block_weights(config, {**counts, "blocks": 1, "neurons": 0})) / (3 * counts["channels"])
+        if neurons < 1:
+            raise DistillError(
+                f"student.prune.params {share}: leaves no MLP neuron once the attention heads are kept (the teacher "
+                f"has {config.intermediate_size}); prune less or add depth to axes"
+            )
+        counts["neurons"] = min(_aligned(neurons, ALIGN, config.intermediate_size, 1), config.intermediate_size)
     return counts
+
+
+ALIGN = 32
+
+
+def _aligned(value: float, multiple: int, teacher_width: int, fallback: int) -> int:
+    """``value`` rounded to a multiple of ``multiple`` (at least one) where the teacher's width holds four of them,
+    else to a multiple of ``fallback``."""
+    step = multiple if teacher_width >= 4 * multiple else max(fallback, 1)
+    return max(round(value / step), 1) * step
+
+
+def block_weights(config, counts: dict) -> int:
+    """Weights of the transformer blocks' matrices for these counts (norms and biases, under 0.1 %, left out)."""
+    head_dim = _head_dim(config)
+    heads_per_group = config.num_attention_heads // config.num_key_value_heads
+    heads = counts["groups"] * heads_per_group
+    attention = counts["channels"] * head_dim * (2 * heads + 2 * counts["groups"])
+    return counts["blocks"] * (attention + 3 * counts["channels"] * counts["neurons"])
+
+
+def _teacher_counts(config) -> dict:
+    return {part: _teacher_count(config, part) for part in ("blocks", "neurons", "groups", "channels")}
 
 
 def _teacher_count(config, part: str) -> int:
@@ -218,7 +258,11 @@ def prune(model: PreTrainedModel, calibration: tuple[torch.Tensor, torch.Tensor]
         "share": share,
         "axes": list(axes),
         "kept": counts,
-        "teacher": {part: _teacher_count(config, part) for part in counts},
+        "teacher": _teacher_counts(config),
+        "block_weights": {
+            "teacher": block_weights(config, _teacher_counts(config)),
+            "kept": block_weights(config, counts),
+        },
         "blocks_kept": blocks.tolist(),
         "blocks_removed": sorted(set(range(config.num_hidden_layers)) - set(blocks.tolist())),
         "block_importance": [round(v, 6) for v in scores["blocks"].tolist()],

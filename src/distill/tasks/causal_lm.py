@@ -342,7 +342,8 @@ def validator(s: LMSetup, recipe: LMRecipe, teacher: nn.Module | None):
     if s.teacher_view is not None:  # another tokenizer: agreement and KL token by token mean nothing
         teacher = None
     size = {"vocab_size": s.vocab_size, "batch_size": recipe.eval.batch_size}
-    return lambda model: lm_validation(model, teacher, s.validation, **size)
+    memo = {}  # the frozen teacher's log-probs, computed at the first validation and read at every later one
+    return lambda model: lm_validation(model, teacher, s.validation, **size, memo=memo)
 
 
 def train_or_load(
@@ -457,8 +458,9 @@ def cross_tokenizer_scores(results: dict, models: dict, s: LMSetup) -> None:
 
 
 def build_cache(recipe: LMRecipe, out: Path) -> Path:
-    """``distill cache``: run the teacher once over the training data and store its sparse targets."""
-    accelerator = Accelerator()
+    """``distill cache``: run the teacher once over the training data and store its sparse targets (adapting it first
+    under ``teacher.train``, in the recipe's mixed precision)."""
+    accelerator = make_accelerator(recipe.mixed_precision)
     s = adapt_teacher(setup(recipe), recipe, Path(out), accelerator, resume=True, on_step=None)
     path = cache_path(recipe, Path(out), s)
     cache = open_cache(recipe, Path(out), s, accelerator.device)
