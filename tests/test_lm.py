@@ -441,3 +441,22 @@ def test_validation_runs_the_frozen_teacher_once_and_scores_the_same(tok, monkey
     small = {}
     assert [evaluate.lm_validation(student, teacher, blocks, **size, memo=small) for _ in range(2)] == [fresh] * 2
     assert len(calls) == 6 + 3 + 2 and list(small) == [0]
+
+
+def test_a_student_trained_in_bf16_is_returned_without_autocast(tok, tmp_path):
+    """mixed_precision bf16 trains under autocast; the model the loop returns is evaluated, timed and exported in
+    float32 beside the teacher (accelerate's wrapper kept its forward in bf16: a faster, other model in the report)."""
+    data = token_data(tok, blocks=4)
+    spec = TrainSpec(epochs=1, batch_size=2, optimizer="adamw", lr=1e-3)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    trained = train_loop("bf16", tiny_llama(tok, layers=2, seed=3), spec, LMBatches(data, len(tok), 4), tmp_path,
+                         accelerator, seed=0)  # fmt: skip
+    fresh = tiny_llama(tok, layers=2, seed=3)
+    fresh.load_state_dict(trained.state_dict())
+    ids = torch.from_numpy(data.input_ids).long()
+    with torch.no_grad():
+        out, reference = trained(input_ids=ids).logits, fresh(input_ids=ids).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = fresh(input_ids=ids).logits.float()
+    assert not torch.equal(in_bf16, reference)  # autocast would show
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -543,7 +543,9 @@ def train_loop(
                     save()
                 if on_step is not None:
                     on_step(step)
-    trained = parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model)
+    # Without the mixed-precision wrapper: the returned model is evaluated, timed and exported in its own precision,
+    # beside a teacher that runs in its own (with the wrapper its forward would stay under autocast).
+    trained = parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if position["best"] is not None and position["best"]["step"] != step:  # the best weights, not the last
         trained.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
     return trained

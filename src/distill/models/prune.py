@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from distill.errors import DistillError
 
 AXES = ("depth", "width")
+ALIGN = 32  # widths are multiples of this where the teacher's allow (q8_0 packs rows of 32)
 
 
 def _blocks(model: PreTrainedModel) -> nn.ModuleList:
@@ -134,7 +135,7 @@ def plan(config, share: float, axes: list[str]) -> dict:
         if count < 1:
             raise DistillError(
                 f"student.prune.params {share}: leaves no {part[:-1].replace('group', 'attention head group')} "
-                f"(the teacher has {_teacher_count(config, part)}); prune less"
+                f"(the teacher has {_teacher_counts(config)[part]}); prune less"
             )
     counts["neurons"] = config.intermediate_size
     if "width" in axes:  # the MLP takes what the share leaves once attention is kept
@@ -147,9 +148,6 @@ def plan(config, share: float, axes: list[str]) -> dict:
             )
         counts["neurons"] = min(_aligned(neurons, ALIGN, config.intermediate_size, 1), config.intermediate_size)
     return counts
-
-
-ALIGN = 32
 
 
 def _aligned(value: float, multiple: int, teacher_width: int, fallback: int) -> int:
@@ -169,16 +167,12 @@ def block_weights(config, counts: dict) -> int:
 
 
 def _teacher_counts(config) -> dict:
-    return {part: _teacher_count(config, part) for part in ("blocks", "neurons", "groups", "channels")}
-
-
-def _teacher_count(config, part: str) -> int:
     return {
         "blocks": config.num_hidden_layers,
         "neurons": config.intermediate_size,
         "groups": config.num_key_value_heads,
         "channels": config.hidden_size,
-    }[part]
+    }
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
