@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import lm_fixtures
 import numpy as np
@@ -443,13 +445,22 @@ def test_validation_runs_the_frozen_teacher_once_and_scores_the_same(tok, monkey
     assert len(calls) == 6 + 3 + 2 and list(small) == [0]
 
 
-def test_a_student_trained_in_bf16_is_returned_without_autocast(tok, tmp_path):
+def test_a_student_trained_in_bf16_is_returned_without_autocast(tmp_path):
     """mixed_precision bf16 trains under autocast; the model the loop returns is evaluated, timed and exported in
-    float32 beside the teacher (accelerate's wrapper kept its forward in bf16: a faster, other model in the report)."""
+    float32 beside the teacher (accelerate's wrapper kept its forward in bf16: a faster, other model in the report).
+    In a process of its own: accelerate's state takes one mixed precision per process."""
+    code = f"import test_lm; test_lm.bf16_student_is_returned_in_float32({str(tmp_path)!r})"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def bf16_student_is_returned_in_float32(folder: str) -> None:
+    tok = tiny_tokenizer()
     data = token_data(tok, blocks=4)
     spec = TrainSpec(epochs=1, batch_size=2, optimizer="adamw", lr=1e-3)
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    trained = train_loop("bf16", tiny_llama(tok, layers=2, seed=3), spec, LMBatches(data, len(tok), 4), tmp_path,
+    trained = train_loop("bf16", tiny_llama(tok, layers=2, seed=3), spec, LMBatches(data, len(tok), 4), Path(folder),
                          accelerator, seed=0)  # fmt: skip
     fresh = tiny_llama(tok, layers=2, seed=3)
     fresh.load_state_dict(trained.state_dict())
