@@ -240,7 +240,7 @@ def lm_perplexity(model: nn.Module, heldout, *, vocab_size: int, batch_size: int
     return math.exp(sums["loss"] / tokens)
 
 
-TEACHER_MEMO_BYTES = 1 << 30  # the frozen teacher's validation log-probs kept between validations, at most
+TEACHER_MEMO_BYTES = 1 << 30  # the frozen teacher's validation log-probs kept (in host memory) between validations
 
 
 @torch.inference_mode()
@@ -263,7 +263,7 @@ def lm_validation(
                 teacher_logp = _target_log_probs(teacher, ids.to(on), attention.to(on), mask.to(on), vocab_size)
                 held = sum(t.nbytes for t in memo.values()) if memo is not None else TEACHER_MEMO_BYTES
                 if held + teacher_logp.nbytes <= TEACHER_MEMO_BYTES:
-                    memo[i] = teacher_logp
+                    memo[i] = teacher_logp.cpu()  # host memory: a GPU run keeps its device memory for training
             teacher_logp = teacher_logp.to(device)
         _add_token_scores(sums, logp, targets.to(device), teacher_logp)
         tokens += len(targets)

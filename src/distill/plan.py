@@ -491,7 +491,8 @@ def lm_stage(name, model, spec, batches, s, recipe, steps, shapes, *, teacher, r
 
 
 def teacher_memo_bytes(s, seq: int, vocab: int) -> int:
-    """The teacher's validation log-probs that evaluate.lm_validation keeps between validations."""
+    """The teacher's validation log-probs that evaluate.lm_validation keeps between validations (in host memory; the
+    plan's peak does not tell host from device, so on a GPU this overcounts the device)."""
     return min(TEACHER_MEMO_BYTES, len(s.validation) * (seq - 1) * vocab * FLOAT)
 
 
