@@ -134,7 +134,7 @@ def main() -> int:
         f"student.train.eval_every={args.eval_every}",
         f"distill.cache_dir={args.out / 'cache'}",
         "eval.generations=2",
-        *([f"mixed_precision={args.mixed_precision}"] if args.mixed_precision != "no" else []),
+        f"mixed_precision='{args.mixed_precision}'",  # quoted: YAML reads a bare no as false
     ]
     teacher_train = f"teacher.train={{epochs: {args.teacher_epochs}, batch_size: 8, optimizer: adamw, lr: 1.0e-4}}"
     teacher_folder, before = adapt_teacher(load_recipe(RECIPE, [*cut, teacher_train]), args.out / "adapt")
