@@ -122,6 +122,9 @@ def test_lm_gguf_round_trip(lm_run, fmt):
     result = export_run(lm_run, fmt)
     assert (lm_run / "exports" / fmt / "model.gguf").exists()
     assert result["top1_agreement"] >= (0.99 if fmt == "gguf-f16" else 0.90)
+    types = json.loads((lm_run / "exports" / f"{fmt}.json").read_text())["matrix_types"]
+    assert types == result["matrix_types"] and sum(types.values()) > 0
+    assert fmt == "gguf-q8_0" or set(types) == {"F16"}
 
 
 def test_existing_target_needs_force(clf_run, tmp_path):

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from distill.errors import DistillError
 from distill.export import llama_cpp
-from distill.export.gguf import export_gguf
+from distill.export.gguf import export_gguf, matrix_types
+from distill.export.run_export import summary
 
 SENTENCES = [
     "the student learns to copy the soft predictions of the teacher .",
@@ -160,6 +161,14 @@ def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32(tok, tmp_path):
     assert types["blk.0.ffn_up.weight"] == types["blk.0.ffn_gate.weight"] == "Q8_0"  # rows of 32 values
     reloaded, _ = _reload(path)
     assert _compare(model, reloaded, len(tok))[1] >= 0.9
+    layers = model.config.num_hidden_layers  # one ffn_down per layer has rows of 48 values; nothing else does
+    kept = {name: t for name, t in _tensor_types(path).items() if name.endswith(".weight") and "norm" not in name}
+    assert matrix_types(path) == {"F16": layers, "Q8_0": len(kept) - layers}
+    result = {"format": "gguf-q8_0", "path": str(path), "file_bytes": 2, "student_bytes": 4, "max_abs_logit_diff": 0.1,
+              "top1_agreement": 0.95, "compared": 10, "compared_unit": "token positions",
+              "matrix_types": matrix_types(path)}  # fmt: skip
+    assert f"; {layers} of {len(kept)} matrices kept in F16" in summary(result)
+    assert "F16" not in summary(result | {"matrix_types": {"Q8_0": len(kept)}})
 
 
 def test_export_overwrites_an_existing_file(tok, model, tmp_path):

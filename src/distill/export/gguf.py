@@ -121,6 +121,15 @@ def export_gguf(
     return path
 
 
+def matrix_types(path: str | Path) -> dict[str, int]:
+    """How many matrices (tensors of two or more dimensions) of a GGUF file are stored in each type, e.g.
+    ``{"Q8_0": 210, "F16": 1}``."""
+    import gguf
+
+    types = [t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1]
+    return {name: types.count(name) for name in sorted(set(types))}
+
+
 def _check_config(config) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise DistillError("GGUF export does not support llama models with attention or MLP biases")

@@ -61,6 +61,10 @@ def export_student(student: Student, fmt: str, target: Path, run_dir: Path, *, f
     with atomic_dir(target) as tmp:  # a failed check raises: the temp folder goes, the target stays as it was
         write_export(fmt, student, tmp)
         figures = check_export(fmt, student, tmp)
+        if fmt in GGUF:  # q8_0 keeps a matrix whose rows are not a multiple of 32 in F16: say how many
+            from distill.export.gguf import matrix_types
+
+            figures["matrix_types"] = matrix_types(tmp / "model.gguf")
     result = {"format": fmt, "path": str(target), **figures}
     write_json(Path(run_dir) / "exports" / f"{fmt}.json", result)
     return result
@@ -191,5 +195,16 @@ def summary(result: dict) -> str:
     return (
         f"{result['format']}: {result['path']} ({result['file_bytes']:,} bytes, {ratio:.2f}x the fp32 student); "
         f"max |logit diff| {result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%} "
-        f"over {result['compared']} held-out {result['compared_unit']}"
+        f"over {result['compared']} held-out {result['compared_unit']}{fallback(result)}"
+    )
+
+
+def fallback(result: dict) -> str:
+    """For a q8_0 GGUF that kept some matrices in F16 (rows not a multiple of 32 values), how many."""
+    types = result.get("matrix_types") or {}
+    if result["format"] != "gguf-q8_0" or not types.get("F16"):
+        return ""
+    return (
+        f"; {types['F16']} of {sum(types.values())} matrices kept in F16 (rows not a multiple of 32 values: "
+        "q8_0 cannot pack them)"
     )
