@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import lm_fixtures
 import numpy as np
@@ -30,7 +28,7 @@ from distill.tasks.causal_lm import run as run_lm
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
-from distill.train import train_loop
+from distill.train import make_accelerator, train_loop
 
 TEXT = " ".join(
     f"the {a} {b} of the {c} is {d} and {e}."
@@ -448,20 +446,19 @@ def test_validation_runs_the_frozen_teacher_once_and_scores_the_same(tok, monkey
 def test_a_student_trained_in_bf16_is_returned_without_autocast(tmp_path):
     """mixed_precision bf16 trains under autocast; the model the loop returns is evaluated, timed and exported in
     float32 beside the teacher (accelerate's wrapper kept its forward in bf16: a faster, other model in the report).
-    In a process of its own: accelerate's state takes one mixed precision per process."""
-    code = f"import test_lm; test_lm.bf16_student_is_returned_in_float32({str(tmp_path)!r})"
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def bf16_student_is_returned_in_float32(folder: str) -> None:
+    In the suite's process, after its Accelerators of no mixed precision: make_accelerator lets one process change
+    it (accelerate alone refuses); set back to no for the tests after this one."""
     tok = tiny_tokenizer()
     data = token_data(tok, blocks=4)
     spec = TrainSpec(epochs=1, batch_size=2, optimizer="adamw", lr=1e-3)
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    trained = train_loop("bf16", tiny_llama(tok, layers=2, seed=3), spec, LMBatches(data, len(tok), 4), Path(folder),
-                         accelerator, seed=0)  # fmt: skip
+    assert make_accelerator("no").mixed_precision == "no"  # as after any earlier run in the process
+    try:
+        accelerator = make_accelerator("bf16")
+        assert accelerator.mixed_precision == "bf16"
+        trained = train_loop("bf16", tiny_llama(tok, layers=2, seed=3), spec, LMBatches(data, len(tok), 4), tmp_path,
+                             accelerator, seed=0).cpu()  # fmt: skip
+    finally:
+        assert make_accelerator("no").mixed_precision == "no"
     fresh = tiny_llama(tok, layers=2, seed=3)
     fresh.load_state_dict(trained.state_dict())
     ids = torch.from_numpy(data.input_ids).long()

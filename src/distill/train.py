@@ -44,7 +44,21 @@ def make_accelerator(mixed_precision: str = "no", log_with: Sequence[str] = (), 
     ``out/trackers``. Each stage's loop opens and closes its own run in them (``stage_trackers``)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     trackers = {"log_with": list(log_with), "project_dir": Path(out) / "trackers"} if log_with else {}
+    if not several:
+        forget_other_precision(mixed_precision)
     return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available(), **trackers)
+
+
+def forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses an Accelerator of another mixed precision ("AcceleratorState
+    has already been initialized"). In one process — a notebook or a sweep calling ``run_recipe`` with bf16 after
+    no — nothing of the earlier run's state is needed any more: it is dropped so the next one takes its own precision.
+    Under several processes the state holds the process group and stays."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != mixed_precision and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state()
 
 
 @contextmanager
