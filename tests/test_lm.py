@@ -18,6 +18,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, Granite
 
 from distill.data.token_blocks import TokenData
 from distill.errors import DistillError
+from distill.evaluate import lm_validation
 from distill.losses.sparse import SparseTargets, sparse_targets_from_logits
 from distill.models.causal_lm import load_causal_lm
 from distill.models.cut import student_from_teacher
@@ -25,6 +26,7 @@ from distill.recipe import LMDistillSpec, TrainSpec
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import LMBatches, load_student, setup, with_student
 from distill.tasks.causal_lm import run as run_lm
+from distill.tasks.common import memorised_teacher_warnings
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
@@ -405,10 +407,26 @@ def test_the_teacher_is_adapted_first_and_the_student_cut_from_the_adapted_teach
     caches = [p.name for p in (tmp_path / "run" / "cache").iterdir()]
     assert len(caches) == 1 and caches[0].startswith(f"teacher-{lm_id(tmp_path / 'run' / 'teacher', 'float32')}")
     assert "teacher before adaptation" in (tmp_path / "run" / "REPORT.md").read_text()
+    # its fit: perplexity on as many training blocks as the validation split holds, and on that split
+    fit, n = metrics["teacher_fit"], len(setup_.validation)
+    size = {"vocab_size": len(tok), "batch_size": recipe.eval.batch_size}
+    for name, blocks in (("training", setup_.train.subset(np.arange(n))), ("validation", setup_.validation)):
+        loss = lm_validation(adapted, None, blocks, **size)["loss"]
+        assert fit[f"{name}_perplexity"] == pytest.approx(np.exp(loss), rel=1e-5)
+    assert fit["blocks"] == n and (memorised_teacher_warnings(fit) != []) == any(
+        "has memorised its training blocks" in line for line in metrics["warnings"]
+    )
     # resumed: the adapted teacher is loaded, not trained again
     before = (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns
     run_lm(recipe, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_an_adapted_teacher_that_memorised_its_training_blocks_is_said(capsys):
+    assert memorised_teacher_warnings({"training_perplexity": 20.0, "validation_perplexity": 29.9}) == []
+    (line,) = memorised_teacher_warnings({"training_perplexity": 20.8, "validation_perplexity": 48.3})
+    assert "perplexity 20.8 on them vs 48.3 on the validation split (2.32x)" in line and "teacher.train.lr" in line
+    assert capsys.readouterr().out.strip() == f"warning: {line}"
 
 
 def test_adapting_the_teacher_on_text_shorter_than_a_block_is_one_line(tok, tmp_path):

@@ -51,6 +51,7 @@ from distill.tasks.common import (
     finish,
     int8_student,
     machine,
+    memorised_teacher_warnings,
     prepare_run_dir,
     stage_step,
     student_warnings,
@@ -346,6 +347,18 @@ def validator(s: LMSetup, recipe: LMRecipe, teacher: nn.Module | None):
     return lambda model: lm_validation(model, teacher, s.validation, **size, memo=memo)
 
 
+def teacher_fit(s: LMSetup, recipe: LMRecipe) -> dict | None:
+    """With ``teacher.train``: the adapted teacher's perplexity on the first training blocks (as many as the
+    validation split holds) and on the validation split; None without an adaptation or a validation split."""
+    if s.teacher_base is None or s.validation is None or s.teacher_view is not None:
+        return None
+    size = {"vocab_size": s.vocab_size, "batch_size": recipe.eval.batch_size}
+    seen = s.train.subset(np.arange(min(len(s.train), len(s.validation))))
+    scores = {name: lm_validation(s.teacher, None, blocks, **size) for name, blocks in (("training", seen),
+              ("validation", s.validation))}  # fmt: skip
+    return {f"{name}_perplexity": math.exp(score["loss"]) for name, score in scores.items()} | {"blocks": len(seen)}
+
+
 def train_or_load(
     name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, accelerator, *, resume, on_step, validate=None
 ):
@@ -388,6 +401,7 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         models = {"teacher_base": s.teacher_base, **models}
     stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
     check = validator(s, recipe, s.teacher)
+    fit = teacher_fit(s, recipe) if accelerator.is_main_process else None
     warnings = []
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
@@ -397,6 +411,8 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
             teacher_scores = validator(s, recipe, None)(s.teacher)
             baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
+    teacher_weak = bool(warnings)
+    warnings += memorised_teacher_warnings(fit) if fit else []
     batches = student_batches(recipe, out, s, accelerator)
     models["student"] = train_or_load("student", s, batches, **stage, validate=check)
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
@@ -420,9 +436,11 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     distill = d.model_dump(mode="json")
     validation = {name: validation_summary(out, name) for name in ("baseline", "student") if name in models}
     warnings += student_warnings(
-        results, validation, teacher_weak=bool(warnings), quality="perplexity", noun="held-out perplexity"
+        results, validation, teacher_weak=teacher_weak, quality="perplexity", noun="held-out perplexity"
     )
     extra = {"validation": validation, "warnings": warnings, "machine": environment}
+    if fit:
+        extra["teacher_fit"] = fit
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}

@@ -205,6 +205,30 @@ def teacher_warnings(teacher: dict, baseline: dict) -> list[str]:
     return [line]
 
 
+MEMORISED = 1.5  # validation over training perplexity of an adapted LM teacher past which the run says so (a guard)
+
+
+def memorised_teacher_warnings(fit: dict) -> list[str]:
+    """Language models with ``teacher.train``: one line, printed now and put in the report, when the adapted teacher's
+    perplexity on the validation split is more than ``MEMORISED`` times that on the training blocks (``fit``, as
+    ``teacher_fit`` measures it). Its targets on the blocks the student trains on then lean towards their labels far
+    more than on new text, and carry less than its held-out quality promises. Seen in bench/lm_students.py (20.8 on
+    training blocks, 48.3 on validation): the weight of the hard labels (alpha 0, 0.5, 0.7) hardly moved the distilled
+    student, and targets from teachers adapted without the block (two folds) did better (BENCHMARKS.md)."""
+    train, validation = fit["training_perplexity"], fit["validation_perplexity"]
+    if validation < MEMORISED * train:
+        return []
+    line = (
+        f"the adapted teacher has memorised its training blocks: perplexity {train:.4g} on them vs {validation:.4g} "
+        f"on the validation split ({validation / train:.2f}x); its targets on the blocks the student trains on lean "
+        "towards their labels far more than on new text, so distillation adds less than its quality there promises; "
+        "adapt it for fewer epochs or at a lower teacher.train.lr, or on other text in a run of its own (then give "
+        "that run's teacher folder as teacher.path)"
+    )
+    print(f"warning: {line}", flush=True)
+    return [line]
+
+
 def student_warnings(
     results: dict,
     validation: dict,
