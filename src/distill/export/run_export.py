@@ -195,11 +195,11 @@ def summary(result: dict) -> str:
     return (
         f"{result['format']}: {result['path']} ({result['file_bytes']:,} bytes, {ratio:.2f}x the fp32 student); "
         f"max |logit diff| {result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%} "
-        f"over {result['compared']} held-out {result['compared_unit']}{fallback(result)}"
+        f"over {result['compared']} held-out {result['compared_unit']}{f16_note(result)}"
     )
 
 
-def fallback(result: dict) -> str:
+def f16_note(result: dict) -> str:
     """For a q8_0 GGUF that kept some matrices in F16 (rows not a multiple of 32 values), how many."""
     types = result.get("matrix_types") or {}
     if result["format"] != "gguf-q8_0" or not types.get("F16"):

@@ -402,6 +402,7 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
     stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
     check = validator(s, recipe, s.teacher)
     fit = teacher_fit(s, recipe) if accelerator.is_main_process else None
+    memorised = memorised_teacher_warnings(fit) if fit else []  # said now, before any student trains
     warnings = []
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
@@ -412,7 +413,7 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
             baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
     teacher_weak = bool(warnings)
-    warnings += memorised_teacher_warnings(fit) if fit else []
+    warnings += memorised
     batches = student_batches(recipe, out, s, accelerator)
     models["student"] = train_or_load("student", s, batches, **stage, validate=check)
     if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
