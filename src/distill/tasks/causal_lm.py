@@ -347,16 +347,19 @@ def validator(s: LMSetup, recipe: LMRecipe, teacher: nn.Module | None):
     return lambda model: lm_validation(model, teacher, s.validation, **size, memo=memo)
 
 
-def teacher_fit(s: LMSetup, recipe: LMRecipe) -> dict | None:
+def teacher_fit(s: LMSetup, recipe: LMRecipe, validation: dict) -> dict | None:
     """With ``teacher.train``: the adapted teacher's perplexity on the first training blocks (as many as the
-    validation split holds) and on the validation split; None without an adaptation or a validation split."""
-    if s.teacher_base is None or s.validation is None or s.teacher_view is not None:
+    validation split holds) and on the validation split (``validation``: its scores there, as ``validator`` gives
+    them); None without an adaptation."""
+    if s.teacher_base is None:
         return None
-    size = {"vocab_size": s.vocab_size, "batch_size": recipe.eval.batch_size}
     seen = s.train.subset(np.arange(min(len(s.train), len(s.validation))))
-    scores = {name: lm_validation(s.teacher, None, blocks, **size) for name, blocks in (("training", seen),
-              ("validation", s.validation))}  # fmt: skip
-    return {f"{name}_perplexity": math.exp(score["loss"]) for name, score in scores.items()} | {"blocks": len(seen)}
+    training = lm_validation(s.teacher, None, seen, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size)
+    return {
+        "training_perplexity": math.exp(training["loss"]),
+        "validation_perplexity": math.exp(validation["loss"]),
+        "blocks": len(seen),
+    }
 
 
 def train_or_load(
@@ -401,15 +404,19 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         models = {"teacher_base": s.teacher_base, **models}
     stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
     check = validator(s, recipe, s.teacher)
-    fit = teacher_fit(s, recipe) if accelerator.is_main_process else None
+    # The teacher's validation scores, once, for the checks that read them. With another tokenizer the teacher cannot
+    # be scored on the student's tokens: no teacher check.
+    teacher_scores = None
+    if check is not None and s.teacher_view is None and accelerator.is_main_process:
+        if recipe.baseline or s.teacher_base is not None:
+            teacher_scores = validator(s, recipe, None)(s.teacher)
+    fit = teacher_fit(s, recipe, teacher_scores) if teacher_scores else None
     memorised = memorised_teacher_warnings(fit) if fit else []  # said now, before any student trains
     warnings = []
     if recipe.baseline:
         baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
         models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage, validate=check)
-        # With another tokenizer the teacher cannot be scored on the student's tokens: no teacher check.
-        if check is not None and s.teacher_view is None and accelerator.is_main_process:
-            teacher_scores = validator(s, recipe, None)(s.teacher)
+        if teacher_scores is not None:
             baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
             warnings = teacher_warnings(teacher_scores, baseline_scores)
     teacher_weak = bool(warnings)
