@@ -6,10 +6,15 @@ be lost, and with it whatever was deleted on the strength of it."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,17 +49,33 @@ def make_folder(folder: Path) -> None:
     fsync_path(folder.parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Temp files and folders are made by tempfile (O_EXCL, unpredictable names: in a shared cache folder nobody can plant a
+# symlink where we are about to write), which makes them 0600 / 0700; they take the mode every other file of a run
+# has (what the umask gives) before they are renamed into place.
+FILE_MODE = 0o666 & ~_umask()
+FOLDER_MODE = 0o777 & ~_umask()
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it is fsynced and renamed onto ``target``.
+    """Yield a temp path (an empty file, ours alone) to write; on success it is fsynced and renamed onto ``target``.
 
     On any error the temp file is removed and ``target`` keeps its previous content.
     """
     target = Path(target)
     make_folder(target.parent)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         fsync_path(tmp)
         os.replace(tmp, target)
         fsync_path(target.parent)
@@ -68,24 +89,75 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     Every file in the temp folder is fsynced before the rename and the parent folder after it: the new folder is
     on the disk whole before its name is, and the old one is deleted only once the renames are on the disk.
-    On any error the temp folder is removed and ``target`` keeps its previous content.
+    On any error the temp folder is removed and ``target`` keeps its previous content. ``target`` must be a folder
+    (or not exist): callers decide whether an existing one may be replaced.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(20, "not a folder, refusing to replace it", str(target))
     make_folder(target.parent)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    old = None
     try:
         yield tmp
+        os.chmod(tmp, FOLDER_MODE)
         fsync_tree(tmp)
         if target.exists():
-            os.replace(target, old)
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old)  # onto the empty folder just made: a rename, never a copy
         os.replace(tmp, target)
         fsync_path(target.parent)  # both renames on the disk before the old copy goes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_held_locks: dict[str, list] = {}  # lock file → [open file, depth]: a process re-entering its own lock goes on
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str = "folder") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a teacher cache, a converted model) for as long as it is built, across
+    processes: a second build of the same folder waits for the first instead of deleting its temp files or writing
+    the same shards again (with a paid served teacher, buying every answer twice). The lock is ``flock`` on
+    ``.NAME.lock`` beside the folder (inside, it would vanish when the folder is replaced); the kernel drops it when
+    the holder dies, so a killed build never leaves the folder locked. The holder's pid and command are written into
+    the lock file so the waiting process can say whom it waits for."""
+    folder = Path(folder)
+    make_folder(folder.parent)
+    path = folder.parent / f".{folder.name}.lock"
+    key = str(path.resolve())
+    with _held_guard:
+        if key in _held_locks:
+            _held_locks[key][1] += 1
+            held = True
+        else:
+            held = False
+    if not held:
+        handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE), "r+")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            print(f"waiting for {holder}, which is building the {what} {folder}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} ({shlex.join(sys.argv)})\n")
+        handle.flush()
+        with _held_guard:
+            _held_locks[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            entry = _held_locks[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held_locks[key]
+                entry[0].close()  # closing the descriptor releases the flock
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -56,9 +56,9 @@ def export_student(student: Student, fmt: str, target: Path, run_dir: Path, *, f
     """Export ``student`` as ``fmt`` into ``target`` and return the check's figures, also written to
     ``RUN/exports/<fmt>.json``. A failed check leaves nothing behind."""
     target = Path(target)
-    if target.exists() and not force:
-        raise DistillError(f"export target {target} already exists; pass --force to replace it")
+    check_target(target, fmt, Path(run_dir), force=force)
     with atomic_dir(target) as tmp:  # a failed check raises: the temp folder goes, the target stays as it was
+        write_json(tmp / EXPORT_MARK, {"format": fmt})
         write_export(fmt, student, tmp)
         figures = check_export(fmt, student, tmp)
         if fmt in GGUF:  # q8_0 keeps a matrix whose rows are not a multiple of 32 in F16: say how many
@@ -68,6 +68,46 @@ def export_student(student: Student, fmt: str, target: Path, run_dir: Path, *, f
     result = {"format": fmt, "path": str(target), **figures}
     write_json(Path(run_dir) / "exports" / f"{fmt}.json", result)
     return result
+
+
+EXPORT_MARK = ".distill-export.json"  # in every export folder: what --force may replace
+
+
+def check_target(target: Path, fmt: str, run_dir: Path, *, force: bool) -> None:
+    """An export goes to a folder of its own: never the run folder, a folder holding it, or what the run holds (a
+    stage folder, its files; ``RUN/exports/`` and new folders in the run are fine). An existing target is replaced
+    (with ``force``) only when it is an earlier export of the same format (its ``EXPORT_MARK``; ``RUN/exports/<fmt>``
+    also when written before the mark was) or an empty folder: ``--force`` never deletes what distill did not
+    write."""
+    resolved, run = target.resolve(), run_dir.resolve()
+    if run.is_relative_to(resolved):
+        raise DistillError(
+            f"export target {target} is or holds the run folder {run_dir}; choose a folder of its own, "
+            f"e.g. {run_dir / 'exports' / fmt}"
+        )
+    if resolved.is_relative_to(run):  # a new folder in the run, or under exports/; never into what the run holds
+        top = run / resolved.relative_to(run).parts[0]
+        if top.name != "exports" and top.exists() and not (top == resolved and (top / EXPORT_MARK).is_file()):
+            raise DistillError(
+                f"export target {target} is or is inside {top.name}, part of the run {run_dir}; choose a new folder, "
+                f"e.g. {run_dir / 'exports' / fmt}"
+            )
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise DistillError(f"export target {target} exists and is not a folder; choose a folder for the export")
+    if not force:
+        raise DistillError(f"export target {target} already exists; pass --force to replace it")
+    try:
+        mark = json.loads((target / EXPORT_MARK).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        mark = fmt if resolved == run / "exports" / fmt else None  # the default place: an export of ours
+    if mark != fmt and any(target.iterdir()):
+        what = f"a {mark} export" if mark else "not an export written by distill"
+        raise DistillError(
+            f"--force replaces only an earlier {fmt} export, and {target} is {what}; choose another --out, or empty "
+            "that folder yourself"
+        )
 
 
 def model_type(student_folder: Path) -> str:

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from distill.errors import DistillError
-from distill.io import atomic_dir, sha256_file
+from distill.io import atomic_dir, folder_lock, sha256_file
 
 # transformers draws a progress bar for every load and save; our CLI has its own progress and one-line errors.
 hf_logging.disable_progress_bar()
@@ -175,8 +175,13 @@ def _check_gguf_architecture(architecture: str, gguf_path: Path) -> None:
 def _gguf_to_hf_folder(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantise ``gguf_path`` once into ``cache_dir/gguf/<sha16>`` and return that folder."""
     target = cache_dir / "gguf" / sha256_file(gguf_path)[:16]
-    if (target / "config.json").is_file():
-        return target
+    with folder_lock(target, "converted GGUF model"):  # a second run converting the same file waits and reuses it
+        if (target / "config.json").is_file():
+            return target
+        return _convert_gguf(gguf_path, target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     architecture = _gguf_architecture(gguf_path)
     _check_gguf_architecture(architecture, gguf_path)
     kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
-from distill.export.run_export import FORMATS, GGUF, export_student, model_type
+from distill.export.run_export import FORMATS, GGUF, check_target, export_student, model_type
 from distill.recipe import (
     EmbeddingRecipe,
     GenerateRecipe,
@@ -120,8 +120,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool 
             what, reason = task.student, f"{fmt} is not written for task {name} yet"
         raise DistillError(f"{reason}; this run's student is {what}; it can be exported as: {', '.join(allowed)}")
     target = Path(out) if out is not None else run_dir / "exports" / fmt
-    if target.exists() and not force:  # checked before the student is loaded
-        raise DistillError(f"export target {target} already exists; pass --force to replace it")
+    check_target(target, fmt, run_dir, force=force)  # before the student is loaded
     result = export_student(task.load_student(run_dir), fmt, target, run_dir, force=force)
     if (run_dir / "metrics.json").exists():  # the report lists every export with its check
         write_report(run_dir, task.report)

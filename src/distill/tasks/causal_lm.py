@@ -485,7 +485,9 @@ def cross_tokenizer_scores(results: dict, models: dict, s: LMSetup) -> None:
 
 def build_cache(recipe: LMRecipe, out: Path) -> Path:
     """``distill cache``: run the teacher once over the training data and store its sparse targets (adapting it first
-    under ``teacher.train``, in the recipe's mixed precision)."""
+    under ``teacher.train``, in the recipe's mixed precision). The run folder records the recipe, as ``distill run``
+    does: a later ``distill run --resume`` with another recipe is refused instead of reusing this teacher."""
+    prepare_run_dir(recipe, Path(out), resume=True, force=False, command="distill cache")
     accelerator = make_accelerator(recipe.mixed_precision)
     s = adapt_teacher(setup(recipe), recipe, Path(out), accelerator, resume=True, on_step=None)
     path = cache_path(recipe, Path(out), s)

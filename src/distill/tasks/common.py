@@ -28,30 +28,113 @@ from distill.train import LOWER_IS_BETTER, STAGE_DONE, remove_checkpoints, valid
 OnStep = Callable[[str, int], None] | None
 
 
-def prepare_run_dir(recipe, out: Path, *, resume: bool, force: bool, accelerator=None) -> None:
-    """Check and create the run folder. Under several processes only the main one does, and the others wait for it
-    (if it refuses, the launcher stops them)."""
+# What a run writes at the top of its folder: ``--force`` deletes a folder holding these and nothing else.
+RUN_ENTRIES = {"recipe.yaml", "log.jsonl", "metrics.json", "REPORT.md", "report.html", "auto.json", "prune.json",
+               "teacher", "baseline", "student", "cache", "exports", "trackers"}  # fmt: skip
+RUN_PATTERNS = ("*.png", "auto-*", ".*.tmp-*", ".*.old-*", ".*.lock")  # plots, sweep candidates, temp files, locks
+
+
+def prepare_run_dir(
+    recipe, out: Path, *, resume: bool, force: bool, accelerator=None, command: str = "distill run"
+) -> None:
+    """Check and create the run folder, and record the recipe in it. Under several processes only the main one does,
+    and the others wait for it (if it refuses, the launcher stops them)."""
     if accelerator is not None and accelerator.num_processes > 1:
         if accelerator.is_main_process:
-            prepare_run_dir(recipe, out, resume=resume, force=force)
+            prepare_run_dir(recipe, out, resume=resume, force=force, command=command)
         accelerator.wait_for_everyone()
         return
     saved = out / "recipe.yaml"
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"--out {out} is a file, not a folder; choose a folder for the run")
     if out.exists() and any(out.iterdir()):
         if force:
+            check_ours_to_replace(recipe, out)
             shutil.rmtree(out)
         elif not resume:
             raise DistillError(
                 f"run folder {out} already exists; pass --resume to continue it or --force to replace it"
             )
-        elif saved.exists() and type(recipe).model_validate(yaml.safe_load(saved.read_text())) != recipe:
+        elif saved.exists() and saved_recipe(type(recipe), saved) != recipe:
             raise DistillError(
-                f"--resume: the recipe differs from the one {out} was started with ({saved}); "
-                "resume with the same recipe or start a new --out"
+                f"{command}: the recipe differs from the one {out} was started with ({saved}); use the same recipe, "
+                "or start a new --out"
             )
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(saved) as tmp:
         tmp.write_text(recipe_to_yaml(recipe))
+
+
+def saved_recipe(schema: type, path: Path):
+    """A run folder's recipe, validated; a torn or edited one is one line, not a traceback."""
+    try:
+        return schema.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(
+            f"{path} is damaged or not a recipe distill wrote ({first}); the run cannot be resumed from it: start a "
+            "new --out (or delete that run folder yourself)"
+        ) from None
+
+
+def check_ours_to_replace(recipe, out: Path) -> None:
+    """``--force`` deletes ``out`` only when it is a run folder of ours: it holds the recipe a run wrote (the resolved
+    recipe, as ``yaml.safe_dump`` writes it: a hand-written one never reads back byte for byte) and nothing but
+    what runs write, and it is not the current folder, the home folder, or a folder holding the data or another
+    file the recipe names. Anything else would delete what we did not write."""
+    resolved = out.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)}
+    if resolved in protected or any(p.is_relative_to(resolved) for p in protected):
+        raise DistillError(
+            f"--force would delete {out} ({resolved}), which holds the current or home folder; choose "
+            "a run folder of its own for --out"
+        )
+    named = [Path(value).expanduser() for value in _strings(recipe.model_dump(mode="json"))]
+    inside = [path for path in named if _exists(path) and path.resolve().is_relative_to(resolved)]
+    if inside:
+        raise DistillError(
+            f"--force would delete {out}, which holds {inside[0]} named by the recipe; choose another --out for the run"
+        )
+    saved = out / "recipe.yaml"
+    try:
+        text = saved.read_text()
+        loaded = yaml.safe_load(text)
+        ours = isinstance(loaded, dict) and "task" in loaded and yaml.safe_dump(loaded, sort_keys=False) == text
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise DistillError(
+            f"--force replaces only a run folder distill wrote, and {out} is not one (no recipe.yaml written by a "
+            "run); choose another --out, or empty that folder yourself"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name not in RUN_ENTRIES and not any(entry.match(pattern) for pattern in RUN_PATTERNS)
+    )
+    if foreign:
+        raise DistillError(
+            f"--force would delete {len(foreign)} file(s) in {out} that no run wrote ({', '.join(foreign[:3])}"
+            f"{', …' if len(foreign) > 3 else ''}); move them out, or choose another --out"
+        )
+
+
+def _strings(value) -> list[str]:
+    """Every string in a recipe's JSON dump (the paths it names are among them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a string that is no path (too long, a NUL)
+        return False
 
 
 def cache_root(distill_spec, out: Path) -> Path:
@@ -313,7 +396,14 @@ def _sweep(out: Path, section: str, candidate: Candidate, budget: TrainSpec, sel
     resumed run finished it), ``rank`` for ``min``, and the table. Each finished candidate is written at once and its
     folder removed."""
     path = out / AUTO_TABLE
-    tables = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        tables = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(tables, dict):
+            raise ValueError(f"a JSON {type(tables).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise DistillError(
+            f"{path} is damaged ({exc}); delete it to run the auto sweep's short runs again, then rerun with --resume"
+        ) from None
     table = tables.setdefault(section, [])
 
     def run(distill: DistillSpec | None, lr: float) -> dict:

@@ -44,7 +44,7 @@ from distill.data.token_blocks import (
 )
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.io import atomic_path, sha256_file, write_json
+from distill.io import atomic_path, folder_lock, sha256_file, write_json
 from distill.losses.cross_tokenizer import merge_spans, pair_loss, span_kl, token_log_probs
 from distill.losses.divergences import log_probs
 from distill.losses.sparse import chunked_cross_entropy
@@ -442,8 +442,14 @@ def build_cross_cache(
         "blocks": len(data),
         "positions": positions,
     }
-    if (path / "meta.json").exists():
-        return CrossTokenizerCache.open(path, expected, verify=True)
+    with folder_lock(path, "cross-tokenizer teacher cache"):  # a second build waits, then opens the first's
+        if (path / "meta.json").exists():
+            return CrossTokenizerCache.open(path, expected, verify=True)
+        return _build(path, teacher, data, view, expected, k_top, k_map, temperature, device, batch_size, chunk_size)
+
+
+def _build(path, teacher, data, view, expected, k_top, k_map, temperature, device, batch_size, chunk_size):
+    positions = expected["positions"]
     teacher = teacher.to(device).eval()
     records = np.zeros((len(data), positions), dtype=_record(k_top, k_map, view.student_vocab))
     flat = records.reshape(-1)

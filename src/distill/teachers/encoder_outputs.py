@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill.devices import to_numpy
-from distill.io import atomic_path
+from distill.io import atomic_path, folder_lock
 from distill.models.encoders import SentenceEncoder, batches_by_length, encode, pad_id_of, rows_digest, tokenize
 from distill.teachers.logits_cache import build_logits_cache
 
@@ -86,6 +86,11 @@ def token_states(encoder: SentenceEncoder, rows: list[list[int]], pad_id: int, b
 def cached_token_states(encoder, rows, pad_id: int, cache_dir: Path, teacher_id: str) -> TokenStates:
     """``token_states`` computed once and kept in ``cache_dir`` under the teacher and the token ids."""
     path = Path(cache_dir) / f"tokens-{teacher_id}-{rows_digest(rows)}.safetensors"
+    with folder_lock(path, "token-state cache"):  # a second run computing the same states waits and reads them
+        return _token_states_at(path, encoder, rows, pad_id)
+
+
+def _token_states_at(path: Path, encoder, rows, pad_id: int) -> TokenStates:
     if path.is_file():
         cached = _read_token_states(path, len(rows))
         if cached is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.io import fsync_path, sha256_file
+from distill.io import FOLDER_MODE, folder_lock, fsync_path, make_folder, sha256_file
 
 FORMAT = "distill.logits/1"
 
@@ -74,12 +75,15 @@ def build_logits_cache(
 ) -> LogitsCache:
     """Run ``teacher`` over every row of ``x`` once and store its logits at ``path`` (atomically)."""
     path = Path(path)
-    if (path / "meta.json").exists():
-        return LogitsCache.open(path, teacher=teacher_id, data=data_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with folder_lock(path, "teacher cache"):  # a second build of the same cache waits, then opens the first's
+        if (path / "meta.json").exists():
+            return LogitsCache.open(path, teacher=teacher_id, data=data_id)
+        return _build(path, teacher, x, teacher_id=teacher_id, data_id=data_id, batch_size=batch_size)
+
+
+def _build(path: Path, teacher, x: np.ndarray, *, teacher_id: str, data_id: str, batch_size: int) -> LogitsCache:
+    make_folder(path.parent)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         file = staging / "logits.npy"
         out = None
@@ -110,6 +114,7 @@ def build_logits_cache(
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         fsync_path(staging / "meta.json")
+        os.chmod(staging, FOLDER_MODE)
         if path.exists():
             shutil.rmtree(path)  # an incomplete leftover without meta.json
         os.replace(staging, path)
