@@ -182,6 +182,7 @@ def test_a_second_build_of_one_cache_folder_waits_and_says_for_whom(tmp_path, ca
     assert waited > 0.5, "the second build did not wait for the first"
     err = capfd.readouterr().err
     assert f"waiting for process {holder.pid}" in err and "LM teacher cache" in err and str(folder) in err
+    assert not list(folder.parent.iterdir()), "the lock file is removed by its last holder"
 
 
 def test_every_cache_build_takes_the_lock(tmp_path, monkeypatch):

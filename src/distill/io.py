@@ -123,32 +123,19 @@ def folder_lock(folder: Path, what: str = "folder") -> Iterator[None]:
     processes: a second build of the same folder waits for the first instead of deleting its temp files or writing
     the same shards again (with a paid served teacher, buying every answer twice). The lock is ``flock`` on
     ``.NAME.lock`` beside the folder (inside, it would vanish when the folder is replaced); the kernel drops it when
-    the holder dies, so a killed build never leaves the folder locked. The holder's pid and command are written into
-    the lock file so the waiting process can say whom it waits for."""
+    the holder dies, so a killed build never leaves the folder locked. The holder writes its pid and command into the
+    file, so the waiting process can say whom it waits for, and removes the file when done."""
     folder = Path(folder)
     make_folder(folder.parent)
     path = folder.parent / f".{folder.name}.lock"
     key = str(path.resolve())
     with _held_guard:
-        if key in _held_locks:
+        held = key in _held_locks
+        if held:
             _held_locks[key][1] += 1
-            held = True
-        else:
-            held = False
     if not held:
-        handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE), "r+")  # noqa: SIM115
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = handle.read().strip() or "another process"
-            print(f"waiting for {holder}, which is building the {what} {folder}", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} ({shlex.join(sys.argv)})\n")
-        handle.flush()
         with _held_guard:
-            _held_locks[key] = [handle, 1]
+            _held_locks[key] = [_acquire(path, what, folder), 1]
     try:
         yield
     finally:
@@ -157,7 +144,35 @@ def folder_lock(folder: Path, what: str = "folder") -> Iterator[None]:
             entry[1] -= 1
             if entry[1] == 0:
                 del _held_locks[key]
+                path.unlink(missing_ok=True)  # before the release: a waiter then finds its file gone and retries
                 entry[0].close()  # closing the descriptor releases the flock
+
+
+def _acquire(path: Path, what: str, folder: Path):
+    said = False
+    while True:
+        handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE), "r+")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                holder = handle.read().strip() or "another process"
+                print(f"waiting for {holder}, which is building the {what} {folder}", file=sys.stderr, flush=True)
+                said = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:  # the holder before us may have removed the file we locked: lock the one at the path now
+            current = os.stat(path, follow_symlinks=False)
+            mine = os.fstat(handle.fileno())
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} ({shlex.join(sys.argv)})\n")
+    handle.flush()
+    return handle
 
 
 def write_json(path: Path, data: Any) -> None:
