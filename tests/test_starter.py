@@ -74,3 +74,26 @@ def test_init_leaves_the_distillation_settings_to_the_validation_sweep(folders, 
     write_starter(task, folders / "teacher", folders / data, out)
     recipe = load_recipe(out)
     assert recipe.distill.auto_keys == ["temperature", "alpha"] and recipe.data.validation_fraction > 0
+
+
+@pytest.mark.parametrize("name", ["my data #1", "a: b", "2024", "yes", "null", 'it\'s "q" ü', "- [x]"])
+def test_init_quotes_paths_so_every_folder_name_reads_back_as_itself(tmp_path, name):
+    """Written plain, `my data #1` read back as `my data` (another folder), `a: b` did not parse and `2024` or
+    `yes` became a number or a boolean."""
+    data, teacher = tmp_path / name, tmp_path / f"teacher {name}"
+    data.mkdir()
+    teacher.mkdir()
+    for split in ("train", "test"):
+        np.save(data / f"{split}_x.npy", np.zeros((4, 3), dtype=np.float32))
+        np.save(data / f"{split}_y.npy", np.zeros(4, dtype=np.int64))
+        (data / f"{split}.csv").write_text("text,label\na b,x\n")
+    (tmp_path / f"{name}.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    checkpoint = teacher / "model.safetensors"
+    checkpoint.touch()
+    recipe = load_recipe(write_starter("classification", checkpoint, data, tmp_path / "c.yaml"))
+    assert (recipe.name, recipe.data.path, recipe.teacher.checkpoint) == (name, str(data), str(checkpoint))
+    recipe = load_recipe(write_starter("causal_lm", teacher, tmp_path / f"{name}.jsonl", tmp_path / "lm.yaml"))
+    assert (recipe.name, recipe.data.path, recipe.teacher.path) == (name, f"{data}.jsonl", str(teacher))
+    recipe = load_recipe(write_starter("embedding", teacher, data, tmp_path / "e.yaml"))
+    assert (recipe.name, recipe.data[0].path, recipe.teacher.path) == (name, str(data), str(teacher))
+    assert "  # " in (tmp_path / "e.yaml").read_text()  # the comments are kept

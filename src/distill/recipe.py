@@ -7,6 +7,7 @@ Unknown keys and bad values fail with one line naming the key, the value and wha
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,15 @@ from distill.losses.divergences import PER_POSITION
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No recipe number is meant to be infinite or NaN ("no limit" is null, e.g. max_grad_norm): refused on every
+    # float, so `lr: .nan` or `temperature: .inf` fail when the recipe is read, not as a NaN loss hours later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# torch, numpy and Python all take 0..2**32-1 (numpy refuses a negative seed), with room for the offsets we add.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# A learning rate above 10 diverges with any optimizer and data we train on: a typo (1e308 for 1e-3), not a choice.
+MAX_LR = 10.0
 
 
 def exactly_one_of(spec: Strict, *keys: str) -> Strict:
@@ -60,8 +69,8 @@ class DataSpec(Strict):
 
 class ModelSpec(Strict):
     arch: Literal["mlp", "cnn", "python"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [800, 800])
-    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [800, 800])
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64])
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     input_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     factory: str | None = Field(default=None, description="'module:function' returning an nn.Module")
@@ -82,7 +91,7 @@ class TrainSpec(Strict):
     batch_size: int = Field(default=128, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(default=0.1, gt=0.0)
+    lr: float = Field(default=0.1, gt=0.0, le=MAX_LR)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -116,9 +125,23 @@ class TrainSpec(Strict):
 Auto = Literal["auto"]
 
 
+def number_or_auto(value):
+    """A number written as a string read as one, as the plain float fields do: PyYAML reads ``1e-3`` (no dot) as a
+    string, and ``lr: 1e-3`` would be refused as not a number."""
+    if isinstance(value, str) and value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def positive_or_auto(value):
     """Validator body: a number > 0, or the word auto (left to a search on the validation data)."""
-    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+    value = number_or_auto(value)
+    if value != "auto" and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0
+    ):
         raise ValueError("must be a number > 0, or auto")
     return value
 
@@ -148,6 +171,13 @@ class StudentTrainSpec(TrainSpec):
     """A student's training settings: its learning rate may be left to the sweep on the validation split."""
 
     lr: PositiveOrAuto = Field(default=0.1, description="auto: chosen by a sweep on validation (baseline and student)")
+
+    @field_validator("lr")
+    @classmethod
+    def _sane_lr(cls, value):
+        if value != "auto" and value > MAX_LR:
+            raise ValueError(f"must be at most {MAX_LR:g} (a learning rate above it diverges), or auto")
+        return value
 
 
 class TeacherSpec(Strict):
@@ -179,7 +209,10 @@ class DistillSpec(Strict):
     @field_validator("alpha", mode="before")
     @classmethod
     def _number_or_auto(cls, value):
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        value = number_or_auto(value)
+        if value != "auto" and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
             raise ValueError("must be a number, or auto")
         return value
 
@@ -242,7 +275,7 @@ class EvalSpec(Strict):
 class Recipe(Strict):
     task: Literal["classification"] = "classification"
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     data: DataSpec = Field(default_factory=DataSpec)
@@ -410,7 +443,7 @@ class LMEvalSpec(Strict):
 class LMRecipe(Strict):
     task: Literal["causal_lm"]
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     data: LMDataSpec = Field(default_factory=LMDataSpec)
@@ -525,9 +558,26 @@ class EndpointSpec(Strict):
     api: Literal["chat", "completions"] = "chat"
     concurrency: int = Field(default=4, gt=0, le=256)
     retries: int = Field(default=5, ge=0, description="per request, on connection errors, 429, 5xx, bad JSON")
-    backoff: float = Field(default=0.5, gt=0.0, description="seconds before the first retry, doubled each time")
-    timeout: float = Field(default=120.0, gt=0.0, description="seconds per request")
+    backoff: float = Field(
+        default=0.5, gt=0.0, allow_inf_nan=False, description="seconds before the first retry, doubled each time"
+    )
+    timeout: float = Field(
+        default=120.0, gt=0.0, le=3600.0, allow_inf_nan=False, description="seconds per request, the whole of it"
+    )
     api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        # Only a server is asked: file:// (or any other scheme urllib opens) would read a local file.
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("give the http:// or https:// address of the server, e.g. http://127.0.0.1:8080/v1")
+        if parts.username or parts.password:  # it would be printed in every error line; keys go in api_key_env
+            raise ValueError("put no credentials in the URL; name the variable holding the API key in api_key_env")
+        return value
 
 
 class LMEndpointSpec(EndpointSpec):
@@ -583,7 +633,7 @@ class VerifySpec(Strict):
 class GenerateRecipe(Strict):
     task: Literal["generate"]
     name: str = "generate"
-    seed: int = 0
+    seed: Seed = 0
     prompts: PromptsSpec
     teacher: GenTeacherSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
@@ -640,7 +690,7 @@ class StaticSpec(Strict):
         description="then fine-tune the vectors to reproduce the teacher's embeddings of the training texts (MSE, "
         "Tokenlearn-style); needs pca_dims: null",
     )
-    lr: float = Field(default=1e-2, gt=0.0)
+    lr: float = Field(default=1e-2, gt=0.0, le=MAX_LR)
     batch_size: int = Field(default=128, gt=0)
 
     @model_validator(mode="after")
@@ -670,7 +720,7 @@ class TextEvalSpec(Strict):
 class TextClassificationRecipe(Strict):
     task: Literal["text_classification"]
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     data: TextDataSpec = Field(default_factory=lambda: TextDataSpec(labeled_fraction=0.1))
     teacher: EncoderTeacherSpec = Field(default_factory=EncoderTeacherSpec)
@@ -705,7 +755,7 @@ class EmbedDistillSpec(Strict):
 class EmbeddingRecipe(Strict):
     task: Literal["embedding"]
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     data: list[TextDataSpec] = Field(
         default_factory=lambda: [TextDataSpec(source="rotten_tomatoes")],
@@ -741,6 +791,25 @@ class EmbeddingRecipe(Strict):
 AnyRecipe = Recipe | LMRecipe | GenerateRecipe | TextClassificationRecipe | EmbeddingRecipe
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so a second
+    ``distill:`` section would replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            # scalar keys only: a list as a key is refused by SafeLoader itself, a merge (<<) may repeat a key
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r}; keep one of them", problem_mark=key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What PyYAML found wrong, on one line whatever the error kind (reader errors have no ``problem``)."""
     return " ".join(str(getattr(exc, "problem", None) or exc).split())
@@ -760,7 +829,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise DistillError(f"--set {item!r}: {part!r} is a value, not a section")
             node = child
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = yaml.load(value, UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             raise DistillError(f"--set {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
     return raw
@@ -817,13 +886,18 @@ def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
     """The YAML of a recipe file with ``--set`` overrides applied, not yet validated."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML is UTF-8 whatever the locale says
     except FileNotFoundError:
         raise DistillError(f"recipe {path} does not exist; pass the path of a YAML recipe") from None
     except OSError as exc:
         raise DistillError(f"recipe {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DistillError(
+            f"recipe {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it "
+            "as UTF-8"
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -111,6 +111,31 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise DistillError(f"{what} file {path} is not a readable .npy array: {exc}") from None
 
 
+def _features(values: np.ndarray, where: Path) -> np.ndarray:
+    """Inputs as float32, refused when they are not real finite numbers: text would fail a cast mid-way, complex
+    numbers would lose their imaginary part silently, and a NaN or infinite input surfaces hours later as "loss
+    became nan" with advice about the learning rate."""
+    if values.dtype.kind == "c":
+        raise DistillError(
+            f"inputs in {where} are complex numbers ({values.dtype}); give real features, e.g. the real and "
+            "imaginary parts as separate columns"
+        )
+    if values.dtype.kind not in "biuf":
+        raise DistillError(
+            f"inputs in {where} are {values.dtype} values, not numbers; save them as a numeric array, e.g. "
+            "np.save(path, x.astype(np.float32))"
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+        x = values.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise DistillError(
+            f"inputs in {where} hold {int(bad.sum())} NaN or infinite value(s) (or beyond float32), the first in "
+            f"example {int(np.argwhere(bad)[0][0])}; fill or drop them"
+        )
+    return x
+
+
 def _labels(values: np.ndarray, where: Path) -> np.ndarray:
     if values.ndim != 1:
         raise DistillError(f"labels in {where} must be one integer per example, got shape {values.shape}")
@@ -126,9 +151,9 @@ def load_npy(folder: Path) -> ArrayData:
     arrays = {k: _load_npy(folder / f"{k}.npy", "data") for k in ("train_x", "train_y", "test_x", "test_y")}
     shape = arrays["train_x"].shape[1:]
     return _assemble(
-        arrays["train_x"],
+        _features(arrays["train_x"], folder / "train_x.npy"),
         _labels(arrays["train_y"], folder / "train_y.npy"),
-        arrays["test_x"],
+        _features(arrays["test_x"], folder / "test_x.npy"),
         _labels(arrays["test_y"], folder / "test_y.npy"),
         shape,
         folder,
@@ -154,7 +179,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         raise DistillError(
             f"CSV file {path}: every feature must be a number and every label an integer ({exc})"
         ) from None
-    return x, y
+    return _features(x, path), y
 
 
 def load_csv(folder: Path, label_column: str) -> ArrayData:
@@ -173,6 +198,15 @@ def _assemble(train_x, train_y, test_x, test_y, shape, where: Path) -> ArrayData
     known = np.concatenate([train_y[train_y != IGNORE_INDEX], test_y])
     if known.size == 0 or known.min() < 0:
         raise DistillError(f"data in {where}: labels must be integers 0..C-1 (unlabeled rows: empty or NaN)")
+    # Labels are class indices 0..C-1 and a class without examples is never learned, so C cannot exceed the number
+    # of labeled examples. A larger label is a typo (1000000000 for 1) that would size the model's output layer and
+    # the per-class tables by it: hundreds of gigabytes, or the OOM killer.
+    if known.max() >= known.size:
+        raise DistillError(
+            f"data in {where}: label {known.max()} with only {known.size} labeled examples ({len(np.unique(known))} "
+            "distinct labels); labels are class indices 0..C-1 and C cannot exceed the labeled examples: fix the typo "
+            "or renumber them (e.g. np.unique(y, return_inverse=True))"
+        )
     image_shape = tuple(int(s) for s in shape) if len(shape) == 3 else (int(np.prod(shape)),)
     return ArrayData(
         train_x.reshape(len(train_x), -1).astype(np.float32),
@@ -231,7 +265,8 @@ def with_unlabeled(data: ArrayData, spec: DataSpec, seed: int) -> ArrayData:
         train_y[hidden] = IGNORE_INDEX
     train_x = data.train_x
     if spec.unlabeled_path:
-        extra = _load_npy(Path(spec.unlabeled_path).expanduser(), "unlabeled").astype(np.float32)
+        where = Path(spec.unlabeled_path).expanduser()
+        extra = _features(_load_npy(where, "unlabeled"), where)
         extra = extra.reshape(len(extra), -1)
         if extra.shape[1] != train_x.shape[1]:
             raise DistillError(

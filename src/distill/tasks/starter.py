@@ -8,6 +8,7 @@ the validation split), the protocol bench/robustness.py runs on every data set w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,12 @@ import yaml
 from distill.errors import DistillError
 from distill.io import atomic_path
 from distill.tasks import parse_recipe
+
+
+def _q(value: Path | str) -> str:
+    """``value`` as a YAML double-quoted scalar, so it reads back as the same string: written plain, ``my data #1``
+    is cut at the comment, ``a: b`` does not parse and ``2024`` or ``yes`` read back as a number or a boolean."""
+    return yaml.safe_dump(str(value), default_style='"', allow_unicode=True, width=math.inf).removesuffix("\n")
 
 
 def _source(data: Path, task: str) -> str:
@@ -43,14 +50,14 @@ def _source(data: Path, task: str) -> str:
 
 
 def _classification(teacher: Path | None, data: Path) -> str:
-    checkpoint = f"  checkpoint: {teacher}  # your trained teacher's weights\n" if teacher else ""
+    checkpoint = f"  checkpoint: {_q(teacher)}  # your trained teacher's weights\n" if teacher else ""
     return f"""# A classifier distilled into a smaller one (written by distill init; every key is optional).
 task: classification
-name: {data.name}
+name: {_q(data.name)}
 seed: 0
 data:
   source: {_source(data, "classification")}
-  path: {data}
+  path: {_q(data)}
   labeled_fraction: 1.0     # the share of training labels you have; the rest is unlabeled transfer data
   validation_fraction: 0.1  # labeled examples held out: every stage is validated there, the teacher checked
 teacher:
@@ -70,13 +77,13 @@ distill:
 def _causal_lm(teacher: Path, data: Path) -> str:
     return f"""# A causal LM distilled into one cut from its own layers (written by distill init).
 task: causal_lm
-name: {data.stem}
+name: {_q(data.stem)}
 data:
   source: {_source(data, "causal_lm")}  # text: packed blocks; jsonl: prompt/response pairs
-  path: {data}
+  path: {_q(data)}
   block_size: 256
 teacher:
-  path: {teacher}  # an HF folder or a .gguf file
+  path: {_q(teacher)}  # an HF folder or a .gguf file
 student:
   from_teacher: {{keep: 6}}  # the student keeps 6 of the teacher's layers, evenly spaced
   train: {{epochs: 1, batch_size: 8, optimizer: adamw, lr: 5.0e-4}}
@@ -90,15 +97,15 @@ def _text_classification(teacher: Path, data: Path) -> str:
     return f"""# Text classification by soft labels: a sentence-encoder teacher + a probe label the texts, a smaller
 # encoder learns from them (written by distill init).
 task: text_classification
-name: {data.name}
+name: {_q(data.name)}
 data:
   source: {_source(data, "text_classification")}
-  path: {data}
+  path: {_q(data)}
   labeled_fraction: 1.0     # the share of labels you have; the rest is unlabeled transfer data
   validation_fraction: 0.1  # labeled texts held out: the students are validated there, the teacher checked
   max_length: 128
 teacher:
-  path: {teacher}  # a sentence-transformers / HF encoder folder
+  path: {_q(teacher)}  # a sentence-transformers / HF encoder folder
 student:
   from_teacher: {{keep: 2}}  # the student keeps 2 of the teacher's layers
   # lr auto: a short sweep (1e-4, 3e-4, 1e-3) for the baseline and, before T and alpha, for the distilled student
@@ -113,14 +120,14 @@ distill:
 def _embedding(teacher: Path, data: Path) -> str:
     return f"""# A smaller sentence encoder that embeds like the teacher (written by distill init).
 task: embedding
-name: {data.name}
+name: {_q(data.name)}
 data:
   - source: {_source(data, "embedding")}
-    path: {data}
+    path: {_q(data)}
     max_length: 128
     validation_fraction: 0.1  # training texts held out: the student is validated there (loss, cosine)
 teacher:
-  path: {teacher}  # a sentence-transformers / HF encoder folder
+  path: {_q(teacher)}  # a sentence-transformers / HF encoder folder
 student:
   from_teacher: {{keep: 2}}
   train: {{epochs: 3, batch_size: 32, optimizer: adamw, lr: 1.0e-4}}
@@ -152,5 +159,5 @@ def write_starter(task: str, teacher: Path | None, data: Path, out: Path, *, for
     text = TEMPLATES[task](resolved, data.expanduser().resolve())
     parse_recipe(yaml.safe_load(text), str(out))  # what init writes always validates
     with atomic_path(out) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return out
