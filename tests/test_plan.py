@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, content, fragment, monkeypat
     code, _, err = cli(monkeypatch, capsys, "plan", recipe)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+def test_plan_writes_its_scratch_files_beside_the_run_and_removes_them(tmp_path, tiny_recipe, monkeypatch, capsys):
+    import tempfile
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-tmpdir"))  # $TMPDIR (often RAM) is not used
+    real_save, written = torch.save, []
+    monkeypatch.setattr(torch, "save", lambda obj, path, **kw: (written.append(Path(path)), real_save(obj, path))[1])
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    code, out, err = cli(monkeypatch, capsys, "plan", recipe, "--steps", "1", "--json", "--out", disk / "runs" / "a")
+    assert code == 0, err
+    assert written and all(disk in path.parents for path in written)  # the run's disk: fsyncs timed where they land
+    assert list(disk.iterdir()) == []  # and nothing left there, not even runs/

@@ -191,3 +191,43 @@ def test_compare_puts_runs_side_by_side(finished_run, tmp_path):
     assert "<svg" in page and (tmp_path / "cmp" / "compare.png").exists()
     missing = distill("compare", finished_run, tmp_path / "nothing")
     assert_one_line_error(missing, "has no metrics.json")
+
+
+def test_markdown_shows_data_as_text_not_html(finished_run, tmp_path):
+    """Class names, text snippets, prompts and generations come from the data: REPORT.md escapes them as report.html
+    does, and a | in a cell does not split it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    classes = ["<b>zero</b>", "one|two", "R&D", "<img src=x onerror=alert(1)>", *map(str, range(4, 10))]
+    where = metrics["disagreements"]
+    where["classes"], where["pairs"] = classes, [[0, 1, 5], [2, 3, 4]]
+    where["examples"] = [{"index": 0, "label": 3, "distance": 0.5, "text": "<script>alert(1)</script> & more",
+                          "teacher": [[0, 0.9]], "student": [[1, 0.8]]}]  # fmt: skip
+    generated = {"greedy": "<em>", "sampled": "x"}
+    metrics["generations"] = [{"prompt": "<i>once</i>", "reference": "a | b <u>", "student": generated}]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    write_report(run_dir)
+    markdown = (run_dir / "REPORT.md").read_text()
+    page = (run_dir / "report.html").read_text()
+    for raw in ("<b>", "<img", "<script", "<i>", "<u>", "<em>"):
+        assert raw not in markdown
+    for raw in ("<b>zero", "<img", "<script", "<i>once", "<u>", "<em>"):
+        assert raw not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in markdown and "R&amp;D" in markdown
+    pairs = [line for line in markdown.splitlines() if "&lt;b&gt;zero&lt;/b&gt;" in line and line.startswith("|")]
+    assert pairs == ["| &lt;b&gt;zero&lt;/b&gt; | one\\|two | 5 |"]  # three cells, the | kept inside one
+    assert "| reference | a \\| b &lt;u&gt; |" in markdown
+
+
+def test_compare_draws_run_names_with_dollar_signs_as_written(finished_run, tmp_path):
+    from distill.tasks import compare_runs
+
+    names = ["cost$5-$10", "lr$\\foo$"]  # mathtext would set the first in italics and fail to parse the second
+    for name in names:
+        shutil.copytree(finished_run, tmp_path / name)
+    compare_runs([tmp_path / name for name in names], tmp_path / "cmp")
+    svg = html.unescape((tmp_path / "cmp" / "compare.html").read_text())
+    markdown = (tmp_path / "cmp" / "COMPARE.md").read_text()
+    for name in names:
+        assert f"{name}: student, distilled" in svg and f"| {name} |" in markdown

@@ -294,3 +294,22 @@ def test_every_process_runs_as_many_micro_batches_whatever_its_share():
         assert all(chunk.tolist() == [7] for chunk, _ in parts)
     single = micro_batches(torch.arange(2), 0, 1, 3)
     assert [(c.tolist(), real) for c, real in single] == [([0], True), ([1], True)]
+
+
+def test_every_file_a_run_writes_follows_the_umask(tmp_path, tiny_recipe):
+    """safetensors writes through a temp file of its own, 0600 (so do transformers' save_pretrained weights): the
+    run folder's files all take the mode the umask gives, as its other files do."""
+    import os
+
+    from lm_fixtures import tiny_llama, tiny_tokenizer
+
+    from distill.models.causal_lm import save_causal_lm
+
+    run(parse_recipe(tiny_recipe), tmp_path / "run")
+    tokenizer = tiny_tokenizer()
+    save_causal_lm(tiny_llama(tokenizer, layers=1), tokenizer, tmp_path / "run" / "lm")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {path.relative_to(tmp_path).as_posix(): path.stat().st_mode & 0o777 for path in tmp_path.rglob("*")}
+    assert modes["run/teacher/model.safetensors"] == modes["run/metrics.json"] == 0o666 & ~mask
+    assert {mode for path, mode in modes.items() if (tmp_path / path).is_file()} == {0o666 & ~mask}, modes

@@ -8,11 +8,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big model into a small, fast one.")
 err = Console(stderr=True)
+# The folder `distill run` writes, once it started: what --resume goes on from, and the only case where saying so holds.
+started = {"run_folder": None}
 
 
 @app.command()
@@ -27,6 +30,7 @@ def run(
     from distill.tasks import TASKS, load_recipe, run_recipe, task_of
 
     loaded = load_recipe(recipe, set_)
+    started["run_folder"] = out
     metrics = run_recipe(loaded, out, resume=resume, force=force)
     if metrics:  # empty on the other processes of a multi-process run: the main one reports
         print(TASKS[task_of(loaded)].report.headline(metrics["models"]))
@@ -96,6 +100,9 @@ def plan(
     set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set student.train.batch_size=16")] = [],  # noqa: B006
     steps: Annotated[int, typer.Option(help="optimizer steps timed per stage (after one warm-up step)")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the table")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", help="the run folder the run would write: scratch files are timed beside it")
+    ] = Path("runs/latest"),
 ) -> None:
     """Before a run: peak memory of each stage and time per epoch on this machine, from a few timed steps."""
     import json
@@ -103,7 +110,7 @@ def plan(
     from distill.plan import make_plan, show_plan
     from distill.tasks import load_recipe
 
-    planned = make_plan(load_recipe(recipe, set_), steps=steps)
+    planned = make_plan(load_recipe(recipe, set_), steps=steps, out=out)
     if json_:
         print(json.dumps(planned.as_dict()))
     else:
@@ -170,32 +177,46 @@ def export(
     print(summary(export_run(run_dir, format_, out, force=force)))
 
 
-def os_problem(exc: OSError) -> str:
-    """One line for an operating-system error met while reading or writing files."""
+def again(run_folder: Path | None) -> str:
+    """How to go on: --resume only for a `distill run` whose folder exists (it goes on from what is there)."""
+    if run_folder is not None and Path(run_folder).is_dir():
+        return f"rerun with --resume to go on from what {run_folder} holds"
+    return "run the command again"
+
+
+def os_problem(exc: OSError, run_folder: Path | None = None) -> str:
+    """One line for an operating-system error met while reading or writing files; ``run_folder``: the folder of the
+    `distill run` that met it."""
     import errno
 
     where = f" ({exc.filename})" if exc.filename else ""
-    advice = {
-        errno.ENOSPC: "no space left on the device{where}: free some space, then rerun with --resume",
-        errno.EDQUOT: "disk quota exceeded{where}: free some space, then rerun with --resume",
-        errno.EROFS: "the file system is read-only{where}: choose another --out or cache folder",
-        errno.EACCES: "permission denied{where}: fix the permissions or choose another path",
-        errno.EPERM: "operation not permitted{where}: fix the permissions or choose another path",
-    }.get(exc.errno, f"{exc.strerror or exc}{{where}}: check the path and rerun with --resume")
-    return advice.format(where=where) + "; finished work and the last checkpoint are intact"
+    then = again(run_folder)
+    return {
+        errno.ENOSPC: f"no space left on the device{where}: free some space, then {then}",
+        errno.EDQUOT: f"disk quota exceeded{where}: free some space, then {then}",
+        errno.EROFS: f"the file system is read-only{where}: choose another --out or cache folder",
+        errno.EACCES: f"permission denied{where}: fix the permissions or choose another path",
+        errno.EPERM: f"operation not permitted{where}: fix the permissions or choose another path",
+    }.get(exc.errno, f"{exc.strerror or exc}{where}: check the path, then {then}")
+
+
+def say(message: str) -> None:
+    """One error line on stderr; the message is text, never rich markup (a path may hold [brackets])."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
+    started["run_folder"] = None
     try:
         app(standalone_mode=False)
     except DistillError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        say(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted: the last checkpoint is intact; continue with --resume", highlight=False)
+        err.print(escape(f"interrupted: {again(started['run_folder'])}"), highlight=False, soft_wrap=True)
         sys.exit(130)
     except OSError as exc:  # the disk, not the input: full, read-only, or not ours to read or write
-        err.print(f"[red]error:[/red] {os_problem(exc)}", highlight=False, soft_wrap=True)
+        say(os_problem(exc, started["run_folder"]))
         sys.exit(2)
     except Exception as exc:  # click's usage errors
         import click

@@ -100,7 +100,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        os.chmod(tmp, FOLDER_MODE)
+        for root, _, files in os.walk(tmp):  # safetensors and save_pretrained write their files 0600
+            os.chmod(root, FOLDER_MODE)
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), FILE_MODE)
         fsync_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))

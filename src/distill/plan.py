@@ -53,7 +53,7 @@ from distill.tasks import classifier
 from distill.teachers.live import LiveTeacher
 from distill.teachers.lm_cache import build_lm_cache, record_dtype
 from distill.teachers.lm_signals import SparseSignal
-from distill.train import ClassifierBatches, Stage, make_accelerator, train_loop
+from distill.train import ClassifierBatches, Stage, make_accelerator, torch_save, train_loop
 
 FLOAT = 4  # bytes: weights, gradients, optimizer states and the losses' vocabulary buffers are float32
 # The chunked losses keep about 4 float32 [chunk, V] buffers live (student logits / log-probs, teacher or target
@@ -165,21 +165,31 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def make_plan(recipe, *, steps: int = 3) -> Plan:
-    """The plan of a parsed recipe (``tasks.load_recipe``), with ``steps`` timed optimizer steps per stage."""
+def make_plan(recipe, *, steps: int = 3, out: Path = Path("runs/latest")) -> Plan:
+    """The plan of a parsed recipe (``tasks.load_recipe``), with ``steps`` timed optimizer steps per stage.
+
+    ``out`` is the run folder the run would write: the timed checkpoints (and a cache batch) are written in a scratch
+    folder beside it, so their fsyncs are timed on the run's disk (not in $TMPDIR, often RAM), and removed after."""
     if steps < 1:
         raise DistillError(f"--steps {steps}: time at least 1 step")
-    import_bytes = current_rss()  # before this plan loads any data or model
-    if isinstance(recipe, Recipe):
-        plan = classifier_plan(recipe, steps)
-    elif isinstance(recipe, LMRecipe):
-        plan = lm_plan(recipe, steps)
-    else:
+    if not isinstance(recipe, Recipe | LMRecipe):
         raise DistillError(f"distill plan covers classification and causal_lm recipes, not task: {recipe.task}")
+    import_bytes = current_rss()  # before this plan loads any data or model
+    with tempfile.TemporaryDirectory(dir=run_disk(out), prefix=".distill-plan-") as scratch:
+        plan = (classifier_plan if isinstance(recipe, Recipe) else lm_plan)(recipe, steps, Path(scratch))
     plan.import_bytes = import_bytes
     if torch.cuda.is_available():
         plan.device_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return plan
+
+
+def run_disk(out: Path) -> Path:
+    """The nearest existing folder above the run folder ``out``: where the run's files will be (``runs/latest``
+    before ``runs/`` exists: the current folder). Nothing is created for the plan."""
+    folder = Path(out).absolute().parent
+    while not folder.is_dir():
+        folder = folder.parent
+    return folder
 
 
 # ---- what every training stage has ----
@@ -228,11 +238,11 @@ class _Timed(Exception):
     """Raised from the loop's on_step hook once enough steps are timed: the rest of the run is not needed."""
 
 
-def timed_steps(name: str, model: nn.Module, spec: TrainSpec, batches, accelerator, steps: int) -> dict:
-    """Seconds of an optimizer step in the run's own loop (``train.train_loop`` in a scratch folder, its progress bar
-    silenced): the median gap between consecutive steps after the first (one-time set-up), ``steps`` of them, more
-    while they fit in ``TIMING_SECONDS``. Then the seconds of writing a checkpoint (weights and optimizer state) and
-    a best-weights file, as the loop writes them (atomically, fsynced)."""
+def timed_steps(name: str, model: nn.Module, spec: TrainSpec, batches, accelerator, steps: int, scratch: Path) -> dict:
+    """Seconds of an optimizer step in the run's own loop (``train.train_loop`` in a folder in ``scratch``, its
+    progress bar silenced): the median gap between consecutive steps after the first (one-time set-up), ``steps`` of
+    them, more while they fit in ``TIMING_SECONDS``. Then the seconds of writing a checkpoint (weights and optimizer
+    state) and a best-weights file, as the loop writes them (atomically, fsynced, on the run's disk)."""
     budget = {"max_steps": MAX_TIMED_STEPS + 1, "checkpoint_every": 10**9, "eval_every": None, "patience": None}
     if spec.lr == "auto":  # left to a sweep; any rate costs the same
         budget["lr"] = 1e-3
@@ -244,7 +254,7 @@ def timed_steps(name: str, model: nn.Module, spec: TrainSpec, batches, accelerat
         if timed >= MAX_TIMED_STEPS or (timed >= steps and stamps[-1] - stamps[0] >= TIMING_SECONDS):
             raise _Timed
 
-    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory(dir=scratch) as folder, contextlib.redirect_stdout(io.StringIO()):
         try:
             train_loop(
                 name, model, spec.model_copy(update=budget), batches, Path(folder), accelerator, seed=0, on_step=stamp
@@ -263,7 +273,7 @@ def timed_steps(name: str, model: nn.Module, spec: TrainSpec, batches, accelerat
 
 def write(path: Path, state) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
 
 
 def timed(fn) -> float:
@@ -298,7 +308,7 @@ def schedule(spec: TrainSpec, examples: int, validates: bool) -> dict:
 # ---- classification ----
 
 
-def classifier_plan(recipe: Recipe, steps: int) -> Plan:
+def classifier_plan(recipe: Recipe, steps: int, scratch: Path) -> Plan:
     before, high_before = current_rss(), peak_rss()
     data = load_data(recipe.data, recipe.seed)
     arrays = (data.train_x, data.train_y, data.test_x, data.test_y, data.val_x, data.val_y)
@@ -314,7 +324,7 @@ def classifier_plan(recipe: Recipe, steps: int) -> Plan:
 
     def stage(name, spec, model_spec, examples, **kwargs) -> StagePlan:
         model = build_classifier(model_spec, data.input_shape, data.num_classes)
-        return classifier_stage(name, model, spec, data, examples, accelerator, steps, check, **kwargs)
+        return classifier_stage(name, model, spec, data, examples, accelerator, steps, check, scratch, **kwargs)
 
     teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
     teacher_bytes = weight_bytes(teacher)
@@ -367,7 +377,20 @@ def classifier_plan(recipe: Recipe, steps: int) -> Plan:
 
 
 def classifier_stage(
-    name, model, spec, data, examples, accelerator, steps, check, *, teacher=0, resident=0, signal=None, distill=None
+    name,
+    model,
+    spec,
+    data,
+    examples,
+    accelerator,
+    steps,
+    check,
+    scratch,
+    *,
+    teacher=0,
+    resident=0,
+    signal=None,
+    distill=None,
 ) -> StagePlan:
     """One classifier stage: its state, the activations of a micro-batch, its timed steps and validation."""
     model.to(accelerator.device)
@@ -379,7 +402,7 @@ def classifier_stage(
     stage = Stage(name=name, model=model, train=spec, teacher=signal, distill=distill)
     x, y, ids = torch.from_numpy(data.train_x[keep]), torch.from_numpy(data.train_y[keep]), np.flatnonzero(keep)
     batches = ClassifierBatches(x, y, torch.from_numpy(ids), stage, data.input_shape)
-    times = timed_steps(name, model, spec, batches, accelerator, steps)
+    times = timed_steps(name, model, spec, batches, accelerator, steps, scratch)
     best = times.pop("best_seconds")  # a validation that improves writes the best weights
     validation_seconds = timed(lambda: check(model.eval())) + best if check else 0.0
     return StagePlan(
@@ -397,12 +420,13 @@ def classifier_stage(
 # ---- causal language models ----
 
 
-def lm_plan(recipe: LMRecipe, steps: int) -> Plan:
+def lm_plan(recipe: LMRecipe, steps: int, scratch: Path) -> Plan:
     s = lm.with_student(lm.setup(recipe), recipe)  # an adapted teacher has the same shapes: cut from the loaded one
     accelerator = make_accelerator(recipe.mixed_precision)
     d, seq, vocab = recipe.distill, s.train.input_ids.shape[1], s.vocab_size
     teacher_bytes, student_bytes = weight_bytes(s.teacher), weight_bytes(s.student_init)
     shapes = {"seq": seq, "vocab": vocab, "eval_batch": recipe.eval.batch_size, "accelerator": accelerator}
+    shapes["scratch"] = scratch
 
     def stage(name, model, spec, batches, **kwargs) -> StagePlan:
         return lm_stage(name, model, spec, batches, s, recipe, steps, shapes, **kwargs)
@@ -428,11 +452,11 @@ def lm_plan(recipe: LMRecipe, steps: int) -> Plan:
         )
         held += student_bytes  # kept for the evaluation
     if d.signal == "cache":
-        stages.append(cache_stage(s, recipe, teacher_bytes, held, accelerator))
+        stages.append(cache_stage(s, recipe, teacher_bytes, held, accelerator, scratch))
         lookup = stand_in_targets(d.cache_mode, d.cache_k, seq, vocab)  # what the cache returns, drawn at random
         batches = lm.LMBatches(s.train, vocab, d.chunk_size, distill=d, signal=SparseSignal(lookup, d.temperature))
     else:
-        with tempfile.TemporaryDirectory() as out:  # only a cache would be written there
+        with tempfile.TemporaryDirectory(dir=scratch) as out:  # only a cache would be written there
             batches = lm.student_batches(recipe, Path(out), s, accelerator)
     live = d.signal == "live" or d.onpolicy is not None
     beside = teacher_bytes + (teacher_hidden_bytes(s.teacher, recipe.student.train, seq) if live else 0)
@@ -469,7 +493,7 @@ def lm_stage(name, model, spec, batches, s, recipe, steps, shapes, *, teacher, r
     with accelerator.autocast():
         activations = saved_bytes(lambda: last_hidden(model, ids, attention), model)
     positions = len(ids) * (seq - 1)  # every position predicts a next token (padding and prompts at most)
-    times = timed_steps(name, model, spec, batches, accelerator, steps)
+    times = timed_steps(name, model, spec, batches, accelerator, steps, shapes["scratch"])
     best = times.pop("best_seconds")  # a validation that improves writes the best weights
     validation_seconds = timed(lambda: check(accelerator.unwrap_model(model).eval())) + best if check else 0.0
     with_teacher = name != "teacher"
@@ -517,7 +541,7 @@ def stand_in_targets(mode: str, k: int, seq: int, vocab: int):
     return lookup
 
 
-def cache_stage(s, recipe: LMRecipe, teacher_bytes: int, resident: int, accelerator) -> StagePlan:
+def cache_stage(s, recipe: LMRecipe, teacher_bytes: int, resident: int, accelerator, scratch: Path) -> StagePlan:
     """The teacher's pass over the training blocks that builds the LM cache: its logits of ``CACHE_BATCH`` blocks,
     and the per-block log-probs and probabilities the draws are made from; one batch of it written, timed."""
     d, seq, blocks = recipe.distill, s.train.input_ids.shape[1], len(s.train)
@@ -529,7 +553,7 @@ def cache_stage(s, recipe: LMRecipe, teacher_bytes: int, resident: int, accelera
         return teacher(input_ids=input_ids.to(accelerator.device)).logits.float()
 
     sample = s.train.input_ids[:CACHE_BATCH]
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
         seconds = timed(
             lambda: build_lm_cache(
                 logits,

@@ -9,9 +9,11 @@ reaches exactly the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -212,6 +214,24 @@ def _restore_rng(state: dict) -> None:
         )
 
 
+FULL_DISK_BYTES = 1 << 20  # less free space than this beside a failed torch.save: the disk filled up
+
+
+def torch_save(obj, path: Path) -> None:
+    """``torch.save`` into ``path`` (a temp file of ``atomic_path``), a full disk raised as the OSError it is: torch
+    reports it as a RuntimeError ("file write failed", "unexpected pos …"), which would end the run in a traceback
+    instead of one line. Other failures are raised as they are."""
+    try:
+        torch.save(obj, path)
+        return
+    except RuntimeError:
+        if shutil.disk_usage(Path(path).parent).free >= FULL_DISK_BYTES:
+            raise
+    # Raised outside the except clause: torch's error would be its context, and its frames hold the temp file open,
+    # so the space of the removed file would stay taken for as long as the error is kept.
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(path).parent))
+
+
 def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, scheduler, position: dict) -> None:
     """Write the checkpoint atomically; the one it replaces is kept as the previous good one."""
     state = {
@@ -222,7 +242,7 @@ def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, sched
         "position": position,
     }
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
         if path.exists():
             os.replace(path, previous_checkpoint(path))
 
@@ -265,6 +285,17 @@ def _trim_log(log_path: Path, stage: str, last_step: int) -> None:
             kept.append(line)
     with atomic_path(log_path) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
+def nan_advice(name: str, loss: float, step: int, checkpoint: Path) -> str:
+    """What to do about a non-finite loss. A lower rate is a changed recipe, which --resume refuses: a new run is
+    started. The baseline and auto-sweep candidates train with the student's settings."""
+    key = "teacher.train.lr" if name == "teacher" else "student.train.lr"
+    kept = f"the last good checkpoint ({checkpoint}) is intact; " if checkpoint.exists() else ""
+    return (
+        f"{name}: loss became {loss} at step {step}; {kept}lower {key} (--set {key}=...) or check the data, then "
+        "start again in a new --out (or replace this run with --force; --resume takes only the same recipe)"
+    )
 
 
 class Batches(Protocol):
@@ -465,7 +496,7 @@ def train_loop(
             model_state = parallel.full_model_state(model) if fsdp else accelerator.unwrap_model(model).state_dict()
             if accelerator.is_main_process:
                 with atomic_path(best_path) as tmp:  # durable before any checkpoint that points to it
-                    torch.save(model_state, tmp)
+                    torch_save(model_state, tmp)
         else:
             position["stale"] += 1
         position["stopped"] = bool(spec.patience and position["stale"] >= spec.patience)
@@ -515,11 +546,7 @@ def train_loop(
                         terms = batches.loss(model, chunk, accelerator.device)
                         loss = terms["loss"]
                         if not torch.isfinite(loss):
-                            raise DistillError(
-                                f"{name}: loss became {loss.item()} at step {step + 1}; the last good "
-                                f"checkpoint ({checkpoint}) is intact — lower {name}.train.lr or check "
-                                "the data, then rerun with --resume"
-                            )
+                            raise DistillError(nan_advice(name, loss.item(), step + 1, checkpoint))
                         # Weight by this micro-batch's share of the global batch (DDP averages over world), so
                         # the gradient is the mean over every example (or token) of the global batch.
                         share = weights[chunk].sum().item() * world / max(global_weight, 1e-12) if real else 0.0

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distill.io import atomic_path
+from distill.train import torch_save
 
 WEIGHTS = "model.int8.pt"
 META = "int8.json"
@@ -52,7 +53,7 @@ def save_int8(model: nn.Module, folder: Path, meta: dict) -> Path:
     with atomic_path(folder / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     with atomic_path(folder / WEIGHTS) as tmp:
-        torch.save(model.state_dict(), tmp)
+        torch_save(model.state_dict(), tmp)
     return folder / WEIGHTS
 
 

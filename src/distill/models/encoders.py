@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.io import atomic_dir
+from distill.io import atomic_dir, atomic_path
 from distill.models.cut import student_from_teacher
 
 POOLING_MODES = ("mean", "cls", "max")
@@ -156,8 +156,10 @@ def save_encoder(encoder: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, f
 def save_classifier_head(model: EncoderClassifier, tokenizer, folder: Path, classes: list[str]) -> Path:
     """Encoder folder plus ``head.safetensors`` and ``classes.json``: the whole classifier, reloadable."""
     save_encoder(model.encoder, tokenizer, folder)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
-    (folder / "classes.json").write_text(json.dumps(classes))
+    with atomic_path(folder / "head.safetensors") as tmp:  # umask's mode, not safetensors' 0600
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
+    with atomic_path(folder / "classes.json") as tmp:
+        tmp.write_text(json.dumps(classes))
     return folder
 
 

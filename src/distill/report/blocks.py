@@ -69,26 +69,32 @@ class Section:
     blocks: list = field(default_factory=list)  # str (a paragraph) | Table | Figure | Html
 
 
+def md_text(text) -> str:
+    """Text as Markdown shows it, never as raw HTML: what comes from the data (class names, snippets, run names) may
+    hold <, > or &, as report.html's html.escape knows. Our own text uses none of them as markup."""
+    return html.escape(str(text), quote=False)
+
+
 def markdown(title: str, sections: list[Section]) -> str:
-    parts = [f"# {title}"]
+    parts = [f"# {md_text(title)}"]
     for section in sections:
         if section.heading:
-            parts.append(f"## {section.heading}")
+            parts.append(f"## {md_text(section.heading)}")
         for block in section.blocks:
             if isinstance(block, str):
-                parts.append(block)
+                parts.append(md_text(block))
             elif isinstance(block, Table):
                 parts.append(markdown_table(block))
             elif isinstance(block, Figure):
-                parts.append(f"![{block.title}]({block.png.name})")
+                parts.append(f"![{md_text(block.title)}]({block.png.name})")
             else:
-                parts.append(block.markdown)
+                parts.append(md_text(block.markdown))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def markdown_table(table: Table) -> str:
-    def escape(text: str) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ⏎ ").strip()
+    def escape(text: str) -> str:  # a | in a cell would end it
+        return md_text(text).replace("|", "\\|").replace("\n", " ⏎ ").strip()
 
     lines = ["| " + " | ".join(map(escape, table.header)) + " |", "|" + "---|" * len(table.header)]
     lines += ["| " + " | ".join(map(escape, row)) + " |" for row in table.rows]
@@ -114,8 +120,7 @@ def html_table(table: Table) -> str:
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td{' class=left' if table.left(i) else ''}>{_cell_html(value)}</td>"
-            for i, value in enumerate(row)
+            f"<td{' class=left' if table.left(i) else ''}>{_cell_html(value)}</td>" for i, value in enumerate(row)
         )
         + "</tr>"
         for row in table.rows

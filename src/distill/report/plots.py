@@ -39,6 +39,12 @@ def _pyplot():
     return plt
 
 
+def plain(text) -> str:
+    """A label drawn as written: matplotlib reads text between two $ as mathtext, which garbles a run named
+    "cost$5-$10" and raises on one it cannot parse ("$\\foo$")."""
+    return str(text).replace("$", r"\$")
+
+
 def save(fig, run_dir: Path, stem: str, title: str) -> Figure:
     plt = _pyplot()
     target = run_dir / f"{stem}.png"
@@ -84,7 +90,8 @@ def models_figure(run_dir: Path, models: dict, quality, labels: dict) -> Figure:
         ys = {n: models[n][quality.key] for n in shown}
         for name in shown:
             colour, marker = MODEL_STYLE.get(name, ("#333333", "o"))
-            ax.scatter(xs[name], ys[name], color=colour, marker=marker, s=60, label=labels.get(name, name), zorder=3)
+            label = plain(labels.get(name, name))
+            ax.scatter(xs[name], ys[name], color=colour, marker=marker, s=60, label=label, zorder=3)
         path = [n for n in ("teacher", "student", "student_int8") if n in xs]
         for start, end in zip(path, path[1:], strict=False):
             ax.annotate("", xy=(xs[end], ys[end]), xytext=(xs[start], ys[start]),
@@ -141,7 +148,7 @@ def curves_figure(run_dir: Path, entries: list[dict], stages: list[str], labels:
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, color="black", marker=marker, markersize=4, linestyle="--", linewidth=1,
                         label=f"validation {key}")  # fmt: skip
-        ax.set(title=labels.get(stage, stage), xlabel="optimizer step")
+        ax.set(title=plain(labels.get(stage, stage)), xlabel="optimizer step")
         values = [v for line in ax.get_lines() for v in line.get_ydata()]
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
@@ -163,7 +170,7 @@ def reliability_figure(run_dir: Path, calibration: dict, labels: dict) -> Figure
         colour, marker = MODEL_STYLE.get(name, ("#333333", "o"))
         confidence, accuracy = [b[0] for b in entry["bins"]], [b[1] for b in entry["bins"]]
         ax.plot(confidence, accuracy, color=colour, marker=marker, markersize=4,
-                label=f"{labels.get(name, name)} (ECE {entry['ece']:.3f})")  # fmt: skip
+                label=plain(f"{labels.get(name, name)} (ECE {entry['ece']:.3f})"))  # fmt: skip
     ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02))
     ax.set_yticks([0.2, 0.4, 0.6, 0.8, 1.0])  # no 0 on this axis: the two zeros would meet in the corner
     ax.grid(alpha=0.3)
@@ -195,7 +202,7 @@ def compare_figure(out: Path, points: dict[tuple[str, str], dict], quality, labe
     for (run, model), values in points.items():
         if values.get(quality.key) is None or not values.get("file_bytes"):
             continue
-        label = f"{run}: {labels.get(model, model)}"
+        label = plain(f"{run}: {labels.get(model, model)}")
         marker = MODEL_STYLE.get(model, ("", "o"))[1]
         x = values["file_bytes"] / 2**20
         xs.append(x)

@@ -145,9 +145,10 @@ def token_kl_section(passage: dict) -> Section:
     )
     mean = sum(values) / max(len(values), 1)
     worst = sorted(zip(passage["kl"], passage["pieces"], strict=True), reverse=True)[:8]
+    # quoted, not code spans: REPORT.md escapes <, > and &, which a code span would show as &lt;eos&gt;
     text = (
         f"Mean KL over this passage {mean:.3f} nats; the tokens the student gets most unlike the teacher: "
-        + ", ".join(f"`{piece.strip() or repr(piece)}` ({kl:.2f})" for kl, piece in worst)
+        + ", ".join(f"“{piece.strip() or repr(piece)}” ({kl:.2f})" for kl, piece in worst)
     )
     note = (
         "A held-out passage; each token is shaded by the student's forward KL to the teacher at the position that "

@@ -27,6 +27,7 @@ from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.evaluate import embedding_validation_scores, folder_bytes, text_speed
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
+from distill.io import atomic_path
 from distill.losses import IGNORE_INDEX
 from distill.losses.embedding import embedding_losses, token_state_loss
 from distill.models import count_parameters
@@ -103,7 +104,8 @@ def save_embedding_student(model: EmbeddingStudent, tokenizer, folder: Path) -> 
     save_encoder(model.encoder, tokenizer, folder)
     if model.projection is not None:
         state = {k: v.contiguous() for k, v in model.projection.state_dict().items()}
-        save_file(state, str(folder / "projection.safetensors"))
+        with atomic_path(folder / "projection.safetensors") as tmp:  # umask's mode, not safetensors' 0600
+            save_file(state, str(tmp))
 
 
 def load_embedding_student(folder: Path, teacher_dim: int, normalize: bool):
