@@ -291,9 +291,9 @@ def test_top_logprobs_are_cut_to_k():
     """llama.cpp's server adds the sampled token to its top list when it is not among the top k."""
     from distill.teachers.served import parse_choice
 
-    token = {"token": "a", "logprob": -3.0, "top_logprobs": [{"token": t, "logprob": -i} for i, t in enumerate("xyza")]}
-    answer = {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [token]}}]}
-    assert parse_choice(answer, "chat", 3)["logprobs"][0]["top"] == {"x": 0, "y": -1, "z": -2}
+    tops = [{"token": t, "logprob": -0.5 - i} for i, t in enumerate("xyza")]
+    answer = chat_answer({"content": [{"token": "a", "logprob": -3.5, "top_logprobs": tops}]})
+    assert parse_choice(answer, "chat", 3)["logprobs"][0]["top"] == {"x": -0.5, "y": -1.5, "z": -2.5}
 
 
 def chat_answer(logprobs) -> dict:
@@ -326,6 +326,7 @@ def entry(**fields) -> dict:
         chat_answer(entry(top_logprobs={"b": -2.0})),
         chat_answer(entry(top_logprobs=[{"token": "b"}])),
         chat_answer(entry(top_logprobs=[{"token": "b", "logprob": "high"}])),
+        chat_answer(entry(top_logprobs=[{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -0.2}])),  # mass > 1
         completions_answer({"tokens": "ab", "token_logprobs": [-1.0, -2.0]}),
         completions_answer({"tokens": ["a", "b"], "token_logprobs": [-1.0]}),
         completions_answer({"tokens": ["a"]}),  # no token_logprobs
@@ -400,7 +401,7 @@ def test_backoff_is_jittered_doubling_and_capped(monkeypatch):
     from distill.recipe import EndpointSpec
     from distill.teachers import served as served_module
 
-    def refuse(endpoint, body):
+    def refuse(endpoint, body, stop=None):
         raise served_module.Retryable("HTTP 503")
 
     monkeypatch.setattr(served_module, "post", refuse)
@@ -420,7 +421,8 @@ def test_backoff_is_jittered_doubling_and_capped(monkeypatch):
     assert len(set(seeded)) == len(seeded)  # jittered, not the same wait for every client
     assert seeded == waits(random.Random(0).uniform)  # a seeded draw repeats
 
-    def ready_now(endpoint, body):  # Retry-After: 0 makes no busy loop: the jittered back-off is still the least
+    # Retry-After: 0 makes no busy loop: the jittered back-off is still the least
+    def ready_now(endpoint, body, stop=None):
         raise served_module.Retryable("HTTP 429", wait=0.0)
 
     monkeypatch.setattr(served_module, "post", ready_now)

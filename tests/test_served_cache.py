@@ -5,6 +5,7 @@ tokens is caught at the first block, or its blocks skipped and counted; faults a
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -28,11 +29,15 @@ SEQ = 16
 class FaultyServer(PromptLogprobHandler):
     """The reference server with faults, consumed one per request: "503", "cut" (a body shorter than its
     Content-Length), "garbage" (not JSON), "retokenized" (the server read one token of an id prompt differently);
-    ``misread`` maps token ids the server reads as others, in every prompt (a server with another tokenizer)."""
+    ``misread`` maps token ids the server reads as others, in every prompt (a server with another tokenizer).
+    Hostile answers: "negative", "mass", "outside", "huge", "huge-unsized" (see ``spoiled``); "trickle" (the answer
+    a byte every 50 ms, each well within any socket timeout, for at most 5 s); "redirect:CODE" (to ``redirect_to``).
+    """
 
     faults: list[str] = []
     answered: list[int] = []  # the first token of each whole block answered in full
     misread: dict[int, int] = {}
+    redirect_to = "http://localhost:9/v1/completions"
 
     def prompt_ids(self, body: dict) -> list[int]:
         return [self.misread.get(i, i) for i in super().prompt_ids(body)]
@@ -44,6 +49,12 @@ class FaultyServer(PromptLogprobHandler):
         if fault == "503":
             self.reply(503, b'{"error": "busy"}')
             return
+        if fault.startswith("redirect:"):
+            self.send_response(int(fault.partition(":")[2]))
+            self.send_header("Location", self.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if fault == "retokenized":
             body["prompt"][3] = (body["prompt"][3] + 1) % self.vocab_size
         try:
@@ -51,11 +62,56 @@ class FaultyServer(PromptLogprobHandler):
         except Unprocessable as exc:
             self.reply(exc.status, json.dumps({"error": {"message": str(exc)}}).encode())
             return
+        if fault in ("negative", "mass", "outside", "huge", "huge-unsized", "trickle"):
+            self.hostile(fault, payload)
+            return
         self.reply(200, payload, cut=fault == "cut")
         ids = self.prompt_ids(body)
         if fault == "ok" and len(ids) == SEQ and (body.get("echo") or "prompt_logprobs" in body):
             with self.lock:
                 FaultyServer.answered.append(ids[0])
+
+    def hostile(self, fault: str, payload: bytes) -> None:
+        payload = payload if fault == "trickle" else spoiled(fault, payload)
+        self.send_response(200)
+        if fault != "huge-unsized":  # without a Content-Length the answer runs until the connection closes
+            self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        give_up = time.monotonic() + 5
+        try:
+            if fault != "trickle":
+                self.wfile.write(payload)
+                return
+            for byte in payload:
+                if time.monotonic() > give_up:
+                    return
+                self.wfile.write(bytes([byte]))
+                time.sleep(0.05)
+        except OSError:  # the client hung up, as it should
+            pass
+
+
+def spoiled(fault: str, payload: bytes) -> bytes:
+    """The answer made hostile: "negative" lists position 2's most likely token as id -1 (old code: row V - 1 of the
+    cache got it), "mass" gives every alternative at position 2 a log-prob of -0.01 (they add up to ~k), "outside"
+    adds there an unlikely id past any vocabulary (a padded row), "huge" and "huge-unsized" pad it with 16 MB of
+    blanks."""
+    answer = json.loads(payload)
+    choice = answer["choices"][0]
+    if fault == "negative":
+        entry = choice["prompt_logprobs"][2]
+        entry["-1"] = entry.pop(max(entry, key=lambda i: entry[i]["logprob"]))
+    elif fault == "outside":
+        choice["prompt_logprobs"][2]["1000000"] = {"logprob": -20.0, "rank": 1000000}
+    elif fault == "mass" and "prompt_logprobs" in choice:
+        for value in choice["prompt_logprobs"][2].values():
+            value["logprob"] = -0.01
+    elif fault == "mass":
+        tops = choice["logprobs"]["top_logprobs"]
+        tops[2] = dict.fromkeys(tops[2], -0.01)
+    else:
+        answer["padding"] = " " * 16_000_000
+    return json.dumps(answer).encode()
 
 
 class Unambiguous(nn.Module):

@@ -558,12 +558,8 @@ class EndpointSpec(Strict):
     api: Literal["chat", "completions"] = "chat"
     concurrency: int = Field(default=4, gt=0, le=256)
     retries: int = Field(default=5, ge=0, description="per request, on connection errors, 429, 5xx, bad JSON")
-    backoff: float = Field(
-        default=0.5, gt=0.0, allow_inf_nan=False, description="seconds before the first retry, doubled each time"
-    )
-    timeout: float = Field(
-        default=120.0, gt=0.0, le=3600.0, allow_inf_nan=False, description="seconds per request, the whole of it"
-    )
+    backoff: float = Field(default=0.5, gt=0.0, description="seconds before the first retry, doubled each time")
+    timeout: float = Field(default=120.0, gt=0.0, le=3600.0, description="seconds per request, the whole of it")
     api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
 
     @field_validator("url")
@@ -573,6 +569,7 @@ class EndpointSpec(Strict):
 
         # Only a server is asked: file:// (or any other scheme urllib opens) would read a local file.
         parts = urlsplit(value)
+        _ = parts.port  # a port that is no number in 0..65535 raises ValueError here
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("give the http:// or https:// address of the server, e.g. http://127.0.0.1:8080/v1")
         if parts.username or parts.password:  # it would be printed in every error line; keys go in api_key_env

@@ -205,6 +205,7 @@ def generate(recipe: GenerateRecipe, out: Path) -> dict:
     print(f"{len(jobs)} of {len(prompts) * recipe.sampling.samples} traces to write ({len(prompts)} prompts)")
     writer = TraceWriter(out)
     failures: list[str] = []
+    completions = None
     try:
         if recipe.teacher.endpoint is not None:
             from distill.teachers.served import served_completions
@@ -222,6 +223,8 @@ def generate(recipe: GenerateRecipe, out: Path) -> dict:
             }
             writer.write({**record, **result, **checked})
     finally:
+        if completions is not None:  # now, not when the traceback goes: a served teacher's requests are cut here
+            completions.close()
         writer.close()
     summary = summarize(out, recipe)
     if failures:

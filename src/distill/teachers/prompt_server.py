@@ -14,6 +14,9 @@ one model. It answers
 ``text_only = True`` refuses a prompt of token ids as llama-cpp-python's server does (its request schema takes a
 string; its error handler answers the validation error with HTTP 500), and tokenises a text prompt with the served
 tokenizer.
+
+A request it cannot answer (not JSON, no prompt, token ids outside the vocabulary) gets HTTP 400 with a JSON error
+body, as vLLM answers it, rather than a dropped connection.
 """
 
 from __future__ import annotations
@@ -78,6 +81,12 @@ class Unprocessable(Exception):
     status = 500
 
 
+class BadRequest(Unprocessable):
+    """A request no server could answer (HTTP 400)."""
+
+    status = 400
+
+
 class PromptLogprobHandler(BaseHTTPRequestHandler):
     model = None
     vocab_size = 0
@@ -96,22 +105,33 @@ class PromptLogprobHandler(BaseHTTPRequestHandler):
         return type(self)._pieces
 
     def prompt_ids(self, body: dict) -> list[int]:
-        prompt = body["prompt"]
-        if isinstance(prompt, str):
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, str) and prompt:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if self.text_only:
             raise Unprocessable("('body', 'prompt', 'str'): Input should be a valid string")
-        return list(prompt)
+        if not isinstance(prompt, list) or not prompt:
+            raise BadRequest("prompt: give a string or a non-empty list of token ids")
+        bad = [i for i in prompt if type(i) is not int or not 0 <= i < self.vocab_size]
+        if bad:
+            raise BadRequest(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        return prompt
+
+    def top_count(self, body: dict, key: str) -> int:
+        k = body.get(key) or 0
+        if type(k) is not int or not 0 <= k <= self.vocab_size:
+            raise BadRequest(f"{key}: give a number of alternatives in [0, {self.vocab_size}], not {k!r}")
+        return k
 
     def answer(self, body: dict) -> bytes:
         """The answer to one request (Unprocessable: refused)."""
         ids = self.prompt_ids(body)
         with self.lock:
             if "prompt_logprobs" in body:
-                entries = prompt_logprobs(self.model, ids, self.vocab_size, int(body["prompt_logprobs"]))
+                entries = prompt_logprobs(self.model, ids, self.vocab_size, self.top_count(body, "prompt_logprobs"))
                 return json.dumps({"choices": [{"text": "", "prompt_logprobs": entries}]}).encode()
             logp = log_probs(self.model, ids, self.vocab_size)
-        k, pieces = int(body.get("logprobs") or 0), self.pieces()
+        k, pieces = self.top_count(body, "logprobs"), self.pieces()
         following = int(logp[-1].argmax())
 
         def alternatives(row: torch.Tensor, listed: int) -> dict[str, float]:
@@ -139,6 +159,12 @@ class PromptLogprobHandler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
         return json.dumps({"choices": [choice], "usage": usage}).encode()
 
+    def read_body(self) -> dict:
+        try:
+            return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        except ValueError as exc:
+            raise BadRequest(f"the request is not JSON: {exc}") from None
+
     def reply(self, status: int, payload: bytes, cut: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -147,9 +173,8 @@ class PromptLogprobHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload[: len(payload) // 2] if cut else payload)
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         try:
-            payload = self.answer(body)
+            payload = self.answer(self.read_body())
         except Unprocessable as exc:
             self.reply(exc.status, json.dumps({"error": {"message": str(exc)}}).encode())
             return

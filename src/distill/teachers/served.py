@@ -3,6 +3,10 @@ server, vLLM, TGI, or a hosted API. Requests run ``concurrency`` at a time; conn
 5xx, answers cut short and malformed answers (bad JSON, bad log-probabilities) are retried with jittered
 exponential back-off (honouring Retry-After); other 4xx stop the run, since retrying cannot fix them. No single wait
 is longer than MAX_WAIT. A request that still fails is reported and left for the next run.
+
+An answer is untrusted: ``timeout`` bounds the whole request (not one socket read), the body read is capped
+(``answer_limit``), and a redirect is an error, never followed (a POST would become a GET and the API key would go to
+whatever host the server names). Ctrl-C (or an error that ends the run) cuts the requests in flight (``Stop``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import json
 import math
 import os
 import random
-import time
-import urllib.error
-import urllib.request
+import socket
+import threading
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 from distill.errors import DistillError
 from distill.recipe import EndpointSpec, GenerateRecipe, SamplingSpec
@@ -30,6 +35,8 @@ MAX_WAIT = 60.0
 LOGPROB_SLACK = 1e-4
 # What a malformed answer can raise while it is taken apart (OverflowError: a 400-digit integer as a log-prob).
 MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
+# Probabilities a server rounded may add up to a little over 1; more than this is not a distribution.
+MASS_SLACK = 1e-3
 
 
 class Refused(DistillError):
@@ -68,43 +75,135 @@ def request_body(endpoint: EndpointSpec, sampling: SamplingSpec, prompt: str, sy
     return body
 
 
-def post(endpoint: EndpointSpec, body: dict) -> dict:
-    """One request; Retryable for what another try may fix, DistillError for what it cannot."""
+class Stop:
+    """Ends one run's requests at once (Ctrl-C, or an error that ends the run): shuts their sockets and cuts their
+    back-off waits short. ThreadPoolExecutor joins its worker threads at exit, even after shutdown(wait=False), so a
+    request left running would hold the process until its deadline."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.cuts: set = set()
+
+    def set(self) -> None:
+        with self.lock:
+            self.event.set()
+            cuts = list(self.cuts)
+        for cut in cuts:
+            cut()
+
+
+def answer_limit(body: dict) -> int:
+    """The most bytes an answer to ``body`` may take: 1 MiB, plus 512 bytes (several times what vLLM, llama.cpp or
+    OpenAI write) for each alternative of each token sent or asked for. A server padding its answers would otherwise
+    fill the memory."""
+    prompt = body.get("prompt", body.get("messages", ""))
+    sent = len(prompt) if isinstance(prompt, list) else len(json.dumps(prompt).encode())
+    k = max(int(body.get(key) or 0) for key in ("prompt_logprobs", "logprobs", "top_logprobs"))
+    return 2**20 + (sent + int(body.get("max_tokens") or 0)) * (k + 2) * 512
+
+
+@contextmanager
+def deadline(sock: socket.socket, seconds: float, stop: Stop, cut: threading.Event) -> Iterator[None]:
+    """Shuts ``sock`` once ``seconds`` have passed, or when ``stop`` is set, and sets ``cut``: the reading thread then
+    finds the connection closed. The socket's own timeout bounds one read, and a server trickling a byte at a time
+    would never trip it. (The socket itself is held: http.client lets go of it while an HTTP/1.0 answer is read.)"""
+
+    def shut() -> None:
+        cut.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    timer = threading.Timer(seconds, shut)
+    timer.daemon = True
+    with stop.lock:
+        stopped = stop.event.is_set()
+        stop.cuts.add(shut)
+    if stopped:
+        shut()
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with stop.lock:
+            stop.cuts.discard(shut)
+
+
+def post(endpoint: EndpointSpec, body: dict, stop: Stop | None = None) -> dict:
+    """One request; Retryable for what another try may fix, DistillError for what it cannot. ``stop``: cuts it."""
+    stop = stop or Stop()
     path = "/chat/completions" if endpoint.api == "chat" else "/completions"
+    url = endpoint.url.rstrip("/") + path
     headers = {"Content-Type": "application/json"}
     if endpoint.api_key_env:
         key = os.environ.get(endpoint.api_key_env)
         if not key:
             raise DistillError(f"teacher.endpoint.api_key_env: environment variable {endpoint.api_key_env} is not set")
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(endpoint.url.rstrip("/") + path, json.dumps(body).encode(), headers)
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.netloc, timeout=endpoint.timeout)  # the socket's timeout bounds connecting and each read
+    cut, response = threading.Event(), None
     try:
-        with urllib.request.urlopen(request, timeout=endpoint.timeout) as response:
-            try:
-                raw = response.read()
-            except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, a reset or a timeout mid-body
-                raise Retryable(f"answer from {endpoint.url}{path} cut short: {exc!r:.200}") from None
-    except urllib.error.HTTPError as exc:
-        detail = error_detail(exc)
-        if exc.code in RETRYABLE_STATUS:
-            after = retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-            raise Retryable(f"HTTP {exc.code} {detail}", after) from None
-        raise Refused(f"teacher endpoint {endpoint.url}{path} answered HTTP {exc.code}: {detail}", exc.code) from None
-    except http.client.HTTPException as exc:  # before any answer: RemoteDisconnected, a garbled status line
-        raise Retryable(f"answer from {endpoint.url}{path} cut short: {exc!r:.200}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise Retryable(f"cannot reach {endpoint.url}: {reason}") from None
+        conn.connect()
+        with deadline(conn.sock, endpoint.timeout, stop, cut):
+            conn.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), json.dumps(body), headers)
+            response = conn.getresponse()
+            status = response.status
+            if 300 <= status < 400:
+                location = " ".join(str(response.getheader("Location")).split())[:200]
+                raise Refused(
+                    f"teacher endpoint {url} answered HTTP {status} redirecting to {location}: redirects are not "
+                    "followed (the request would lose its body, the API key go to another host); set "
+                    "teacher.endpoint.url to the address that answers",
+                    status,
+                )
+            raw = error_detail(response) if status >= 400 else read_answer(response, url, answer_limit(body))
+    except (http.client.HTTPException, OSError) as exc:
+        if stop.event.is_set():
+            raise Retryable("stopped") from None
+        if cut.is_set():
+            raise Retryable(
+                f"no whole answer from {url} within {endpoint.timeout:g} s (teacher.endpoint.timeout bounds the "
+                "whole request)"
+            ) from None
+        if isinstance(exc, http.client.HTTPException) or response is not None:  # the server began to answer
+            raise Retryable(f"answer from {url} cut short: {exc!r:.200}") from None
+        raise Retryable(f"cannot reach {endpoint.url}: {exc}") from None
+    finally:
+        if response is not None:
+            response.close()
+        conn.close()
+    if status in RETRYABLE_STATUS:
+        raise Retryable(f"HTTP {status} {raw}", retry_after(response.getheader("Retry-After")))
+    if status >= 400:
+        raise Refused(f"teacher endpoint {url} answered HTTP {status}: {raw}", status)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, an over-long integer; deep nesting
-        raise Retryable(f"malformed JSON from {endpoint.url}{path}: {raw[:80]!r}") from None
+        raise Retryable(f"malformed JSON from {url}: {raw[:80]!r}") from None
 
 
-def error_detail(exc: urllib.error.HTTPError) -> str:
+def read_answer(response: http.client.HTTPResponse, url: str, limit: int) -> bytes:
+    """The body, refused unread past ``limit`` bytes (Retryable: a glitch another try may not repeat)."""
+    too_long = f"answer from {url} is longer than {limit} bytes, the most one to this request needs; refused unread"
+    if response.length is not None:  # read() raises IncompleteRead for a body cut short of its Content-Length
+        if response.length > limit:
+            raise Retryable(f"{too_long} (Content-Length {response.length})")
+        return response.read()
+    raw = response.read(limit + 1)  # chunked, or until the server closes
+    if len(raw) > limit:
+        raise Retryable(too_long)
+    return raw
+
+
+def error_detail(response: http.client.HTTPResponse) -> str:
     """The start of an error answer's body on one line; a body that cannot be read must not hide the status."""
     try:
-        return " ".join(exc.read(200).decode("utf-8", "replace").split())
+        return " ".join(response.read(200).decode("utf-8", "replace").split())
     except (http.client.HTTPException, OSError, ValueError, AttributeError):
         return "(unreadable body)"
 
@@ -188,6 +287,9 @@ def token_logprobs(logprobs: object, api: str, k: int) -> list[dict] | None:
             result.append({"token": token, "logprob": as_logprob(value), "top": top_k(pairs, k)})
         except MALFORMED:
             raise ValueError(f"token {i}: {json.dumps(entry)[:80]}") from None
+        mass = sum(math.exp(v) for v in result[-1]["top"].values())
+        if mass > 1 + MASS_SLACK:
+            raise ValueError(f"token {i}: alternatives whose probabilities add up to {mass:.4g}, more than 1")
     return result
 
 
@@ -224,26 +326,28 @@ def backoff_wait(endpoint: EndpointSpec, attempt: int, retry_after: float | None
     return jittered if retry_after is None else max(retry_after, jittered)
 
 
-def with_retries(endpoint: EndpointSpec, parse, body: dict, sleep=time.sleep, uniform=random.uniform):
+def with_retries(endpoint: EndpointSpec, parse, body: dict, sleep=None, uniform=random.uniform, stop=None):
     """``parse(post(endpoint, body))`` with up to ``endpoint.retries`` retries and ``backoff_wait`` between them; the
-    last Retryable is raised. ``sleep`` and ``uniform`` are there for tests."""
+    last Retryable is raised, at once when ``stop`` is set. ``sleep`` and ``uniform`` are there for tests."""
+    stop = stop or Stop()
+    sleep = sleep or stop.event.wait  # a back-off wait ends when the run stops
     for attempt in range(endpoint.retries + 1):
         try:
-            return parse(post(endpoint, body))
+            return parse(post(endpoint, body, stop))
         except Retryable as exc:
-            if attempt == endpoint.retries:
+            if attempt == endpoint.retries or stop.event.is_set():
                 raise
             sleep(backoff_wait(endpoint, attempt, exc.wait, uniform))
     raise AssertionError("unreachable")
 
 
-def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=time.sleep, uniform=random.uniform) -> dict:
+def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=None, uniform=random.uniform, stop=None) -> dict:
     """One completion (``parse_choice`` of the answer), retried as ``with_retries`` does."""
 
     def parse(answer: dict) -> dict:
         return parse_choice(answer, endpoint.api, k, endpoint.url)
 
-    return with_retries(endpoint, parse, body, sleep, uniform)
+    return with_retries(endpoint, parse, body, sleep, uniform, stop)
 
 
 def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) -> Iterator[tuple[object, dict]]:
@@ -251,14 +355,15 @@ def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) 
     appended to ``failures`` (and not written, so the next run tries it again)."""
     endpoint, sampling = recipe.teacher.endpoint, recipe.sampling
     system = recipe.prompts.system
-    with ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
+    pool, stop = ThreadPoolExecutor(max_workers=endpoint.concurrency), Stop()
+    try:
         queue = iter(jobs)
         running = {}
 
         def submit(job) -> None:
             seed = recipe.seed * 1_000_003 + job.sample
             body = request_body(endpoint, sampling, job.record["prompt"], system, seed)
-            running[pool.submit(complete, endpoint, body, sampling.logprobs)] = job
+            running[pool.submit(complete, endpoint, body, sampling.logprobs, stop=stop)] = job
 
         for job in queue:  # fill the window, then refill one for each that finishes
             submit(job)
@@ -275,3 +380,6 @@ def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) 
                 next_job = next(queue, None)
                 if next_job is not None:
                     submit(next_job)
+    finally:  # Ctrl-C, an error or the caller closing us: cut what is in flight and wait for none of it
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)

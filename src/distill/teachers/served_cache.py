@@ -24,10 +24,16 @@ both tokens, or with ``on_mismatch: skip`` is skipped: it gets no teacher target
 ``skipped_blocks`` and ``LMCache.lookup`` leaves it out of the distillation. What a server returns is at temperature
 1: the recipe check (``recipe._check_served_teacher``) refuses another temperature, sampled caches and the chat API
 before any request.
+
+Answers are checked before use, and a malformed one is retried like a failed request (``served.with_retries``), then
+named: a negative token id (it would index the vocabulary from its end), alternatives whose probabilities add up to
+more than 1. Ids past our vocabulary (a server's padded rows) are left in the tail and counted
+(``dropped_outside_vocabulary``). Ctrl-C cuts the requests in flight (``served.Stop``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -40,7 +46,7 @@ import torch
 from distill.errors import DistillError
 from distill.recipe import EndpointSpec
 from distill.teachers.lm_cache import TeacherAnswer
-from distill.teachers.served import MALFORMED, Refused, Retryable, as_logprob, post, with_retries
+from distill.teachers.served import MALFORMED, MASS_SLACK, Refused, Retryable, Stop, as_logprob, post, with_retries
 
 # Two distributions a server computed for the same context differ by its arithmetic only (batching, kernels): the
 # probe takes log-probabilities this close as the same distribution, and a shifted one differs by far more.
@@ -59,19 +65,36 @@ def parse_prompt_logprobs(answer: dict, n_tokens: int) -> list:
         entries = answer["choices"][0]["prompt_logprobs"]
         if not isinstance(entries, list):
             raise TypeError
-        parsed = [None]
-        for entry in entries[1:]:
-            parsed.append({int(token): as_logprob(value["logprob"] if isinstance(value, dict) else value)
-                           for token, value in entry.items()})  # fmt: skip
     except MALFORMED:
         raise Retryable(f"answer without prompt log-probabilities for {n_tokens} tokens") from None
+    parsed = [None]
+    for t, entry in enumerate(entries[1:], 1):
+        try:
+            parsed.append({int(token): as_logprob(value["logprob"] if isinstance(value, dict) else value)
+                           for token, value in entry.items()})  # fmt: skip
+        except MALFORMED:
+            raise Retryable(f"malformed prompt log-probabilities at position {t}: {json.dumps(entry)[:80]}") from None
+        problem = implausible(parsed[-1])
+        if problem:
+            raise Retryable(f"malformed prompt log-probabilities at position {t}: {problem}")
     return parsed
 
 
-def asked(endpoint: EndpointSpec, parse: Callable[[dict], object], body: dict):
+def implausible(alternatives: dict) -> str | None:
+    """What makes one position's alternatives ({id or piece: log-prob}) no distribution, None if nothing: a negative
+    id (it would index the vocabulary from its end), probabilities adding up to more than 1 (past servers' rounding).
+    """
+    negative = [i for i in alternatives if isinstance(i, int) and i < 0]
+    if negative:
+        return f"token id {negative[0]} is negative"
+    mass = sum(math.exp(v) for v in alternatives.values())
+    return f"alternatives whose probabilities add up to {mass:.4g}, more than 1" if mass > 1 + MASS_SLACK else None
+
+
+def asked(endpoint: EndpointSpec, parse: Callable[[dict], object], body: dict, stop: Stop | None = None):
     """One request through the server, retried as a generation request is (``served.with_retries``)."""
     try:
-        return with_retries(endpoint, parse, body)
+        return with_retries(endpoint, parse, body, stop=stop)
     except Retryable as exc:
         raise DistillError(
             f"teacher.endpoint: a block failed {endpoint.retries + 1} times ({exc}); the shards written so far are "
@@ -79,9 +102,10 @@ def asked(endpoint: EndpointSpec, parse: Callable[[dict], object], body: dict):
         ) from None
 
 
-def block_logprobs(endpoint: EndpointSpec, ids: list[int], k: int) -> list:
+def block_logprobs(endpoint: EndpointSpec, ids: list[int], k: int, stop: Stop | None = None) -> list:
     """One block's prompt log-probabilities (vLLM's ``prompt_logprobs``)."""
-    return asked(endpoint, lambda answer: parse_prompt_logprobs(answer, len(ids)), request_body(endpoint, ids, k))
+    body = request_body(endpoint, ids, k)
+    return asked(endpoint, lambda answer: parse_prompt_logprobs(answer, len(ids)), body, stop)
 
 
 def misaligned(entries: list, ids: list[int], block: int, decode: Callable[[list[int]], str]) -> str | None:
@@ -203,6 +227,10 @@ def parse_echo(answer: dict) -> Echo:
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
     except MALFORMED:
         raise Retryable(f"answer without echo log-probabilities: {str(answer)[:80]}") from None
+    for t, top in enumerate(tops):
+        problem = implausible(top or {})
+        if problem:
+            raise Retryable(f"malformed echo log-probabilities at position {t}: {problem}")
     return Echo(pieces, values, tops, prompt_tokens if type(prompt_tokens) is int else None)
 
 
@@ -229,6 +257,7 @@ class EchoClient:
         self.refused: str | None = None  # what the server answered to token ids ("" when it took them)
         self.lock = threading.Lock()
         self.counts = {"alternatives": 0, "dropped_ambiguous": 0, "dropped_unknown": 0}
+        self.stop = Stop()  # one per batch of blocks (``served_teacher_logits``)
 
     @property
     def notes(self) -> dict:
@@ -239,7 +268,9 @@ class EchoClient:
         prompt = ids if self.prompt == "ids" else self.pieces.text(ids)
         body = {"model": self.endpoint.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
         body |= {"logprobs": self.k, "echo": True} if echo else {"logprobs": self.k}
-        return parse_echo(post(self.endpoint, body)) if once else asked(self.endpoint, parse_echo, body)
+        if once:
+            return parse_echo(post(self.endpoint, body, self.stop))
+        return asked(self.endpoint, parse_echo, body, self.stop)
 
     def mapped(self, top: dict[str, float] | None, listed: int | None) -> dict[int, float]:
         """A dict of alternatives as {our id: log-prob}. The piece of the token listed there (``listed``) is that
@@ -355,18 +386,26 @@ class EchoClient:
 class PromptLogprobsClient:
     """Blocks asked as token ids with vLLM's ``prompt_logprobs: k``."""
 
-    def __init__(self, endpoint: EndpointSpec, k: int, decode: Callable):
-        self.endpoint, self.k, self.decode = endpoint, k, decode
+    def __init__(self, endpoint: EndpointSpec, vocab_size: int, k: int, decode: Callable):
+        self.endpoint, self.vocab_size, self.k, self.decode = endpoint, vocab_size, k, decode
         self.notes = {"format": "prompt_logprobs"}
+        self.stop = Stop()
+        self.lock = threading.Lock()
+        self.outside = 0  # alternatives past our vocabulary: a server's padded rows, left in the tail
 
     def settle(self, rows: list[list[int]], blocks: list[int]) -> None:
         pass
 
     def take_counts(self) -> dict[str, int]:
-        return {}
+        with self.lock:
+            outside, self.outside = self.outside, 0
+        return {"dropped_outside_vocabulary": outside} if outside else {}
 
     def entries(self, ids: list[int], block: int) -> list | str:
-        entries = block_logprobs(self.endpoint, ids, self.k)
+        entries = block_logprobs(self.endpoint, ids, self.k, self.stop)
+        outside = sum(i >= self.vocab_size for entry in entries[1:] for i in entry)
+        with self.lock:
+            self.outside += outside
         return misaligned(entries, ids, block, self.decode) or entries
 
 
@@ -383,15 +422,20 @@ def served_teacher_logits(
     if getattr(endpoint, "format", "prompt_logprobs") == "echo":
         client = EchoClient(endpoint, vocab_size, k, decode)
     else:
-        client = PromptLogprobsClient(endpoint, k, decode)
+        client = PromptLogprobsClient(endpoint, vocab_size, k, decode)
     skip = getattr(endpoint, "on_mismatch", "stop") == "skip"
 
     def logits(input_ids: torch.Tensor) -> TeacherAnswer:
         rows = [row.tolist() for row in input_ids]
         blocks = [index.get(np.asarray(ids, dtype=np.int64).tobytes(), -1) for ids in rows]
-        client.settle(rows, blocks)
-        with ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
+        client.stop = stop = Stop()
+        pool = ThreadPoolExecutor(max_workers=endpoint.concurrency)
+        try:
+            client.settle(rows, blocks)
             answers = list(pool.map(client.entries, rows, blocks))
+        finally:  # Ctrl-C or an error: cut the requests in flight and wait for none of them
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
         out, skipped, notes = [], [], dict(client.notes)
         for row, (answer, ids) in enumerate(zip(answers, rows, strict=True)):
             if isinstance(answer, str):
