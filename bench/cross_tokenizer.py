@@ -50,8 +50,9 @@ from distill.data.token_blocks import read_text_files
 from distill.evaluate import bits_per_char
 from distill.models.causal_lm import save_causal_lm
 from distill.tasks import load_recipe
-from distill.tasks.causal_lm import LMBatches, adapt_teacher, open_cache, setup
+from distill.tasks.causal_lm import LMBatches, adapt_teacher, setup
 from distill.teachers.cross_tokenizer import CrossTokenizerSignal
+from distill.teachers.lm_choice import open_cache
 from distill.train import train_loop
 
 EOS = "<|endoftext|>"

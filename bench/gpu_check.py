@@ -39,8 +39,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the package and the f
 from lm_fixtures import TEXT, save_tiny, tiny_llama, tiny_tokenizer  # noqa: E402
 from text_fixtures import save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv  # noqa: E402
 
-from distill.data.arithmetic import char_tokenizer, make_problems  # noqa: E402
 from distill.tasks import export_run, parse_recipe, run_recipe  # noqa: E402
+from distill.testing.arithmetic import char_tokenizer, make_problems  # noqa: E402
 
 CHECKS: dict[str, Callable[[Path, argparse.Namespace], dict]] = {}
 
@@ -136,7 +136,7 @@ def lm_adapt_prune_fused(work: Path, args) -> dict:
 @check
 def lm_recorded(work: Path, args) -> dict:
     """distill generate with the local teacher on the GPU (top-4 log-probs), then a run on the recorded signal."""
-    from distill.teachers.generate import generate
+    from distill.tasks.generate import generate
 
     raw = lm_recipe(work, "recorded", args, alpha=0.0, temperature=1.0)
     prompts = work / "prompts.jsonl"

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from distill.io import STAGE_DONE
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
-from distill.train import STAGE_DONE
 
 TEACHERS = {
     # The paper's teacher: 784-1200-1200-10 with dropout, trained with ±2 px jitter. The paper's dropout

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from distill.io import STAGE_DONE
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import run as run_lm
-from distill.train import STAGE_DONE
 
 
 def main() -> int:

@@ -121,7 +121,7 @@ def smoothquant_alpha(int8_dir: Path) -> float | None:
 def llama_cpp_figures(path: Path, student, blocks) -> dict | None:
     """The q8_0 file in llama.cpp itself: batch-1 latency (1 thread, same block as the others) and top-1 agreement
     with the fp32 student on held-out blocks; None without llama-cpp-python."""
-    from distill.export import llama_cpp
+    from distill.testing import llama_cpp
 
     if not llama_cpp.available():
         return None

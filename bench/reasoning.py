@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.data.arithmetic import char_tokenizer, make_problems
 from distill.data.token_blocks import encode_pairs
 from distill.models import count_parameters
 from distill.models.causal_lm import load_causal_lm, save_causal_lm
 from distill.recipe import SamplingSpec, TrainSpec
 from distill.tasks import parse_recipe
 from distill.tasks.causal_lm import LMBatches
-from distill.teachers.generate import generate, generate_local
+from distill.tasks.generate import generate, generate_local
+from distill.tasks.verify import exact_match
 from distill.teachers.onpolicy import OnPolicyBatches
+from distill.testing.arithmetic import char_tokenizer, make_problems
 from distill.train import make_accelerator, train_loop
-from distill.verify import exact_match
 
 MAX_LENGTH = 64
 

@@ -2,7 +2,7 @@
 
 One run, side by side: recipes/smollm2-shakespeare.yaml cut to BLOCKS training blocks (top-k cache, k 16, T 1,
 as a served teacher requires), the teacher SmolLM2-135M; the served teacher is the same weights behind
-`distill.teachers.prompt_server` (vLLM's `prompt_logprobs` answer over loopback HTTP: JSON, threads, one forward at
+`distill.testing.prompt_server` (vLLM's `prompt_logprobs` answer over loopback HTTP: JSON, threads, one forward at
 a time). Measured: tokens/s of each cache build (the teacher already loaded), equality of the two caches (ids
 equal, stored log-probs within one float16 step, tails within one float16 step or 1e-4 as probabilities; the
 last position of each block excepted: no loss reads it), and the student distilled from each (same init, same
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from distill.tasks import load_recipe, run_recipe
-from distill.tasks.causal_lm import cache_path, open_cache, setup
-from distill.teachers.prompt_server import serve
+from distill.tasks.causal_lm import setup
+from distill.teachers.lm_choice import cache_path, open_cache
+from distill.testing.prompt_server import serve
 
 RECIPE = Path("recipes/smollm2-shakespeare.yaml")
 BLOCKS, HELDOUT, STEPS = 64, 16, 24

@@ -37,12 +37,12 @@ from distill.losses import IGNORE_INDEX
 from distill.models.encoders import load_encoder
 from distill.models.probe import fit_probe
 from distill.tasks import load_recipe
-from distill.tasks.common import cache_root
 from distill.tasks.embedding import embed_texts, load_student
 from distill.tasks.embedding import run as run_embedding
 from distill.tasks.text_classification import run as run_text_classification
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
+from distill.teachers.store import cache_root
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 # What each model's row in the JSON carries (when its run measured it): the tables in BENCHMARKS.md.

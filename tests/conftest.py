@@ -29,6 +29,59 @@ def tiny_digits_recipe() -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors, where threads only add synchronisation (slow on a loaded
+    machine); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny causal-LM tokenizer (``lm_fixtures.tiny_tokenizer``, 300 tokens)."""
+    from lm_fixtures import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    """A tiny random causal-LM teacher (two Llama layers) over ``tok``, in memory; a module may define its own."""
+    from lm_fixtures import tiny_llama
+
+    return tiny_llama(tok, layers=2)
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    """The tiny BERT tokenizer of ``text_fixtures`` (the topic words)."""
+    from text_fixtures import tiny_bert_tokenizer
+
+    return tiny_bert_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, bert_tok):
+    """A tiny sentence-encoder teacher folder: four BERT layers, mean pooling, normalised."""
+    from text_fixtures import save_sentence_encoder, tiny_bert
+
+    return save_sentence_encoder(tmp_path_factory.mktemp("teacher"), tiny_bert(bert_tok, layers=4), bert_tok)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, bert_tok):
+    """A tiny sentence-encoder student folder: two narrower BERT layers, not normalised."""
+    from text_fixtures import save_sentence_encoder, tiny_bert
+
+    folder = tmp_path_factory.mktemp("student")
+    return save_sentence_encoder(folder, tiny_bert(bert_tok, layers=2, hidden=16, seed=1), bert_tok, normalize=False)
+
+
 @pytest.fixture(autouse=True)
 def _outputs_on_accelerator(request):
     """Tests marked ``on_accelerator`` (or every test, with DISTILL_SIMULATE_ACCELERATOR=1) run with each model

@@ -14,14 +14,7 @@ from safetensors.torch import load_file
 from distill.errors import DistillError
 from distill.recipe import DistillSpec, StudentTrainSpec, TrainSpec
 from distill.tasks import parse_recipe, run_recipe
-from distill.tasks.common import (
-    AUTO_ALPHAS,
-    AUTO_LRS,
-    AUTO_TEMPERATURES,
-    auto_budget,
-    choose_auto,
-    choose_baseline_lr,
-)
+from distill.tasks.auto import AUTO_ALPHAS, AUTO_LRS, AUTO_TEMPERATURES, auto_budget, choose_auto, choose_baseline_lr
 
 
 def fake_candidate(scores: dict, calls: list):

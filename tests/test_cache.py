@@ -32,13 +32,13 @@ def test_cache_holds_exactly_the_teacher_logits_in_batch_order(tmp_path, teacher
 def test_mismatched_or_corrupt_cache_is_refused(tmp_path, teacher):
     x = np.random.default_rng(0).random((20, 6)).astype(np.float32)
     build_logits_cache(tmp_path / "c", teacher, x, teacher_id="t1", data_id="d1")
-    with pytest.raises(DistillError, match="made for teacher 't1' but this run has 't2'"):
+    with pytest.raises(DistillError, match="made with teacher 't1' but this run has 't2'"):
         LogitsCache.open(tmp_path / "c", teacher="t2", data="d1")
-    with pytest.raises(DistillError, match="made for data 'd1' but this run has 'd9'"):
+    with pytest.raises(DistillError, match="made with data 'd1' but this run has 'd9'"):
         LogitsCache.open(tmp_path / "c", teacher="t1", data="d9")
     logits = tmp_path / "c" / "logits.npy"
     logits.write_bytes(logits.read_bytes()[:-8])
-    with pytest.raises(DistillError, match="missing or corrupt"):
+    with pytest.raises(DistillError, match="logits.npy fails its checksum; delete it"):
         LogitsCache.open(tmp_path / "c", teacher="t1", data="d1")
     (tmp_path / "c" / "meta.json").write_text("{not json")
     with pytest.raises(DistillError, match="meta.json is corrupt"):

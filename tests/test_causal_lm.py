@@ -18,11 +18,6 @@ from distill.models.cut import student_from_teacher
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 def batch(tokenizer, text="the student learns to copy the soft predictions of the teacher model"):
     # Longer than the Qwen2 fixture's sliding window (8), so sliding and full attention layers differ.
     ids = tokenizer(text, return_tensors="pt")["input_ids"]

@@ -20,13 +20,7 @@ CASES = [
 IDS = [f"{n}-{kw}" for n, kw in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which is slow on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest.py)
 
 
 def test_cases_cover_every_divergence():

@@ -162,7 +162,7 @@ def test_two_processes_reach_the_single_process_weights_with_stored_lm_targets(t
     from test_lm import write_recipe
 
     from distill.tasks import parse_recipe
-    from distill.teachers.generate import generate
+    from distill.tasks.generate import generate
 
     path, raw = write_recipe(tmp_path, tiny_tokenizer(), signal, baseline=False)
     raw["student"]["train"] |= {"batch_size": 6, "grad_accum": 2}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_fixtures import save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
+from text_fixtures import write_topic_csv
 
 from distill.data.labeled_text import clauses, load_text_data, validation_mask
 from distill.errors import DistillError
@@ -21,22 +21,6 @@ from distill.recipe import EmbeddingRecipe
 from distill.tasks import parse_recipe
 from distill.tasks.embedding import load_embedding_student
 from distill.tasks.embedding import run as run_embedding
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tok):
-    return save_sentence_encoder(tmp_path_factory.mktemp("teacher"), tiny_bert(tok, layers=4), tok)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("student")
-    return save_sentence_encoder(folder, tiny_bert(tok, layers=2, hidden=16, seed=1), tok, normalize=False)
 
 
 def recipe_for(data_dir, teacher_dir, cache, student, loss="mse", **data) -> EmbeddingRecipe:

@@ -12,9 +12,9 @@ from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from distill.errors import DistillError
-from distill.export import llama_cpp
 from distill.export.gguf import export_gguf, matrix_types
 from distill.export.run_export import summary
+from distill.testing import llama_cpp
 
 SENTENCES = [
     "the student learns to copy the soft predictions of the teacher .",
@@ -54,11 +54,6 @@ def _compare(source, reloaded, n_tokens: int) -> tuple[float, float]:
 
 def _tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

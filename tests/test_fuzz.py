@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from distill.data.token_blocks import read_jsonl_pairs
 from distill.errors import DistillError
 from distill.tasks import load_recipe, parse_recipe
-from distill.teachers.generate import read_prompts
+from distill.tasks.generate import read_prompts
 
 # derandomized: CI sees the same examples every run; FUZZ_EXPLORE=1 draws new ones (how a fresh clone found the
 # --set bug below the recipe loader's YAML check).

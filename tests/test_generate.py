@@ -14,8 +14,8 @@ from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 
 from distill.errors import DistillError
 from distill.tasks import parse_recipe
-from distill.teachers.generate import finished, generate, generate_local, read_prompts
-from distill.verify import exact_match, extract_answer, verdict
+from distill.tasks.generate import finished, generate, generate_local, read_prompts
+from distill.tasks.verify import exact_match, extract_answer, verdict
 
 
 def write_prompts(path: Path, n: int) -> Path:

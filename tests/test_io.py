@@ -14,13 +14,13 @@ import torch
 from accelerate import Accelerator
 
 from distill.data.arrays import load_digits_data
-from distill.io import atomic_dir, atomic_path
+from distill.io import STAGE_DONE, atomic_dir, atomic_path
 from distill.models.classifiers import mlp
 from distill.recipe import TrainSpec
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
-from distill.tasks.common import train_or_load
-from distill.train import STAGE_DONE, Stage, _load_checkpoint, train_stage
+from distill.tasks.skeleton import train_or_load
+from distill.train import Stage, _load_checkpoint, train_stage
 
 
 def inode(path) -> tuple[int, int]:

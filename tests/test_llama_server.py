@@ -21,7 +21,7 @@ import torch
 from lm_fixtures import TEXT
 
 from distill.tasks import parse_recipe
-from distill.teachers.generate import generate
+from distill.tasks.generate import generate
 
 SERVER_PYTHON = os.environ.get("DISTILL_LLAMA_PYTHON") or sys.executable
 pytestmark = pytest.mark.skipif(

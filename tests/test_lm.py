@@ -26,7 +26,7 @@ from distill.recipe import LMDistillSpec, TrainSpec
 from distill.tasks import load_recipe
 from distill.tasks.causal_lm import LMBatches, load_student, setup, with_student
 from distill.tasks.causal_lm import run as run_lm
-from distill.tasks.common import memorised_teacher_warnings
+from distill.tasks.checks import memorised_teacher_warnings
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
@@ -43,11 +43,6 @@ TEXT = " ".join(
         strict=True,
     )
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def token_data(tok, blocks: int = 6, seq: int = 12, seed: int = 0) -> TokenData:
@@ -359,9 +354,10 @@ def test_report_shows_generations_of_every_model_side_by_side(tok, tmp_path):
     expected = (p.exp() * (p - q)).sum(-1)[real]
     assert passage["kl"] == pytest.approx(expected.tolist(), abs=2e-4)
     assert passage["pieces"] == [tok.decode([int(t)]) for t in ids[0, 1:][real]]
-    assert "Where the student differs from the teacher" in report and "class=passage" in (
-        tmp_path / "run" / "report.html"
-    ).read_text()
+    assert (
+        "Where the student differs from the teacher" in report
+        and "class=passage" in (tmp_path / "run" / "report.html").read_text()
+    )
 
 
 def test_a_pruned_student_runs_end_to_end_and_records_what_went(tok, tmp_path):

@@ -15,12 +15,7 @@ N, S, V, V_PAD, TEMP = 7, 5, 40, 48, 2.0
 IDS = dict(teacher_id="teacher-a", data_id="data-1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest.py)
 
 
 class Teacher:

@@ -7,17 +7,12 @@ import math
 
 import pytest
 import torch
-from lm_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
+from lm_fixtures import tiny_llama, tiny_qwen2
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distill.errors import DistillError
 from distill.export.gguf import export_gguf
 from distill.models.prune import block_weights, importance, plan, prune
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def calibration(tok, blocks=4, length=16, seed=0):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from lm_fixtures import tiny_llama
 
-from distill.data.arithmetic import char_tokenizer, make_problems
 from distill.data.token_blocks import IGNORE_INDEX, encode_pairs
+from distill.tasks.verify import exact_match, extract_answer
 from distill.teachers.onpolicy import OnPolicyBatches, prompt_lengths, sample_completions
-from distill.verify import exact_match, extract_answer
+from distill.testing.arithmetic import char_tokenizer, make_problems
 
 
 def test_problems_are_solved_correctly_and_held_out_ones_never_repeat():
@@ -144,7 +144,7 @@ def test_on_policy_step_trains_on_the_students_own_samples(models):
 def test_reasoning_gym_scorer_verifies_traces():
     import reasoning_gym
 
-    from distill.verify import reasoning_gym_score
+    from distill.tasks.verify import reasoning_gym_score
 
     entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=0, min_terms=2, max_terms=2, max_digits=1)[0]
     assert reasoning_gym_score(f"step one... The answer is {entry['answer']}", {"entry": entry}) == 1.0

@@ -18,16 +18,11 @@ from distill.recipe import LMDistillSpec
 from distill.tasks import parse_recipe
 from distill.tasks.causal_lm import LMBatches
 from distill.tasks.causal_lm import run as run_lm
-from distill.teachers.generate import generate
+from distill.tasks.generate import generate
 from distill.teachers.lm_signals import SparseSignal
 from distill.teachers.recorded import encode_recorded, read_recorded
 
 PROMPTS = ["the quick brown fox", "a teacher writes", "numbers like one two", "the weather today"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lm_fixtures import TEXT, save_tiny, tiny_llama, tiny_tokenizer
+from lm_fixtures import TEXT, save_tiny
 from torch import nn
 
 from distill.errors import DistillError
@@ -19,8 +19,8 @@ from distill.losses.sparse import sparse_targets_from_logits
 from distill.recipe import EndpointSpec, LMEndpointSpec
 from distill.teachers.lm_cache import LMCache, build_lm_cache
 from distill.teachers.lm_signals import SparseSignal, StudentTokens
-from distill.teachers.prompt_server import PromptLogprobHandler, Unprocessable, llama_pieces, serve
 from distill.teachers.served_cache import EchoClient, Pieces, as_logits, served_teacher_logits
+from distill.testing.prompt_server import PromptLogprobHandler, Unprocessable, llama_pieces, serve
 
 K = 8
 SEQ = 16
@@ -136,18 +136,8 @@ class Unambiguous(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def pieces(tok):
     return Pieces(tok.decode, len(tok))
-
-
-@pytest.fixture(scope="module")
-def teacher(tok):
-    return tiny_llama(tok, layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +404,8 @@ def test_distill_cache_from_a_served_teacher(tok, teacher, tmp_path, served_form
     from test_cli import assert_one_line_error, distill
 
     from distill.tasks import load_recipe, parse_recipe
-    from distill.tasks.causal_lm import cache_path, setup
+    from distill.tasks.causal_lm import setup
+    from distill.teachers.lm_choice import cache_path
 
     folder = save_tiny(teacher, tok, tmp_path / "teacher")
     (tmp_path / "train.txt").write_text(TEXT * 4)

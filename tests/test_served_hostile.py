@@ -15,26 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from lm_fixtures import tiny_llama, tiny_tokenizer
 from test_served_cache import FaultyServer, K, assert_same_cache, blocks, build, local_logits
 
 from distill.errors import DistillError
 from distill.recipe import LMEndpointSpec
 from distill.tasks import parse_recipe
-from distill.teachers.generate import generate
-from distill.teachers.prompt_server import serve
+from distill.tasks.generate import generate
 from distill.teachers.served import Refused, Retryable, answer_limit, post
 from distill.teachers.served_cache import request_body, served_teacher_logits
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def teacher(tok):
-    return tiny_llama(tok, layers=2)
+from distill.testing.prompt_server import serve
 
 
 @pytest.fixture

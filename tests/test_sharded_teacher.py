@@ -233,9 +233,9 @@ def test_on_policy_steps_score_with_the_sharded_teacher(tmp_path):
     from lm_fixtures import save_tiny, tiny_llama
     from test_ddp import run_two_processes
 
-    from distill.data.arithmetic import char_tokenizer, make_problems
     from distill.tasks import load_recipe
     from distill.tasks.causal_lm import run as run_lm
+    from distill.testing.arithmetic import char_tokenizer, make_problems
 
     tokenizer = char_tokenizer()
     save_tiny(tiny_llama(tokenizer, layers=2, seed=1), tokenizer, tmp_path / "teacher")
@@ -268,8 +268,8 @@ def test_the_sharded_teacher_is_never_trained(tmp_path, monkeypatch):
     and it stays in eval mode. Without a process group the switch does nothing: the whole teacher runs."""
     from distill import parallel, train
     from distill.tasks import load_recipe
-    from distill.tasks.causal_lm import live_teacher
     from distill.tasks.causal_lm import run as run_lm
+    from distill.teachers.lm_choice import live_teacher
 
     path, _ = sharded_recipe(tmp_path)
     recipe = load_recipe(path)

@@ -9,12 +9,7 @@ from distill.losses.sparse import SparseTargets, chunked_sparse_kd_loss, sparse_
 TEMP = 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread (conftest.py)
 
 
 def np_log_softmax(z):

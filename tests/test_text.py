@@ -24,29 +24,13 @@ from distill.models.probe import fit_probe
 from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
 from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
 from distill.tasks import export_run
-from distill.tasks.common import AUTO_LRS
+from distill.tasks.auto import AUTO_LRS
 from distill.tasks.embedding import run as run_embedding
 from distill.tasks.text_classification import run as run_text_classification
 from distill.teachers.encoder_outputs import cached_token_states
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tok):
-    return save_sentence_encoder(tmp_path_factory.mktemp("teacher"), tiny_bert(tok, layers=4), tok)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("student")
-    return save_sentence_encoder(folder, tiny_bert(tok, layers=2, hidden=16, seed=1), tok, normalize=False)
-
-
-def test_load_encoder_pools_as_its_folder_declares(teacher_dir, tok):
+def test_load_encoder_pools_as_its_folder_declares(teacher_dir, bert_tok):
     encoder, tokenizer = load_encoder(teacher_dir)
     assert (encoder.pooling, encoder.normalize) == ("mean", True)
     ids, attention = pad(tokenize(tokenizer, ["the moon orbit", "goal and a great match of the season"], 16), 0)
@@ -407,10 +391,10 @@ def test_token_state_loss_matches_a_float64_reference():
     torch.testing.assert_close(token_state_loss(predicted, target.masked_fill(mask[..., None] == 0, 7.0), mask), got)
 
 
-def test_teacher_token_states_match_one_text_at_a_time_and_are_cached(tmp_path, teacher_dir, tok):
+def test_teacher_token_states_match_one_text_at_a_time_and_are_cached(tmp_path, teacher_dir, bert_tok):
     encoder, _ = load_encoder(teacher_dir)
-    rows = tokenize(tok, ["the orbit", "goal match team player score", "bread", "the rocket and the moon"], 16)
-    states = cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher")
+    rows = tokenize(bert_tok, ["the orbit", "goal match team player score", "bread", "the rocket and the moon"], 16)
+    states = cached_token_states(encoder, rows, bert_tok.pad_token_id, tmp_path, "teacher")
     assert states.states.dtype == torch.float16 and states.offsets.tolist() == [0, 4, 11, 14, 21]
     with torch.no_grad():
         for i, row in enumerate(rows):
@@ -419,19 +403,19 @@ def test_teacher_token_states_match_one_text_at_a_time_and_are_cached(tmp_path, 
     padded = states.batch(torch.tensor([2, 1]), 9)
     assert padded.shape == (2, 9, 32) and not padded[0, 3:].any() and padded[1, :7].abs().sum(-1).min() > 0
     (file,) = tmp_path.glob("tokens-teacher-*.safetensors")  # a second call reads the file, not the encoder
-    again = cached_token_states(None, rows, tok.pad_token_id, tmp_path, "teacher")
+    again = cached_token_states(None, rows, bert_tok.pad_token_id, tmp_path, "teacher")
     assert torch.equal(again.states, states.states) and file.exists()
     # issue 17.5: a same-size corruption (or a cut file) is caught by the recorded SHA-256 and recomputed
     raw = bytearray(file.read_bytes())
     raw[-2] ^= 0x40
     file.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="corrupt or from an older version; recomputing"):
-        healed = cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher")
+        healed = cached_token_states(encoder, rows, bert_tok.pad_token_id, tmp_path, "teacher")
     assert torch.equal(healed.states, states.states)
     file.write_bytes(file.read_bytes()[:100])
     with pytest.warns(UserWarning, match="recomputing"):
         assert torch.equal(
-            cached_token_states(encoder, rows, tok.pad_token_id, tmp_path, "teacher").states, states.states
+            cached_token_states(encoder, rows, bert_tok.pad_token_id, tmp_path, "teacher").states, states.states
         )
 
 

@@ -162,7 +162,7 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
     """Clearly better: at least as accurate, and a cross-entropy lead of more than two standard errors of the paired
     difference; else one line — "not better" (less accurate, or no lead) or "not clearly better" (within noise)."""
     from distill.evaluate import paired_loss_lead
-    from distill.tasks.common import teacher_check
+    from distill.tasks.checks import teacher_check
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, size=40)
@@ -198,7 +198,7 @@ def test_the_teacher_check_needs_the_teacher_clearly_better_than_the_baseline(ca
 
 
 def test_a_fired_teacher_check_is_answered_when_the_distilled_student_wins_all_the_same():
-    from distill.tasks.common import student_warnings
+    from distill.tasks.checks import student_warnings
 
     results = {"student": {"test_errors": 227}, "baseline": {"test_errors": 259}}
     line = student_warnings(results, {}, teacher_weak=True)[0]

@@ -85,7 +85,7 @@ def generate(
     loaded = load_recipe(recipe, set_)
     if not isinstance(loaded, GenerateRecipe):
         raise DistillError(f"{recipe}: distill generate takes task: generate recipes")
-    from distill.teachers.generate import generate as write_traces
+    from distill.tasks.generate import generate as write_traces
 
     summary = write_traces(loaded, out)
     print(

@@ -20,6 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# Written into a stage's folder (RUN/<stage>/done.json) once its final weights are saved: its one marker.
+STAGE_DONE = "done.json"
+
 
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

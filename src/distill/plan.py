@@ -52,6 +52,7 @@ from distill.tasks import causal_lm as lm
 from distill.tasks import classifier
 from distill.teachers.live import LiveTeacher
 from distill.teachers.lm_cache import build_lm_cache, record_dtype
+from distill.teachers.lm_choice import cache_sets
 from distill.teachers.lm_signals import SparseSignal
 from distill.train import ClassifierBatches, Stage, make_accelerator, torch_save, train_loop
 
@@ -468,7 +469,7 @@ def lm_plan(recipe: LMRecipe, steps: int, scratch: Path) -> Plan:
     plan = Plan("causal_lm", str(accelerator.device), data, keep_optimizers(stages))
     plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
     if d.signal == "cache":
-        record = record_dtype(d.cache_mode, d.cache_k, vocab, lm.cache_sets(recipe, len(s.train)))
+        record = record_dtype(d.cache_mode, d.cache_k, vocab, cache_sets(recipe, len(s.train)))
         plan.cache_bytes_per_token, plan.cache_disk_bytes = record.itemsize, record.itemsize * s.train.input_ids.size
     return plan
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.data.splits import held_out_per_class
+from distill.data.splits import UNLABELED_SEED_OFFSET, validation_rows
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.recipe import DataSpec
@@ -244,7 +244,9 @@ def with_validation(data: ArrayData, fraction: float, seed: int) -> ArrayData:
         return data
     hint = "add labeled examples, raise data.labeled_fraction or set data.validation_fraction: 0"
     names = [str(label) for label in range(data.num_classes)]
-    held = held_out_per_class(data.train_y, names, fraction, seed, unit="example", hint=hint)
+    held = validation_rows(
+        len(data.train_y), fraction, seed, labels=data.train_y, class_names=names, unit="example", hint=hint
+    )
     keep = np.ones(len(data.train_y), dtype=bool)
     keep[held] = False
     return replace(
@@ -260,7 +262,7 @@ def with_unlabeled(data: ArrayData, spec: DataSpec, seed: int) -> ArrayData:
     """Hide labels of all but ``labeled_fraction`` of the training set and append extra unlabeled inputs."""
     train_y = data.train_y.copy()
     if spec.labeled_fraction < 1.0:
-        rng = np.random.default_rng(seed + 7919)
+        rng = np.random.default_rng(seed + UNLABELED_SEED_OFFSET)
         hidden = rng.permutation(len(train_y))[int(round(spec.labeled_fraction * len(train_y))) :]
         train_y[hidden] = IGNORE_INDEX
     train_x = data.train_x

@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.fetch import fetch_text_asset
-from distill.data.splits import held_out_per_class
+from distill.data.splits import (
+    LABELED_TEXT_SEED_OFFSET,
+    TEST_TEXT_LIMIT_SEED_OFFSET,
+    validation_rows,
+)
 from distill.data.token_blocks import read_jsonl
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
@@ -141,7 +145,7 @@ def _limit(texts, labels, limit: int | None, seed: int):
 
 def labeled_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Keep labels on ``fraction`` of each class's examples (at least one per class), seeded."""
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed + LABELED_TEXT_SEED_OFFSET)
     keep = np.zeros(len(labels), dtype=bool)
     for value in np.unique(labels[labels != IGNORE_INDEX]):
         rows = np.flatnonzero(labels == value)
@@ -184,7 +188,7 @@ def load_text_data(spec, seed: int = 0, *, validation: bool = False) -> TextData
     train_labels = np.array([index.get(name, IGNORE_INDEX) for name in train_names], dtype=np.int64)
     test_labels = np.array([index[name] for name in test_names], dtype=np.int64)
     train_texts, train_labels = _limit(train_texts, train_labels, spec.limit_train, seed)
-    test_texts, test_labels = _limit(test_texts, test_labels, spec.limit_test, seed + 7)
+    test_texts, test_labels = _limit(test_texts, test_labels, spec.limit_test, seed + TEST_TEXT_LIMIT_SEED_OFFSET)
     if spec.labeled_fraction < 1.0:
         train_labels = np.where(labeled_mask(train_labels, spec.labeled_fraction, seed), train_labels, IGNORE_INDEX)
     missing = sorted(set(range(len(classes))) - set(train_labels[train_labels != IGNORE_INDEX].tolist()))
@@ -203,7 +207,9 @@ def with_validation(data: TextData, fraction: float, seed: int) -> TextData:
         return data
     hint = "add labeled texts, raise data.labeled_fraction or set data.validation_fraction: 0"
     names = [repr(name) for name in data.classes]
-    held = held_out_per_class(data.train_labels, names, fraction, seed, unit="text", hint=hint)
+    held = validation_rows(
+        len(data.train_texts), fraction, seed, labels=data.train_labels, class_names=names, unit="text", hint=hint
+    )
     keep = np.ones(len(data.train_texts), dtype=bool)
     keep[held] = False
     return replace(
@@ -226,5 +232,5 @@ def validation_mask(count: int, fraction: float, seed: int, source: str) -> np.n
             f"data.source {source}: {count} training text(s) cannot give both a validation split and training "
             "texts; add training texts or set data.validation_fraction: 0"
         )
-    held[np.random.default_rng(seed + 104_729).permutation(count)[: max(1, round(fraction * count))]] = True
+    held[validation_rows(count, fraction, seed)] = True
     return held

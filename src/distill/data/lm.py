@@ -1,11 +1,12 @@
-"""Token blocks of a causal-LM recipe's data: read the source, tokenize, split off the held-out part, and cap
-both splits."""
+"""Token blocks of a causal-LM recipe's data: read the source, tokenize, split off the held-out part, cap both
+splits, and hold out the validation blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from distill.data.fetch import fetch_shakespeare
+from distill.data.splits import validation_rows
 from distill.data.token_blocks import (
     TokenData,
     encode_pairs,
@@ -44,6 +45,23 @@ def split_lm_data(data: TokenData, spec: LMDataSpec, seed: int) -> tuple[TokenDa
     """(training blocks, held-out blocks), each capped by the recipe's limits."""
     train, heldout = split_holdout(data, spec.heldout_fraction, seed)
     return sample_blocks(train, spec.limit_train_blocks, seed), sample_blocks(heldout, spec.limit_heldout_blocks, seed)
+
+
+def split_validation(train: TokenData, fraction: float, seed: int) -> tuple[TokenData, TokenData | None]:
+    """(training blocks, validation blocks): ``fraction`` of the training blocks held out (seeded, in order) to
+    validate every stage and check the teacher; (``train``, None) for ``fraction`` 0."""
+    if not fraction > 0:
+        return train, None
+    held_count = max(1, round(fraction * len(train)))
+    if not 0.0 < fraction < 1.0 or held_count >= len(train):
+        raise DistillError(
+            f"holding out fraction {fraction} of {len(train)} blocks leaves an empty side; "
+            "use a fraction between 0 and 1 and more data (or a smaller block size)"
+        )
+    held = validation_rows(len(train), fraction, seed)
+    keep = np.ones(len(train), dtype=bool)
+    keep[held] = False
+    return train.subset(np.flatnonzero(keep)), train.subset(held)
 
 
 def load_lm_data(spec: LMDataSpec, tokenizer, seed: int, *, with_texts: bool = False) -> tuple[TokenData, TokenData]:

@@ -18,8 +18,7 @@ from torch import nn
 
 from distill.devices import to_numpy
 from distill.errors import DistillError
-from distill.io import atomic_dir, write_json
-from distill.train import STAGE_DONE
+from distill.io import STAGE_DONE, atomic_dir, write_json
 
 FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "gguf-f16", "gguf-q8_0")
 GGUF = ("gguf-f16", "gguf-q8_0")

@@ -13,6 +13,7 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.export.run_export import FORMATS, GGUF, check_target, export_student, model_type
+from distill.io import STAGE_DONE
 from distill.recipe import (
     EmbeddingRecipe,
     GenerateRecipe,
@@ -25,7 +26,6 @@ from distill.recipe import parse_recipe as parse_with
 from distill.report import ReportView, read_metrics, write_report
 from distill.report.compare import compare
 from distill.tasks import causal_lm, classifier, embedding, text_classification
-from distill.train import STAGE_DONE
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from distill import parallel
-from distill.data.lm import load_lm_data, split_lm_data
-from distill.data.token_blocks import SEPARATOR, TokenData, split_holdout
+from distill.data.lm import load_lm_data, split_lm_data, split_validation
+from distill.data.token_blocks import SEPARATOR, TokenData
 from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.evaluate import bits_per_char, lm_metrics, lm_validation, side_by_side, token_kl_passage
@@ -45,35 +44,28 @@ from distill.models.cut import student_from_teacher
 from distill.models.prune import plan, prune
 from distill.recipe import LMDistillSpec, LMRecipe, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.common import (
+from distill.tasks.checks import memorised_teacher_warnings, student_warnings, teacher_warnings
+from distill.tasks.skeleton import (
     OnStep,
-    cache_root,
     finish,
     int8_student,
     machine,
-    memorised_teacher_warnings,
     prepare_run_dir,
     stage_step,
-    student_warnings,
-    teacher_warnings,
     validated_scores,
 )
-from distill.tasks.common import train_or_load as train_or_load_stage
+from distill.tasks.skeleton import train_or_load as train_or_load_stage
 from distill.teachers.cross_tokenizer import (
-    CrossTokenizerCache,
     CrossTokenizerSignal,
     TeacherView,
-    build_cross_cache,
     check_offsets,
-    cross_cache_dir,
     teacher_view,
 )
-from distill.teachers.identity import lm_id, served_id
-from distill.teachers.lm_cache import LMCache, ensure_lm_cache, lm_cache_dir
+from distill.teachers.identity import lm_id
+from distill.teachers.lm_choice import cache_path, live_teacher, lm_signal, open_cache
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
-from distill.teachers.served_cache import served_teacher_logits
 from distill.train import make_accelerator, train_loop, validation_summary
 
 
@@ -163,9 +155,7 @@ def setup(recipe: LMRecipe) -> LMSetup:
         train, heldout = split_lm_data(load_recorded(recipe.data, tokenizer), recipe.data, recipe.seed)
     else:
         train, heldout = load_lm_data(recipe.data, data_tokenizer, recipe.seed, with_texts=bool(cross))
-    validation = None
-    if recipe.data.validation_fraction > 0:
-        train, validation = split_holdout(train, recipe.data.validation_fraction, recipe.seed + 104_729)
+    train, validation = split_validation(train, recipe.data.validation_fraction, recipe.seed)
     if recipe.teacher.train is not None and not len(train):
         raise DistillError(
             f"teacher.train: {recipe.data.path} has no training block of {recipe.data.block_size} tokens to adapt the "
@@ -234,59 +224,9 @@ def adapt_teacher(s: LMSetup, recipe: LMRecipe, out: Path, accelerator, *, resum
     return replace(s, teacher=adapted, teacher_id=teacher_id, teacher_base=s.teacher)
 
 
-def cache_sets(recipe: LMRecipe, blocks: int) -> int:
-    """Sets of draws the sampled cache holds: ``distill.cache_sets``, else one per epoch the student trains (a top-k
-    cache is not drawn: one)."""
-    d, train = recipe.distill, recipe.student.train
-    if d.cache_mode == "topk":
-        return 1
-    steps_per_epoch = math.ceil(blocks / train.batch_size)
-    return d.cache_sets or min(64, math.ceil(train.max_steps / steps_per_epoch) if train.max_steps else train.epochs)
-
-
-def cache_path(recipe: LMRecipe, out: Path, s: LMSetup) -> Path:
-    d = recipe.distill
-    if s.teacher_view is not None:
-        return cross_cache_dir(
-            cache_root(d, out), s.teacher_id, s.train.fingerprint(), s.teacher_view, d.cache_k, d.temperature
-        )
-    sets = cache_sets(recipe, len(s.train.input_ids))
-    teacher_id = cache_teacher_id(recipe, s)
-    return lm_cache_dir(cache_root(recipe.distill, out), teacher_id, s.train.fingerprint(), recipe.distill, sets)
-
-
-def cache_teacher_id(recipe: LMRecipe, s: LMSetup) -> str:
-    """What keys the teacher cache: the local teacher's weights, or the server and model that answered."""
-    endpoint = recipe.teacher.endpoint
-    return served_id(endpoint.url, endpoint.model, endpoint.format) if endpoint else s.teacher_id
-
-
-def open_cache(recipe: LMRecipe, out: Path, s: LMSetup, device) -> LMCache | CrossTokenizerCache:
-    """The teacher cache of this recipe, built (or finished) first if needed."""
-    d = recipe.distill
-    if s.teacher_view is not None:
-        path, data_id = cache_path(recipe, out, s), s.train.fingerprint()
-        options = {"k": d.cache_k, "temperature": d.temperature, "teacher_id": s.teacher_id, "data_id": data_id}
-        return build_cross_cache(path, s.teacher, s.train, s.teacher_view, **options, device=device)
-    endpoint, blocks = recipe.teacher.endpoint, s.train.input_ids  # a served teacher: the cache from its answers
-    served = endpoint and served_teacher_logits(endpoint, s.vocab_size, d.cache_k, s.tokenizer.decode, blocks)
-    return ensure_lm_cache(
-        cache_path(recipe, out, s),
-        s.teacher,
-        s.train.input_ids,
-        recipe.distill,
-        teacher_id=cache_teacher_id(recipe, s),
-        data_id=s.train.fingerprint(),
-        vocab_size=s.vocab_size,
-        seed=recipe.seed,
-        device=device,
-        sets=cache_sets(recipe, len(s.train.input_ids)),
-        **({"served": served, "batch_size": endpoint.concurrency} if endpoint else {}),
-    )
-
-
 def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accelerator):
-    """What the distilled student trains on: the recipe's teacher signal over the training blocks."""
+    """What the distilled student trains on: the recipe's teacher signal (``teachers.lm_choice``) over the training
+    blocks, or on-policy generations scored by the teacher."""
     d = recipe.distill
     if d.onpolicy is not None:
         return OnPolicyBatches(
@@ -302,33 +242,7 @@ def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accele
             chunk_size=d.chunk_size,
             seed=recipe.seed,
         )
-    if s.teacher_view is not None and d.signal == "live":
-        teacher = s.teacher.to(accelerator.device)
-        signal = CrossTokenizerSignal(d.cross_tokenizer, s.teacher_view, d.temperature, teacher=teacher)
-    elif d.signal == "cache":
-        with accelerator.main_process_first():  # the main process builds it, the others open it
-            cache = open_cache(recipe, out, s, accelerator.device)
-        if s.teacher_view is not None:
-            signal = CrossTokenizerSignal(d.cross_tokenizer, s.teacher_view, d.temperature, cache=cache)
-        else:
-            signal = SparseSignal(cache.lookup, d.temperature)  # skipped blocks (served teacher) get no KD
-    elif d.signal == "live":
-        signal = LiveLMSignal(live_teacher(recipe, s, accelerator), d.loss, d.temperature, d.divergence_kwargs())
-    else:  # recorded: the targets travel with the training blocks
-        signal = SparseSignal(lambda rows, epoch: s.train.recorded[rows], d.temperature)
-    return LMBatches(s.train, s.vocab_size, d.chunk_size, distill=d, signal=signal)
-
-
-def live_teacher(recipe: LMRecipe, s: LMSetup, accelerator: Accelerator) -> nn.Module:
-    """The teacher a live signal runs: whole, on the device; or with ``teacher.shard`` under several processes a copy
-    sharded over them (the whole teacher stays on the CPU for validation and the report, which rank 0 writes alone)."""
-    if recipe.teacher.shard and (accelerator.num_processes > 1 or torch.distributed.is_initialized()):
-        teacher = parallel.shard_frozen(copy.deepcopy(s.teacher))
-        units = len(parallel.layer_units(teacher)) + 1
-        world = torch.distributed.get_world_size()
-        accelerator.print(f"teacher: sharded over {world} process{'es' if world > 1 else ''}, {units} units")
-        return teacher
-    return s.teacher.to(accelerator.device)
+    return LMBatches(s.train, s.vocab_size, d.chunk_size, distill=d, signal=lm_signal(recipe, out, s, accelerator))
 
 
 def pad_id(tokenizer) -> int:

@@ -20,26 +20,22 @@ from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
 from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.common import (
+from distill.tasks.auto import candidate_scores, check_auto_data, choose_auto, choose_baseline_lr
+from distill.tasks.checks import student_warnings, teacher_check
+from distill.tasks.skeleton import (
     OnStep,
-    cache_root,
-    candidate_scores,
-    check_auto_data,
-    choose_auto,
-    choose_baseline_lr,
     comparison,
     finish,
     int8_student,
     machine,
     prepare_run_dir,
     stage_step,
-    student_warnings,
-    teacher_check,
 )
-from distill.tasks.common import train_or_load as train_or_load_stage
+from distill.tasks.skeleton import train_or_load as train_or_load_stage
 from distill.teachers.identity import file_id
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
+from distill.teachers.store import cache_root
 from distill.train import Stage, Validator, make_accelerator, train_stage, validation_summary
 
 

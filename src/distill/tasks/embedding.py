@@ -47,9 +47,10 @@ from distill.models.probe import fit_probe
 from distill.models.static import build_static, load_static, save_static
 from distill.recipe import EmbeddingRecipe, TrainSpec, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.common import OnStep, cache_root, finish, machine, prepare_run_dir, stage_step, train_or_load
+from distill.tasks.skeleton import OnStep, finish, machine, prepare_run_dir, stage_step, train_or_load
 from distill.teachers.encoder_outputs import TokenStates, cached_token_states, teacher_features
 from distill.teachers.identity import encoder_id
+from distill.teachers.store import cache_root
 from distill.train import Validator, make_accelerator, train_loop, validation_summary
 
 

@@ -39,24 +39,20 @@ from distill.models.encoders import (
 from distill.models.probe import fit_probe
 from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.common import (
+from distill.tasks.auto import candidate_scores, check_auto_data, choose_auto, choose_baseline_lr
+from distill.tasks.checks import student_warnings, teacher_check
+from distill.tasks.skeleton import (
     OnStep,
-    cache_root,
-    candidate_scores,
-    check_auto_data,
-    choose_auto,
-    choose_baseline_lr,
     comparison,
     finish,
     machine,
     prepare_run_dir,
     stage_step,
-    student_warnings,
-    teacher_check,
     train_or_load,
 )
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
+from distill.teachers.store import cache_root
 from distill.train import Stage, make_accelerator, stage_loss, train_loop, validation_summary
 
 

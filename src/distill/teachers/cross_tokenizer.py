@@ -25,7 +25,6 @@ every token maps to itself: forward KL exactly.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from distill.losses.divergences import log_probs
 from distill.losses.sparse import chunked_cross_entropy
 from distill.models.causal_lm import head_of, last_hidden
 from distill.teachers.lm_signals import StudentTokens
+from distill.teachers.store import check_file, check_made_for, read_meta
 
 # ---- the teacher's tokens in the student's vocabulary ----
 
@@ -385,24 +385,10 @@ class CrossTokenizerCache:
 
     @classmethod
     def open(cls, path: Path, expected: dict, *, verify: bool) -> CrossTokenizerCache:
-        meta_path, file = path / "meta.json", path / "targets.npy"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise DistillError(f"cross-tokenizer teacher cache {path} has no meta.json (unfinished); {FIX}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DistillError(f"cross-tokenizer teacher cache {meta_path} is corrupt; {FIX}") from None
-        changed = [key for key in expected if meta.get(key) != expected[key]]
-        if changed:
-            key = changed[0]
-            raise DistillError(
-                f"cross-tokenizer teacher cache {path} was made with {key} {meta.get(key)!r} but this "
-                f"run has {expected[key]!r}; delete it and {FIX}"
-            )
-        if not file.is_file() or file.stat().st_size != meta.get("bytes"):
-            raise DistillError(f"cross-tokenizer teacher cache {file} is missing or cut short; delete it and {FIX}")
-        if verify and sha256_file(file) != meta.get("sha256"):
-            raise DistillError(f"cross-tokenizer teacher cache {file} fails its checksum; delete it and {FIX}")
+        what, file = "cross-tokenizer teacher cache", path / "targets.npy"
+        meta = read_meta(path, what, FIX)
+        check_made_for(meta, expected, path, what, f"delete it and {FIX}")
+        check_file(file, what, FIX, size=meta.get("bytes"), sha256=meta.get("sha256") if verify else None)
         return cls(path, meta, np.load(file, mmap_mode="r"))
 
     def read(self, rows: np.ndarray) -> np.ndarray:

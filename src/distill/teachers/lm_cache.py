@@ -34,6 +34,7 @@ from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_path, folder_lock, sha256_file, write_json
 from distill.losses.sparse import MODES, SparseTargets, sparse_targets_from_logits
+from distill.teachers.store import check_file, check_made_for, read_meta
 
 FORMAT = "distill.lm_sparse/1"
 FIX = "rebuild it with `distill cache RECIPE`"
@@ -267,11 +268,9 @@ class LMCache:
         """Open and validate a cache of ``teacher_id`` over ``data_id``; ``verify`` also checks each sha256."""
         path = Path(path)
         meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise DistillError(f"LM teacher cache {path} has no meta.json (missing or unfinished); {FIX}")
-        meta = _read_json(meta_path)
+        meta = read_meta(path, "LM teacher cache", FIX)
         try:
-            if meta is None or meta["format"] != FORMAT:
+            if meta["format"] != FORMAT:
                 raise ValueError
             record = record_dtype(meta["mode"], meta["k"], meta["vocab_size"], meta.get("sets", 1))
             seq_len, shard_blocks, entries = meta["seq_len"], meta["shard_blocks"], meta["shards"]
@@ -284,23 +283,11 @@ class LMCache:
         except (ValueError, KeyError, TypeError):
             raise DistillError(f"LM teacher cache {meta_path} is corrupt; {FIX}") from None
         wanted = {"teacher_id": teacher_id, "data_id": data_id, "temperature": temperature, "mode": mode}
-        for key, want in wanted.items():
-            if want is not None and meta.get(key) != want:
-                raise DistillError(
-                    f"LM teacher cache {path} was made with {key} {meta.get(key)!r} but this run has {want!r}; "
-                    f"{FIX}, or point the recipe at a cache made with {want!r}"
-                )
+        check_made_for(meta, wanted, path, "LM teacher cache", f"{FIX}, or point the recipe at a cache made with it")
         shards = []
         for i, (file, blocks, size, sha256) in enumerate(files):
-            if not file.is_file():
-                raise DistillError(f"LM teacher cache shard {file} is missing; {FIX} (it redoes only that shard)")
-            if file.stat().st_size != size:
-                raise DistillError(
-                    f"LM teacher cache shard {file} has {file.stat().st_size} bytes, expected {size} (cut short?); "
-                    f"{FIX} (it redoes only that shard)"
-                )
-            if verify and sha256_file(file) != sha256:
-                raise DistillError(f"LM teacher cache shard {file} fails its checksum; delete it and {FIX}")
+            check_file(file, "LM teacher cache shard", f"{FIX} (it redoes only that shard)", size=size,
+                       sha256=sha256 if verify else None)  # fmt: skip
             try:
                 shard = np.load(file, mmap_mode="r")
             except (ValueError, OSError) as exc:

@@ -21,8 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import FOLDER_MODE, folder_lock, fsync_path, make_folder, sha256_file
+from distill.teachers.store import check_file, check_made_for, read_meta
 
 FORMAT = "distill.logits/1"
+FIX = "delete the folder to rebuild it, or set distill.cache_dir to another folder"
 
 
 class LogitsCache:
@@ -33,27 +35,16 @@ class LogitsCache:
     def open(cls, path: Path, *, teacher: str, data: str, verify: bool = True) -> LogitsCache:
         """Open and validate a cache made by ``teacher`` over training data ``data``."""
         path = Path(path)
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-        except FileNotFoundError:
-            raise DistillError(f"teacher cache {path} has no meta.json; delete the folder to rebuild it") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DistillError(f"teacher cache {path}/meta.json is corrupt; delete the folder to rebuild it") from None
+        meta = read_meta(path, "teacher cache", FIX)
         if meta.get("format") != FORMAT:
-            raise DistillError(f"teacher cache {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        for key, want in (("teacher", teacher), ("data", data)):
-            if meta.get(key) != want:
-                raise DistillError(
-                    f"teacher cache {path} was made for {key} {meta.get(key)!r} but this run has {want!r}; "
-                    "delete it or set distill.cache_dir to another folder"
-                )
+            raise DistillError(f"teacher cache {path} has format {meta.get('format')!r}, expected {FORMAT!r}; {FIX}")
+        check_made_for(meta, {"teacher": teacher, "data": data}, path, "teacher cache", FIX)
         file = path / "logits.npy"
-        if verify and (not file.is_file() or sha256_file(file) != meta.get("sha256")):
-            raise DistillError(f"teacher cache {file} is missing or corrupt (checksum mismatch); delete {path}")
+        check_file(file, "teacher cache", FIX, sha256=meta.get("sha256") if verify else None)
         try:
             logits = np.load(file, mmap_mode="r")
         except (ValueError, OSError) as exc:
-            raise DistillError(f"teacher cache {file} is unreadable ({exc}); delete {path}") from None
+            raise DistillError(f"teacher cache {file} is unreadable ({exc}); {FIX}") from None
         if list(logits.shape) != [meta["num_examples"], meta["num_classes"]]:
             raise DistillError(f"teacher cache {file} has shape {logits.shape}, meta.json says otherwise")
         return cls(path, meta, logits)

@@ -23,7 +23,7 @@ from distill.errors import DistillError
 from distill.io import atomic_path, write_json
 from distill.models.causal_lm import load_causal_lm, resolve_model_path
 from distill.recipe import GenerateRecipe, SamplingSpec
-from distill.verify import make_scorer, verdict
+from distill.tasks.verify import make_scorer, verdict
 
 
 @dataclass(frozen=True)

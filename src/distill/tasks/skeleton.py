@@ -1,0 +1,230 @@
+"""The run skeleton every task shares: the run folder (what ``--force`` may delete, the recipe it records), the
+teacher-cache folder, "train this stage or load it" with one marker, the int8 copy of the student, and the ending
+(metrics.json and the report). The checks a run says aloud live in ``checks.py``, the ``auto`` sweep in ``auto.py``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from distill.errors import DistillError
+from distill.evaluate import calibration, disagreements
+from distill.export.quantize import WEIGHTS, load_int8
+from distill.export.run_export import Student, export_student
+from distill.io import STAGE_DONE, atomic_path, fsync_path, fsync_tree, write_json
+from distill.recipe import recipe_to_yaml
+from distill.report import ReportView, write_report
+from distill.train import remove_checkpoints, validation_summary
+
+OnStep = Callable[[str, int], None] | None
+
+
+# What a run writes at the top of its folder: ``--force`` deletes a folder holding these and nothing else.
+RUN_ENTRIES = {"recipe.yaml", "log.jsonl", "metrics.json", "REPORT.md", "report.html", "auto.json", "prune.json",
+               "teacher", "baseline", "student", "cache", "exports", "trackers"}  # fmt: skip
+RUN_PATTERNS = ("*.png", "auto-*", ".*.tmp-*", ".*.old-*", ".*.lock")  # plots, sweep candidates, temp files, locks
+
+
+def prepare_run_dir(
+    recipe, out: Path, *, resume: bool, force: bool, accelerator=None, command: str = "distill run"
+) -> None:
+    """Check and create the run folder, and record the recipe in it. Under several processes only the main one does,
+    and the others wait for it (if it refuses, the launcher stops them)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            prepare_run_dir(recipe, out, resume=resume, force=force, command=command)
+        accelerator.wait_for_everyone()
+        return
+    saved = out / "recipe.yaml"
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    if out.exists() and any(out.iterdir()):
+        if force:
+            check_ours_to_replace(recipe, out)
+            shutil.rmtree(out)
+        elif not resume:
+            raise DistillError(
+                f"run folder {out} already exists; pass --resume to continue it or --force to replace it"
+            )
+        elif saved.exists() and saved_recipe(type(recipe), saved) != recipe:
+            raise DistillError(
+                f"{command}: the recipe differs from the one {out} was started with ({saved}); use the same recipe, "
+                "or start a new --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(saved) as tmp:
+        tmp.write_text(recipe_to_yaml(recipe))
+
+
+def saved_recipe(schema: type, path: Path):
+    """A run folder's recipe, validated; a torn or edited one is one line, not a traceback."""
+    try:
+        return schema.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(
+            f"{path} is damaged or not a recipe distill wrote ({first}); the run cannot be resumed from it: start a "
+            "new --out (or delete that run folder yourself)"
+        ) from None
+
+
+def check_ours_to_replace(recipe, out: Path) -> None:
+    """``--force`` deletes ``out`` only when it is a run folder of ours: it holds the recipe a run wrote (the resolved
+    recipe, as ``yaml.safe_dump`` writes it: a hand-written one never reads back byte for byte) and nothing but
+    what runs write, and it is not the current folder, the home folder, or a folder holding the data or another
+    file the recipe names. Anything else would delete what we did not write."""
+    resolved = out.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)}
+    if resolved in protected or any(p.is_relative_to(resolved) for p in protected):
+        raise DistillError(
+            f"--force would delete {out} ({resolved}), which holds the current or home folder; choose "
+            "a run folder of its own for --out"
+        )
+    named = [Path(value).expanduser() for value in _strings(recipe.model_dump(mode="json"))]
+    inside = [path for path in named if _exists(path) and path.resolve().is_relative_to(resolved)]
+    if inside:
+        raise DistillError(
+            f"--force would delete {out}, which holds {inside[0]} named by the recipe; choose another --out for the run"
+        )
+    saved = out / "recipe.yaml"
+    try:
+        text = saved.read_text()
+        loaded = yaml.safe_load(text)
+        ours = isinstance(loaded, dict) and "task" in loaded and yaml.safe_dump(loaded, sort_keys=False) == text
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise DistillError(
+            f"--force replaces only a run folder distill wrote, and {out} is not one (no recipe.yaml written by a "
+            "run); choose another --out, or empty that folder yourself"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name not in RUN_ENTRIES and not any(entry.match(pattern) for pattern in RUN_PATTERNS)
+    )
+    if foreign:
+        raise DistillError(
+            f"--force would delete {len(foreign)} file(s) in {out} that no run wrote ({', '.join(foreign[:3])}"
+            f"{', …' if len(foreign) > 3 else ''}); move them out, or choose another --out"
+        )
+
+
+def _strings(value) -> list[str]:
+    """Every string in a recipe's JSON dump (the paths it names are among them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a string that is no path (too long, a NUL)
+        return False
+
+
+def stage_step(name: str, on_step: OnStep) -> Callable[[int], None] | None:
+    """The loop's per-step callback for stage ``name`` (tests use it to stop a run at a chosen step)."""
+    return (lambda step: on_step(name, step)) if on_step else None
+
+
+def train_or_load(folder: Path, *, resume: bool, load: Callable, train: Callable, save: Callable, accelerator=None):
+    """``load(folder)`` when a resumed run finished this stage before, else ``train()`` it; the main process then
+    calls ``save(model, folder)``, makes it durable, writes the marker and only then drops the checkpoints (a save
+    that replaces the whole folder drops them itself, once the new one is durable), so a power cut never loses
+    both the weights and the checkpoints (every process holds the same weights)."""
+    if resume and (folder / STAGE_DONE).exists():
+        remove_checkpoints(folder)  # left by a crash between the marker and their removal
+        return load(folder)
+    model = train()
+    if accelerator is None or accelerator.is_main_process:
+        save(model, folder)
+        fsync_tree(folder)  # some saves write files beside an atomic_dir, unsynced
+        fsync_path(folder.parent)
+        write_json(folder / STAGE_DONE, {"stage": folder.name})
+        remove_checkpoints(folder)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return model
+
+
+def machine(**extra) -> dict:
+    """Where and with what the run was measured: the platform, the versions that shape the numbers, the command."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "distill": _version("distill"),
+        "command": _command(),
+        **extra,
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _command() -> str:
+    """The command line as the user typed it (``distill run ...`` rather than the script's full path)."""
+    argv = sys.argv
+    program = "distill" if Path(argv[0]).name == "distill" else Path(argv[0]).name
+    return shlex.join([program, *argv[1:]])
+
+
+def comparison(logits: dict[str, torch.Tensor], labels: torch.Tensor, example: Callable[[int], dict],
+               classes: list[str]) -> dict:  # fmt: skip
+    """What the report shows beyond the table for a classifier: each model's calibration on the test split, and
+    where the distilled student disagrees with the teacher (``example(i)`` adds test example i's image or text)."""
+    where = disagreements(logits["teacher"], logits["student"], labels)
+    for entry in where["examples"]:
+        entry |= example(entry["index"])
+    return {
+        "calibration": {name: calibration(values, labels) for name, values in logits.items()},
+        "disagreements": where | {"classes": classes},
+    }
+
+
+def int8_student(out: Path, load_student: Callable[[Path], Student]):
+    """The distilled student as dynamic int8 (what ``distill export RUN --format int8`` writes, checked on reload),
+    as (model, weights file); None, with a warning, when the export fails its check."""
+    try:
+        result = export_student(load_student(out), "int8", out / "exports" / "int8", out, force=True)
+    except DistillError as exc:
+        print(f"warning: no int8 student in the comparison: {exc}")
+        return None
+    folder = Path(result["path"])
+    return load_int8(folder), folder / WEIGHTS
+
+
+def finish(out: Path, recipe, task: str, models: dict, view: ReportView, **sections) -> dict:
+    """The ending of every run: ``metrics.json`` (models, the distillation settings and ``sections``) and the
+    report."""
+    metrics = {"recipe": recipe.name, "task": task, "models": models, **sections}
+    write_json(out / "metrics.json", metrics)
+    write_report(out, view)
+    return metrics
+
+
+def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
+    """A stage's scores on the validation split: as logged for the weights it kept (its best), or computed with
+    ``check`` when the log has none (a teacher loaded from a checkpoint, a run folder from before validation)."""
+    summary = validation_summary(out, stage)
+    return summary["best"] if summary else check(model)
