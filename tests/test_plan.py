@@ -171,7 +171,7 @@ def test_cli_prints_a_table_and_a_total_and_json(tmp_path, tiny_recipe, monkeypa
     [
         (None, "does not exist"),
         ({"student": {"modle": {}}}, "student.modle: unknown key"),
-        ({"task": "embedding"}, "distill plan covers classification and causal_lm recipes"),
+        ({"task": "generate", "prompts": {"path": "p.jsonl"}, "teacher": {"path": "t"}}, "not task: generate"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, content, fragment, monkeypatch, capsys):
@@ -197,3 +197,34 @@ def test_plan_writes_its_scratch_files_beside_the_run_and_removes_them(tmp_path,
     assert code == 0, err
     assert written and all(disk in path.parents for path in written)  # the run's disk: fsyncs timed where they land
     assert list(disk.iterdir()) == []  # and nothing left there, not even runs/
+
+
+def test_every_task_can_be_planned_text_classification_and_embedding(tmp_path, teacher_dir, student_dir):
+    """The plan walks the stages a task declares (``task.stages``) with the run's own preparation, so the text
+    tasks are planned like the others: the baseline and the student of a text classifier, an embedding student."""
+    from text_fixtures import write_topic_csv
+
+    data = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    text = {
+        "task": "text_classification",
+        "data": {"source": "csv", "path": str(data), "labeled_fraction": 0.5, "max_length": 16},
+        "teacher": {"path": str(teacher_dir)},
+        "student": {"path": str(student_dir), "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw"}},
+        "eval": {"threads": 1, "batch_size": 8},
+    }
+    plan = make_plan(parse_recipe(text), steps=1, out=tmp_path / "runs" / "a")
+    by_name = stages(plan)
+    assert list(by_name) == ["baseline", "student"] and plan.task == "text_classification"
+    for stage in by_name.values():  # the same student, the same step budget; AdamW: two states per parameter
+        assert stage.optimizer == 2 * stage.weights and stage.activations > 0 and stage.step_seconds > 0
+        assert stage.steps == 2 * 4 and stage.teacher > 0  # 60 texts (57 after validation) in batches of 16
+    embedding = {
+        "task": "embedding",
+        "data": [{"source": "csv", "path": str(data), "max_length": 16}],
+        "teacher": {"path": str(teacher_dir)},
+        "student": {"path": str(student_dir), "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw"}},
+        "eval": {"threads": 1, "batch_size": 8},
+    }
+    plan = make_plan(parse_recipe(embedding), steps=1, out=tmp_path / "runs" / "b")
+    assert [stage.name for stage in plan.stages] == ["student"] and plan.stages[0].step_seconds > 0
+    assert list((tmp_path / "runs").glob("*")) == []  # the scratch run folder is gone

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from distill.tasks import parse_recipe
 from distill.tasks.generate import generate
 from distill.teachers.served import Refused, Retryable, answer_limit, post
 from distill.teachers.served_cache import request_body, served_teacher_logits
-from distill.testing.prompt_server import serve
+from distill.testing.prompt_server import running, serve
 
 
 @pytest.fixture
@@ -64,13 +64,8 @@ class Elsewhere(BaseHTTPRequestHandler):
 @contextmanager
 def elsewhere():
     Elsewhere.seen = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://localhost:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with running(Elsewhere) as port:
+        yield f"http://localhost:{port}"
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])

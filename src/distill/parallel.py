@@ -1,4 +1,5 @@
-"""FSDP (torch's ``fully_shard``, FSDP2) for students and live teachers that do not fit one device.
+"""How training spreads over processes: ``Parallel`` holds what differs between one process, DDP (accelerate's
+wrapper) and FSDP (torch's ``fully_shard``, FSDP2, for students and live teachers that do not fit one device).
 
 Each transformer layer is one FSDP unit and the root holds the rest (embeddings, final norm, head); the root
 keeps its parameters gathered after forward, so a loss that reads the head's weight outside ``forward`` (the
@@ -14,6 +15,9 @@ must run it as often as the others (the training loop gives a rank with no share
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.optim import Optimizer
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -112,3 +120,84 @@ def release(model: nn.Module) -> None:
     Only after the last read of them: the freed storage is reused by the next gather."""
     if isinstance(model, FSDPModule):
         model.reshard()
+
+
+class Parallel:
+    """What the training loop does differently in one process, under DDP and under FSDP, behind one interface.
+
+    One process and DDP go through accelerate (``prepare`` wraps the model for DDP and mixed precision); FSDP shards
+    the model itself, before the optimizer is built on its sharded parameters. Every state handed out is full
+    (unsharded) and keyed as one process keys it, so checkpoints and best weights are the same files whatever the
+    launch, and a run resumes under another one.
+    """
+
+    def __init__(self, accelerator: Accelerator, fsdp: bool) -> None:
+        self.accelerator = accelerator
+        # One process shards too when a process group exists (torchrun --nproc_per_node 1; bench/gpu_check.py on one
+        # GPU); without one there is nothing to shard over.
+        self.fsdp = fsdp and (accelerator.num_processes > 1 or torch.distributed.is_initialized())
+        self.names: list[str] = []  # FSDP: the optimizer's parameter indices, by name (checkpoints hold indices)
+        self.template: nn.Module | None = None  # FSDP: the plain module ``unwrap`` loads the trained weights into
+
+    def shard(self, model: nn.Module) -> None:
+        """Under FSDP, shard ``model`` in place; to be called before its optimizer is built. Nothing otherwise."""
+        if self.fsdp:
+            self.names = parameter_names(model)
+            self.template = shard(model, self.accelerator.mixed_precision, self.accelerator.device)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: Optimizer, state: dict) -> None:
+        """Load a checkpoint's (full, index-keyed) optimizer state, before ``prepare``."""
+        if self.fsdp:
+            load_optimizer_state(model, optimizer, state, self.names)
+        else:
+            optimizer.load_state_dict(state)
+
+    def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
+        """The model and optimizer the loop trains with: accelerate's (device, mixed precision, DDP), or under FSDP
+        the sharded ones as they are."""
+        if self.fsdp:
+            return model, optimizer
+        return self.accelerator.prepare(model, optimizer)
+
+    def sync(self, model: nn.Module, last: bool) -> AbstractContextManager:
+        """The context of one micro-batch's forward and backward: gradients are all-reduced (DDP) or
+        reduce-scattered (FSDP) only after the ``last`` micro-batch of a step."""
+        if self.fsdp:
+            model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.accelerator.no_sync(model)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
+        """Clip the gradients to a global norm: accelerate's clip (which unscales fp16 gradients first) for the
+        model it prepared, torch's for the sharded one accelerate never saw (its DTensor gradients' norm is global)."""
+        clip = torch.nn.utils.clip_grad_norm_ if self.fsdp else self.accelerator.clip_grad_norm_
+        clip(model.parameters(), max_norm)
+
+    def full_states(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
+        """The full model and optimizer state dicts for a checkpoint. Under FSDP a collective (every process calls
+        it) whose states are on rank 0 only."""
+        if self.fsdp:
+            return full_states(model, optimizer, self.names)
+        return self.accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+
+    def full_model_state(self, model: nn.Module) -> dict:
+        """The full model state dict (the best weights). Under FSDP a collective, on rank 0 only."""
+        return full_model_state(model) if self.fsdp else self.accelerator.unwrap_model(model).state_dict()
+
+    def validate(self, model: nn.Module, validator: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """``validator``'s metrics of the model in eval mode, without gradients; the model is left in train mode."""
+        model.eval()
+        with torch.no_grad():
+            metrics = validator(model if self.fsdp else self.accelerator.unwrap_model(model))
+        if self.fsdp:  # the root keeps its parameters gathered after a forward; no backward will reshard them now
+            model.reshard()
+        model.train()
+        return metrics
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain module, without the mixed-precision wrapper: it is evaluated, timed and
+        exported in its own precision, beside a teacher that runs in its own (with the wrapper its forward would
+        stay under autocast). Under FSDP the gathered weights in a plain module on the CPU, on every process."""
+        if self.fsdp:
+            return gather(model, self.template)
+        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)

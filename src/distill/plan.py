@@ -23,11 +23,11 @@ device's total memory instead.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,24 +37,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.data.arrays import load_data
 from distill.errors import DistillError
 from distill.evaluate import TEACHER_MEMO_BYTES
 from distill.export.run_export import LM_BLOCKS
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS, smoothable_layers
 from distill.io import atomic_path
-from distill.losses import IGNORE_INDEX
 from distill.losses.sparse import SparseTargets
-from distill.models.causal_lm import last_hidden
-from distill.models.classifiers import build_classifier
-from distill.recipe import LMRecipe, Recipe, TrainSpec, auto_settings
+from distill.recipe import LMRecipe, TrainSpec, auto_settings
+from distill.tasks import TASKS, task_of
 from distill.tasks import causal_lm as lm
-from distill.tasks import classifier
-from distill.teachers.live import LiveTeacher
+from distill.tasks.skeleton import Run
 from distill.teachers.lm_cache import build_lm_cache, record_dtype
 from distill.teachers.lm_choice import cache_sets
 from distill.teachers.lm_signals import SparseSignal
-from distill.train import ClassifierBatches, Stage, make_accelerator, torch_save, train_loop
+from distill.train import make_accelerator, torch_save, train_loop
 
 FLOAT = 4  # bytes: weights, gradients, optimizer states and the losses' vocabulary buffers are float32
 # The chunked losses keep about 4 float32 [chunk, V] buffers live (student logits / log-probs, teacher or target
@@ -169,15 +165,18 @@ def current_rss() -> int:
 def make_plan(recipe, *, steps: int = 3, out: Path = Path("runs/latest")) -> Plan:
     """The plan of a parsed recipe (``tasks.load_recipe``), with ``steps`` timed optimizer steps per stage.
 
-    ``out`` is the run folder the run would write: the timed checkpoints (and a cache batch) are written in a scratch
+    ``out`` is the run folder the run would write: the plan's run folder (the timed checkpoints, a cache) is a scratch
     folder beside it, so their fsyncs are timed on the run's disk (not in $TMPDIR, often RAM), and removed after."""
     if steps < 1:
         raise DistillError(f"--steps {steps}: time at least 1 step")
-    if not isinstance(recipe, Recipe | LMRecipe):
-        raise DistillError(f"distill plan covers classification and causal_lm recipes, not task: {recipe.task}")
+    name = task_of(recipe)
+    if TASKS[name].module is None:
+        raise DistillError(f"distill plan covers the tasks distill run trains, not task: {name}")
     import_bytes = current_rss()  # before this plan loads any data or model
+    # what the stages print (a cache's progress, a warning) goes to stderr: stdout is the table or the JSON
     with tempfile.TemporaryDirectory(dir=run_disk(out), prefix=".distill-plan-") as scratch:
-        plan = (classifier_plan if isinstance(recipe, Recipe) else lm_plan)(recipe, steps, Path(scratch))
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = walk_stages(TASKS[name].module, recipe, steps, Path(scratch))
     plan.import_bytes = import_bytes
     if torch.cuda.is_available():
         plan.device_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -219,19 +218,29 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def saved_bytes(forward, model: nn.Module) -> int:
-    """Bytes autograd saves for backward while ``forward()`` runs: unique storages, the parameters excluded."""
+def saved_bytes(forward, model: nn.Module, *, inside: bool = False) -> int:
+    """Bytes autograd saves for backward while ``forward()`` runs: unique storages, the parameters excluded; with
+    ``inside``, only what ``model``'s own forward saves (a stage's loss runs it among other things)."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
+    counting = [not inside]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
+        if counting[0] and storage.data_ptr() not in skip:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
+    hooks = []
+    if inside:
+        hooks.append(model.register_forward_pre_hook(lambda module, args: counting.__setitem__(0, True)))
+        hooks.append(model.register_forward_hook(lambda module, args, output: counting.__setitem__(0, False)))
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(saved.values())
 
 
@@ -306,106 +315,126 @@ def schedule(spec: TrainSpec, examples: int, validates: bool) -> dict:
     }
 
 
-# ---- classification ----
+# ---- the stages a task declares, walked as the run walks them ----
 
 
-def classifier_plan(recipe: Recipe, steps: int, scratch: Path) -> Plan:
+def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
+    """Every stage of ``task.stages(recipe)``, in the run's order: its model and batches from the task's own
+    ``prepare`` (what the run trains, seeded as the run seeds it), in a scratch run folder; the teacher signal from the
+    task's ``teacher`` once the teacher is there (a teacher stage's model saved first, untrained: it has the trained
+    one's shapes). Then what follows training: the int8 export (and an LM's evaluation)."""
     before, high_before = current_rss(), peak_rss()
-    data = load_data(recipe.data, recipe.seed)
-    arrays = (data.train_x, data.train_y, data.test_x, data.test_y, data.val_x, data.val_y)
-    data_bytes = sum(a.nbytes for a in arrays if a is not None)
+    ctx = task.setup(recipe)
+    data = data_bytes(ctx)
     # Loading peaks above the arrays it leaves (the raw file, conversions): the process's high-water mark says by how
     # much only when loading set it. Otherwise the arrays are the floor: an earlier peak (imports, or pages the kernel
     # has since reclaimed, which lower the current RSS but not the mark) is not the data's.
     high = peak_rss()
-    loading = max(data_bytes, high - before) if high > high_before else data_bytes
-    accelerator = make_accelerator(recipe.mixed_precision)
-    check = classifier.validator(data)
-    labeled = int((data.train_y != IGNORE_INDEX).sum())
-
-    def stage(name, spec, model_spec, examples, **kwargs) -> StagePlan:
-        model = build_classifier(model_spec, data.input_shape, data.num_classes)
-        return classifier_stage(name, model, spec, data, examples, accelerator, steps, check, scratch, **kwargs)
-
-    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
-    teacher_bytes = weight_bytes(teacher)
-    stages = []
-    if not recipe.teacher.checkpoint:
-        stages.append(stage("teacher", recipe.teacher.train, recipe.teacher.model, labeled))
-    student_spec = recipe.student.model
-    if recipe.baseline:  # hard labels only: the labeled examples
-        stages.append(stage("baseline", recipe.student.train, student_spec, labeled, teacher=teacher_bytes))
-    if recipe.distill.signal == "cache":  # the cached logits are read from disk: a stand-in table costs the same
-        table = torch.randn(len(data.train_x), data.num_classes)
-        signal = lambda ids, x: table[ids].to(x.device)  # noqa: E731
-    else:
-        signal = LiveTeacher(teacher, accelerator.device)
-    resident = stages[-1].weights if recipe.baseline else 0  # the baseline is kept for the evaluation
-    stages.append(
-        stage(
-            "student",
-            recipe.student.train,
-            student_spec,
-            len(data.train_x),
-            teacher=teacher_bytes,
-            resident=resident,
-            signal=signal,
-            distill=recipe.distill,
+    loading = max(data, high - before) if high > high_before else data
+    accelerator = make_accelerator(getattr(recipe, "mixed_precision", "no"))
+    run = Run(recipe, scratch / "run", False, None, accelerator)
+    run.out.mkdir()
+    lm_task = isinstance(ctx, lm.LMSetup)
+    declared = task.stages(recipe)
+    if not any(stage.name == "teacher" for stage in declared):
+        task.teacher(ctx, run, None)
+    stages, kept = [], 0  # kept: the trained students the run holds until its evaluation
+    for stage in declared:
+        settings = recipe.distill if stage.signal == "teacher" else None
+        spec = recipe.teacher.train if stage.name == "teacher" else recipe.student.train
+        if stage.signal == "teacher" and lm_task and recipe.distill.signal == "cache":
+            stages.append(cache_stage(ctx, recipe, teacher_bytes(ctx), held(ctx, kept), accelerator, scratch))
+        if stage.build_seed is not None:
+            torch.manual_seed(recipe.seed + stage.build_seed)
+        if stage.signal == "teacher" and lm_task and recipe.distill.signal == "cache":
+            # the cache's lookups, drawn at random: the loss costs the same whatever the ids (the pass that builds the
+            # cache is the stage before)
+            model, spec, batches, check = task.prepare(ctx, run, stage.name, None, spec)
+            d, seq = recipe.distill, ctx.train.input_ids.shape[1]
+            lookup = stand_in_targets(d.cache_mode, d.cache_k, seq, ctx.vocab_size)
+            batches = lm.LMBatches(
+                ctx.train, ctx.vocab_size, d.chunk_size, distill=d, signal=SparseSignal(lookup, d.temperature)
+            )
+        else:
+            model, spec, batches, check = task.prepare(ctx, run, stage.name, settings, spec)
+        beside = teacher_bytes(ctx)
+        if stage.signal == "teacher" and lm_task and (recipe.distill.signal == "live" or recipe.distill.onpolicy):
+            beside += teacher_hidden_bytes(ctx.teacher, spec, ctx.train.input_ids.shape[1])
+        stages.append(stage_plan(stage.name, model, spec, batches, check, ctx, recipe, steps, accelerator, scratch,
+                                 teacher=beside, resident=held(ctx, kept)))  # fmt: skip
+        if stage.name == "teacher":
+            task.save(ctx, run, "teacher", model, run.out / "teacher")
+            task.teacher(ctx, run, model)
+        else:
+            kept += weight_bytes(model)
+    if lm_task:
+        stages += after_training(ctx, recipe, teacher_bytes(ctx), held(ctx, kept))
+    elif "int8" in task.export_formats(run.out / "student"):  # the export reloads the student and the data set
+        student = stages[-1].weights
+        export = StagePlan("int8 export", 0, 0, 1, 1, 0, teacher=teacher_bytes(ctx), data_reload=loading,
+                           resident=held(ctx, kept) + student, training=False)  # fmt: skip
+        stages.append(export)
+    plan = Plan(task.TASK, str(accelerator.device), data, keep_optimizers(stages))
+    if lm_task:
+        plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
+    keys = auto_settings(recipe.distill, recipe.student.train) if hasattr(recipe.distill, "temperature") else []
+    if any(stage.auto for stage in declared) and keys:
+        plan.notes.append(
+            f"{', '.join(keys)}: auto sweeps train short candidate stages first; they are not in this plan"
         )
-    )
-    # The int8 export reloads the student and the data set (classifier.load_student) while the run holds its own.
-    student = stages[-1].weights
-    stages.append(
-        StagePlan(
-            "int8 export",
-            0,
-            0,
-            1,
-            1,
-            0,
-            teacher=teacher_bytes,
-            resident=resident + 2 * student,
-            data_reload=loading,
-            training=False,
-        )
-    )
-    keys = auto_settings(recipe.distill, recipe.student.train)
-    notes = [f"{', '.join(keys)}: auto sweeps train short candidate stages first; they are not in this plan"]
-    notes = notes if keys else []
-    plan = Plan("classification", str(accelerator.device), data_bytes, keep_optimizers(stages), notes=notes)
-    plan.cache_disk_bytes = len(data.train_x) * data.num_classes * FLOAT if recipe.distill.signal == "cache" else 0
+    if lm_task and recipe.distill.signal == "cache":
+        d = recipe.distill
+        record = record_dtype(d.cache_mode, d.cache_k, ctx.vocab_size, cache_sets(recipe, len(ctx.train)))
+        plan.cache_bytes_per_token, plan.cache_disk_bytes = record.itemsize, record.itemsize * ctx.train.input_ids.size
+    elif getattr(recipe.distill, "signal", None) == "cache":  # a classifier's logits: 4 bytes per class and example
+        plan.cache_disk_bytes = len(ctx.data.train_x) * ctx.data.num_classes * FLOAT
     return plan
 
 
-def classifier_stage(
-    name,
-    model,
-    spec,
-    data,
-    examples,
-    accelerator,
-    steps,
-    check,
-    scratch,
-    *,
-    teacher=0,
-    resident=0,
-    signal=None,
-    distill=None,
-) -> StagePlan:
-    """One classifier stage: its state, the activations of a micro-batch, its timed steps and validation."""
+def teacher_bytes(ctx) -> int:
+    """The teacher the run holds (and, once adapted, the one it started from: the report compares both)."""
+    teachers = [getattr(ctx, "teacher", None), getattr(ctx, "teacher_base", None)]
+    return sum(weight_bytes(model) for model in teachers if model is not None)
+
+
+def held(ctx, kept: int) -> int:
+    """The models the process holds besides the stage's: the students' starting copy, and the students trained so far
+    (kept for the evaluation)."""
+    start = [getattr(ctx, "student_init", None), getattr(ctx, "base", None)]
+    return kept + sum(weight_bytes(model) for model in start if model is not None)
+
+
+def data_bytes(ctx) -> int:
+    """The bytes of the arrays a task's data holds (texts: their characters)."""
+    if isinstance(ctx, lm.LMSetup):
+        parts = [part for part in (ctx.train, ctx.heldout, ctx.validation) if part is not None]
+        return sum(a.nbytes for part in parts for a in (part.input_ids, part.labels, part.attention_mask))
+    sources = getattr(ctx, "sources", None) or [ctx.data]
+    total = 0
+    for data in sources:
+        for value in vars(data).values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, str))
+    return total
+
+
+def stage_plan(name, model, spec, batches, check, ctx, recipe, steps, accelerator, scratch, *, teacher, resident):
+    """One stage: its state, what autograd saves for one micro-batch of its real batches, its timed steps and
+    validation (an LM's: also its vocabulary buffers)."""
+    if batches is None:  # built, not trained (a static embedding table without epochs)
+        return StagePlan(name, 0, 0, 1, 1, 0, **state_bytes(model, TrainSpec()), teacher=teacher, resident=resident,
+                         training=False)  # fmt: skip
     model.to(accelerator.device)
-    micro = torch.from_numpy(np.ascontiguousarray(data.train_x[: spec.batch_size // spec.grad_accum]))
+    examples = len(batches.weights)
+    micro = torch.arange(min(spec.batch_size // spec.grad_accum, examples))
     with accelerator.autocast():
-        activations = saved_bytes(lambda: model(micro.to(accelerator.device)), model)
-    # as train.train_stage: a hard-label stage trains on the labeled examples, a distilled one on all
-    keep = data.train_y != IGNORE_INDEX if signal is None else np.ones(len(data.train_y), dtype=bool)
-    stage = Stage(name=name, model=model, train=spec, teacher=signal, distill=distill)
-    x, y, ids = torch.from_numpy(data.train_x[keep]), torch.from_numpy(data.train_y[keep]), np.flatnonzero(keep)
-    batches = ClassifierBatches(x, y, torch.from_numpy(ids), stage, data.input_shape)
+        activations = saved_bytes(lambda: batches.loss(model, micro, accelerator.device), model, inside=True)
     times = timed_steps(name, model, spec, batches, accelerator, steps, scratch)
     best = times.pop("best_seconds")  # a validation that improves writes the best weights
-    validation_seconds = timed(lambda: check(model.eval())) + best if check else 0.0
+    validation_seconds = timed(lambda: check(accelerator.unwrap_model(model).eval())) + best if check else 0.0
+    vocabulary = lm_buffers(name, ctx, recipe, spec, check) if isinstance(ctx, lm.LMSetup) else {}
     return StagePlan(
         name=name,
         **schedule(spec, examples, check is not None),
@@ -415,63 +444,23 @@ def classifier_stage(
         resident=resident,
         **times,
         validation_seconds=validation_seconds,
+        **vocabulary,
     )
 
 
-# ---- causal language models ----
-
-
-def lm_plan(recipe: LMRecipe, steps: int, scratch: Path) -> Plan:
-    s = lm.with_student(lm.setup(recipe), recipe)  # an adapted teacher has the same shapes: cut from the loaded one
-    accelerator = make_accelerator(recipe.mixed_precision)
-    d, seq, vocab = recipe.distill, s.train.input_ids.shape[1], s.vocab_size
-    teacher_bytes, student_bytes = weight_bytes(s.teacher), weight_bytes(s.student_init)
-    shapes = {"seq": seq, "vocab": vocab, "eval_batch": recipe.eval.batch_size, "accelerator": accelerator}
-    shapes["scratch"] = scratch
-
-    def stage(name, model, spec, batches, **kwargs) -> StagePlan:
-        return lm_stage(name, model, spec, batches, s, recipe, steps, shapes, **kwargs)
-
-    stages = []
-    if recipe.teacher.train is not None:  # fine-tuned in float32 beside the teacher as loaded
-        model, batches = (
-            copy.deepcopy(s.teacher).float().requires_grad_(True),
-            lm.LMBatches(s.train, vocab, d.chunk_size),
-        )
-        held = student_bytes if recipe.student.path else 0  # a student given by path is loaded first
-        check = lm.validator(s, recipe, None)
-        stages.append(
-            stage("teacher", model, recipe.teacher.train, batches, teacher=teacher_bytes, resident=held, check=check)
-        )
-        teacher_bytes *= 2  # the adapted teacher and the one it started from (the report compares both)
-    check, held = lm.validator(s, recipe, s.teacher), student_bytes  # the students start from their own copy of it
-    if recipe.baseline:
-        batches = lm.LMBatches(s.train, vocab, d.chunk_size)
-        model = copy.deepcopy(s.student_init)
-        stages.append(
-            stage("baseline", model, recipe.student.train, batches, teacher=teacher_bytes, resident=held, check=check)
-        )
-        held += student_bytes  # kept for the evaluation
-    if d.signal == "cache":
-        stages.append(cache_stage(s, recipe, teacher_bytes, held, accelerator, scratch))
-        lookup = stand_in_targets(d.cache_mode, d.cache_k, seq, vocab)  # what the cache returns, drawn at random
-        batches = lm.LMBatches(s.train, vocab, d.chunk_size, distill=d, signal=SparseSignal(lookup, d.temperature))
-    else:
-        with tempfile.TemporaryDirectory(dir=scratch) as out:  # only a cache would be written there
-            batches = lm.student_batches(recipe, Path(out), s, accelerator)
-    live = d.signal == "live" or d.onpolicy is not None
-    beside = teacher_bytes + (teacher_hidden_bytes(s.teacher, recipe.student.train, seq) if live else 0)
-    model = copy.deepcopy(s.student_init)
-    stages.append(stage("student", model, recipe.student.train, batches, teacher=beside, resident=held, check=check))
-    stages += after_training(s, recipe, teacher_bytes, held + student_bytes)
-    parts = [part for part in (s.train, s.heldout, s.validation) if part is not None]
-    data = sum(a.nbytes for part in parts for a in (part.input_ids, part.labels, part.attention_mask))
-    plan = Plan("causal_lm", str(accelerator.device), data, keep_optimizers(stages))
-    plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
-    if d.signal == "cache":
-        record = record_dtype(d.cache_mode, d.cache_k, vocab, cache_sets(recipe, len(s.train)))
-        plan.cache_bytes_per_token, plan.cache_disk_bytes = record.itemsize, record.itemsize * s.train.input_ids.size
-    return plan
+def lm_buffers(name, s, recipe, spec, check) -> dict:
+    """A causal LM's vocabulary buffers: the chunked loss's, the same with the logits materialised, and a validation
+    batch's full-vocabulary log-probs (with the teacher's memo beside the students')."""
+    seq, vocab = s.train.input_ids.shape[1], s.vocab_size
+    positions = (spec.batch_size // spec.grad_accum) * (seq - 1)  # every position predicts a next token
+    with_teacher = name != "teacher"
+    validation_batch = min(recipe.eval.batch_size, len(s.validation) if s.validation is not None else 0)
+    validation = VALIDATION_BUFFERS[with_teacher] * validation_batch * (seq - 1) * vocab * FLOAT if check else 0
+    return {
+        "loss_buffers": LOSS_BUFFERS * min(recipe.distill.chunk_size, positions) * vocab * FLOAT,
+        "loss_buffers_full": LOSS_BUFFERS * positions * vocab * FLOAT,
+        "validation": validation + (teacher_memo_bytes(s, seq, vocab) if check and with_teacher else 0),
+    }
 
 
 def keep_optimizers(stages: list[StagePlan]) -> list[StagePlan]:
@@ -482,37 +471,6 @@ def keep_optimizers(stages: list[StagePlan]) -> list[StagePlan]:
         stage.resident += kept
         kept += stage.optimizer
     return stages
-
-
-def lm_stage(name, model, spec, batches, s, recipe, steps, shapes, *, teacher, resident, check) -> StagePlan:
-    """One LM stage: state, activations of a micro-batch, the loss's vocabulary buffers, timed steps, validation."""
-    accelerator, seq, vocab = shapes["accelerator"], shapes["seq"], shapes["vocab"]
-    model.to(accelerator.device)
-    micro = spec.batch_size // spec.grad_accum
-    ids = torch.from_numpy(s.train.input_ids[:micro]).long().to(accelerator.device)
-    attention = torch.from_numpy(s.train.attention_mask[:micro]).long().to(accelerator.device)
-    with accelerator.autocast():
-        activations = saved_bytes(lambda: last_hidden(model, ids, attention), model)
-    positions = len(ids) * (seq - 1)  # every position predicts a next token (padding and prompts at most)
-    times = timed_steps(name, model, spec, batches, accelerator, steps, shapes["scratch"])
-    best = times.pop("best_seconds")  # a validation that improves writes the best weights
-    validation_seconds = timed(lambda: check(accelerator.unwrap_model(model).eval())) + best if check else 0.0
-    with_teacher = name != "teacher"
-    validation_batch = min(shapes["eval_batch"], len(s.validation) if s.validation is not None else 0)
-    return StagePlan(
-        name=name,
-        **schedule(spec, len(s.train), check is not None),
-        **state_bytes(model, spec),
-        activations=activations,
-        loss_buffers=LOSS_BUFFERS * min(recipe.distill.chunk_size, positions) * vocab * FLOAT,
-        loss_buffers_full=LOSS_BUFFERS * positions * vocab * FLOAT,
-        validation=(VALIDATION_BUFFERS[with_teacher] * validation_batch * (seq - 1) * vocab * FLOAT if check else 0)
-        + (teacher_memo_bytes(s, seq, vocab) if check and with_teacher else 0),
-        teacher=teacher,
-        resident=resident,
-        **times,
-        validation_seconds=validation_seconds,
-    )
 
 
 def teacher_memo_bytes(s, seq: int, vocab: int) -> int:

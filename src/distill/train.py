@@ -16,8 +16,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from distill import parallel
 from distill.errors import DistillError
+from distill.io import STAGE_DONE as STAGE_DONE  # its home is io; still importable from here
 from distill.io import atomic_path
 from distill.losses import IGNORE_INDEX
 from distill.losses.divergences import distillation_loss
@@ -173,9 +175,6 @@ def stage_loss(stage: Stage, logits: torch.Tensor, labels: torch.Tensor, targets
         t2_scaling=d.t2_scaling,
         **d.divergence_kwargs(),
     )
-
-
-STAGE_DONE = "done.json"  # written into a stage's folder once its final weights are saved: its one marker
 
 
 def previous_checkpoint(path: Path) -> Path:
@@ -406,6 +405,99 @@ def epoch_order(batches: Batches, n_examples: int, batch_size: int, seed: int, e
     return length_grouped_order(lengths, batch_size, generator)
 
 
+class BestWeights:
+    """Which weights a validated stage keeps, and when it stops early: the best ``select_by`` value so far and its
+    step, the validations since, and whether ``patience`` of them have passed without a better one.
+
+    The best weights are written to ``best.pt`` as they come, durably, before any checkpoint that points to them;
+    the three values go into every checkpoint's position, so a resumed run makes the same choices."""
+
+    def __init__(self, path: Path, spec: TrainSpec, position: dict, main: bool) -> None:
+        self.path, self.select_by, self.patience, self.main = path, spec.select_by, spec.patience, main
+        self.best: dict | None = position.get("best")  # {"step", "value"} of the best validation
+        self.stale: int = position.get("stale", 0)
+        self.stopped: bool = position.get("stopped", False)
+
+    def state(self) -> dict:
+        """What a checkpoint's position holds of it."""
+        return {"best": self.best, "stale": self.stale, "stopped": self.stopped}
+
+    def offer(self, step: int, metrics: dict[str, float], model_state: Callable[[], dict]) -> bool:
+        """Count the validation at ``step``; when it is the best so far, keep its weights (``model_state()``, asked
+        for then only). Whether it is."""
+        value, best = metrics[self.select_by], self.best
+        better = best is None or (value < best["value"] if LOWER_IS_BETTER[self.select_by] else value > best["value"])
+        if better:
+            self.best, self.stale = {"step": step, "value": value}, 0
+            state = model_state()  # under FSDP gathering the weights is a collective: every process takes part
+            if self.main:
+                with atomic_path(self.path) as tmp:  # durable before any checkpoint that points to it
+                    torch_save(state, tmp)
+        else:
+            self.stale += 1
+        self.stopped = bool(self.patience and self.stale >= self.patience)
+        return better
+
+    def chosen(self, trained: nn.Module, last_step: int) -> nn.Module:
+        """``trained`` (the weights of ``last_step``) with the best weights loaded, when they were not the last."""
+        if self.best is not None and self.best["step"] != last_step:
+            trained.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        return trained
+
+
+def accumulate(
+    model: nn.Module,
+    batches: Batches,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    par: parallel.Parallel,
+    grad_accum: int,
+    nan_error: Callable[[float], str],
+) -> dict[str, float]:
+    """Forward and backward over this process's micro-batches of the global batch ``rows``; gradients are synced
+    after the last. Each loss is weighted by its micro-batch's share of the global batch (DDP averages over the
+    processes), so the gradient is the mean over every example (or token) of the global batch. The loss terms,
+    weighted alike. A non-finite loss raises ``nan_error(loss)`` before its backward."""
+    accelerator = par.accelerator
+    world = accelerator.num_processes
+    global_weight = weights[rows].sum().item()
+    chunks = micro_batches(rows, accelerator.process_index, world, grad_accum)
+    terms_sum: dict[str, float] = {}
+    for part, (chunk, real) in enumerate(chunks):
+        with par.sync(model, last=part == len(chunks) - 1):
+            terms = batches.loss(model, chunk, accelerator.device)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise DistillError(nan_error(loss.item()))
+            share = weights[chunk].sum().item() * world / max(global_weight, 1e-12) if real else 0.0
+            accelerator.backward(loss * share)
+        for key, value in terms.items():
+            terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
+    return terms_sum
+
+
+def progress_bar(name: str, accelerator: Accelerator) -> Progress:
+    """The stage's progress bar, shown by the main process only."""
+    return Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not accelerator.is_main_process,
+        transient=False,
+    )
+
+
+def record(log, entry: dict, accelerator: Accelerator) -> None:
+    """One log.jsonl line (the record; a resume trims it to the checkpoint) and the same values to the trackers,
+    which may see a resumed stage's steps twice."""
+    if accelerator.is_main_process:
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+    accelerator.log(tracker_values(entry), step=entry["step"])  # the main process only; no-op without trackers
+
+
 def train_loop(
     name: str,
     model: nn.Module,
@@ -432,164 +524,79 @@ def train_loop(
     total_steps = spec.max_steps or spec.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    checkpoint = run_dir / name / "checkpoint.pt"
-    log_path = run_dir / "log.jsonl"
-    best_path = run_dir / name / "best.pt"
-    position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "stale": 0, "stopped": False}
+    checkpoint, log_path = run_dir / name / "checkpoint.pt", run_dir / "log.jsonl"
     state = _load_checkpoint(checkpoint) if resume else None
+    saved = {} if state is None else state["position"]
     if state is not None:
         model.load_state_dict(state["model"])
         _restore_rng(state)
-        position = {**position, **state["position"]}
-        if accelerator.is_main_process:
-            _trim_log(log_path, name, position["step"])
-    elif log_path.exists() and accelerator.is_main_process:
-        _trim_log(log_path, name, 0)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    # One process shards too when a process group exists (torchrun --nproc_per_node 1; bench/gpu_check.py on one GPU).
-    fsdp = spec.fsdp and (world > 1 or torch.distributed.is_initialized())
-    if fsdp:  # the optimizer is built on the sharded parameters
-        names = parallel.parameter_names(model)
-        template = parallel.shard(model, accelerator.mixed_precision, accelerator.device)
+    if accelerator.is_main_process:  # what was logged after the checkpoint (a fresh start: all) is logged again
+        _trim_log(log_path, name, saved.get("step", 0))
+    position = {key: saved.get(key, 0) for key in ("step", "epoch", "batch")}  # the next step's place
+    best = BestWeights(run_dir / name / "best.pt", spec, saved, accelerator.is_main_process)
+    par = parallel.Parallel(accelerator, spec.fsdp)
+    par.shard(model)  # under FSDP, before the optimizer: it is built on the sharded parameters
     optimizer = make_optimizer(model, spec)
     scheduler = make_schedule(optimizer, spec, total_steps)
-    if state is not None:
-        if fsdp:
-            parallel.load_optimizer_state(model, optimizer, state["optimizer"], names)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+    if state is not None:  # once both are built: building the scheduler sets the lr the optimizer's state replaces
+        par.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    if not fsdp:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = par.prepare(model, optimizer)
     model.train()
 
     def save() -> None:
         accelerator.wait_for_everyone()
-        if fsdp:
-            model_state, optimizer_state = parallel.full_states(model, optimizer, names)  # every process takes part
-        else:
-            model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+        model_state, optimizer_state = par.full_states(model, optimizer)  # under FSDP every process takes part
         if accelerator.is_main_process:
-            _save_checkpoint(checkpoint, model_state, optimizer_state, scheduler, position)
-
-    def record(log, entry: dict) -> None:
-        """One log.jsonl line (the record; a resume trims it to the checkpoint) and the same values to the trackers,
-        which may see a resumed stage's steps twice."""
-        if accelerator.is_main_process:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-        accelerator.log(tracker_values(entry), step=entry["step"])  # the main process only; no-op without trackers
-
-    def validate(log) -> dict[str, float]:
-        """Validate, log, keep the weights when they are the best so far, count validations since; the metrics."""
-        model.eval()
-        with torch.no_grad():
-            metrics = validator(model if fsdp else accelerator.unwrap_model(model))
-        if fsdp:  # the root keeps its parameters gathered after a forward; no backward will reshard them now
-            model.reshard()
-        model.train()
-        value, best = metrics[spec.select_by], position["best"]
-        better = best is None or (value < best["value"] if LOWER_IS_BETTER[spec.select_by] else value > best["value"])
-        if better:
-            position["best"], position["stale"] = {"step": step, "value": value}, 0
-            # under FSDP gathering the weights is a collective: every process takes part
-            model_state = parallel.full_model_state(model) if fsdp else accelerator.unwrap_model(model).state_dict()
-            if accelerator.is_main_process:
-                with atomic_path(best_path) as tmp:  # durable before any checkpoint that points to it
-                    torch_save(model_state, tmp)
-        else:
-            position["stale"] += 1
-        position["stopped"] = bool(spec.patience and position["stale"] >= spec.patience)
-        entry = {"stage": name, "step": step, "validation": metrics, "best": better, "stopped": position["stopped"]}
-        record(log, entry)
-        return metrics
+            _save_checkpoint(checkpoint, model_state, optimizer_state, scheduler, position | best.state())
 
     every = spec.eval_every or steps_per_epoch
     step = position["step"]
     started, seen = time.perf_counter(), 0
-    progress = Progress(
-        TextColumn(f"[bold]{name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not accelerator.is_main_process,
-        transient=False,
-    )
+    progress = progress_bar(name, accelerator)
     run_dir.mkdir(parents=True, exist_ok=True)
     shown: dict = {"terms": None, "validation": None}  # what the progress bar says: the last logged values
     with progress, log_path.open("a") as log, stage_trackers(accelerator, run_dir, name, spec):
         task = progress.add_task(name, total=total_steps, completed=step, info="")
         for epoch in range(position["epoch"], epochs):
-            if position["stopped"]:
+            if best.stopped:
                 break
             order = epoch_order(batches, n_examples, spec.batch_size, seed, epoch)
             if hasattr(batches, "set_epoch"):  # e.g. a teacher cache with fresh draws per epoch
                 batches.set_epoch(epoch)
             first = position["batch"] if epoch == position["epoch"] else 0
             for batch in range(first, steps_per_epoch):
-                if position["stopped"] or step == total_steps:  # early stop, or a step budget ends mid-epoch
+                if best.stopped or step == total_steps:  # early stop, or a step budget ends mid-epoch
                     break
                 rows = order[batch * spec.batch_size : (batch + 1) * spec.batch_size]
-                global_weight = weights[rows].sum().item()
-                chunks = micro_batches(rows, rank, world, spec.grad_accum)
-                terms_sum: dict[str, float] = {}
-                for part, (chunk, real) in enumerate(chunks):
-                    # Gradients are all-reduced (or reduce-scattered) only once, after the last micro-batch.
-                    last = part == len(chunks) - 1
-                    if fsdp:
-                        model.set_requires_gradient_sync(last)
-                        sync = nullcontext()
-                    else:
-                        sync = nullcontext() if last else accelerator.no_sync(model)
-                    with sync:
-                        terms = batches.loss(model, chunk, accelerator.device)
-                        loss = terms["loss"]
-                        if not torch.isfinite(loss):
-                            raise DistillError(nan_advice(name, loss.item(), step + 1, checkpoint))
-                        # Weight by this micro-batch's share of the global batch (DDP averages over world), so
-                        # the gradient is the mean over every example (or token) of the global batch.
-                        share = weights[chunk].sum().item() * world / max(global_weight, 1e-12) if real else 0.0
-                        accelerator.backward(loss * share)
-                    for key, value in terms.items():
-                        terms_sum[key] = terms_sum.get(key, 0.0) + value.item() * share
+                nan_error = partial(nan_advice, name, step=step + 1, checkpoint=checkpoint)
+                terms = accumulate(model, batches, rows, weights, par, spec.grad_accum, nan_error)
                 if spec.max_grad_norm:
-                    clip = torch.nn.utils.clip_grad_norm_ if fsdp else accelerator.clip_grad_norm_
-                    clip(model.parameters(), spec.max_grad_norm)
+                    par.clip_grad_norm_(model, spec.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 seen += len(rows)
-                position |= {
-                    "step": step,
-                    "epoch": epoch + (batch + 1) // steps_per_epoch,
-                    "batch": (batch + 1) % steps_per_epoch,
-                }
+                done = batch + 1  # batches of this epoch
+                position |= {"step": step, "epoch": epoch + done // steps_per_epoch, "batch": done % steps_per_epoch}
                 if step % spec.log_every == 0 or step == total_steps:
-                    entry = {
-                        "stage": name,
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        **{k: round(v, 6) for k, v in terms_sum.items()},
-                        "lr": scheduler.get_last_lr()[0],
-                        "examples_per_s": round(seen / (time.perf_counter() - started), 1),
-                    }
-                    record(log, entry)
-                    shown["terms"] = terms_sum
+                    rounded = {key: round(value, 6) for key, value in terms.items()}
+                    speed = round(seen / (time.perf_counter() - started), 1)
+                    entry = {"stage": name, "step": step, "epoch": round(step / steps_per_epoch, 4), **rounded}
+                    record(log, entry | {"lr": scheduler.get_last_lr()[0], "examples_per_s": speed}, accelerator)
+                    shown["terms"] = terms
                 if validator is not None and (step % every == 0 or step == total_steps):
-                    shown["validation"] = validate(log)
+                    metrics = shown["validation"] = par.validate(model, validator)
+                    better = best.offer(step, metrics, partial(par.full_model_state, model))
+                    entry = {"stage": name, "step": step, "validation": metrics, "best": better}
+                    record(log, entry | {"stopped": best.stopped}, accelerator)
                 progress.update(task, completed=step, info=progress_info(**shown, select_by=spec.select_by))
-                if step % spec.checkpoint_every == 0 or position["batch"] == 0 or position["stopped"]:
+                if step % spec.checkpoint_every == 0 or position["batch"] == 0 or best.stopped:
                     save()
                 if on_step is not None:
                     on_step(step)
-    # Without the mixed-precision wrapper: the returned model is evaluated, timed and exported in its own precision,
-    # beside a teacher that runs in its own (with the wrapper its forward would stay under autocast).
-    trained = parallel.gather(model, template) if fsdp else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if position["best"] is not None and position["best"]["step"] != step:  # the best weights, not the last
-        trained.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-    return trained
+    return best.chosen(par.unwrap(model), step)
 
 
 def validation_summary(run_dir: Path, stage: str) -> dict | None:

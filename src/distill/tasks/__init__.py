@@ -37,14 +37,27 @@ class Task:
     export_formats: Callable[[Path], list[str]] = lambda student_folder: []
     student: str = ""  # what its student is, for messages
     command: str = "run"  # the command that takes its recipes
+    module: object = None  # the task module: its stages, setup, teacher, prepare, ... (tasks/skeleton.py)
 
 
 TASKS: dict[str, Task] = {
     "classification": Task(
-        Recipe, classifier.run, classifier.VIEW, classifier.load_student, classifier.export_formats, "a classifier"
+        Recipe,
+        classifier.run,
+        classifier.VIEW,
+        classifier.load_student,
+        classifier.export_formats,
+        "a classifier",
+        module=classifier,
     ),
     "causal_lm": Task(
-        LMRecipe, causal_lm.run, causal_lm.VIEW, causal_lm.load_student, causal_lm.export_formats, "a causal LM"
+        LMRecipe,
+        causal_lm.run,
+        causal_lm.VIEW,
+        causal_lm.load_student,
+        causal_lm.export_formats,
+        "a causal LM",
+        module=causal_lm,
     ),
     "generate": Task(GenerateRecipe, command="generate"),
     "text_classification": Task(
@@ -54,6 +67,7 @@ TASKS: dict[str, Task] = {
         text_classification.load_student,
         text_classification.export_formats,
         "a text classifier (encoder + linear head)",
+        module=text_classification,
     ),
     "embedding": Task(
         EmbeddingRecipe,
@@ -62,6 +76,7 @@ TASKS: dict[str, Task] = {
         embedding.load_student,
         embedding.export_formats,
         "a sentence encoder",
+        module=embedding,
     ),
 }
 SCHEMAS = {name: task.schema for name, task in TASKS.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,17 +45,17 @@ from distill.models.cut import student_from_teacher
 from distill.models.prune import plan, prune
 from distill.recipe import LMDistillSpec, LMRecipe, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.checks import memorised_teacher_warnings, student_warnings, teacher_warnings
+from distill.tasks.checks import memorised_teacher_warnings, teacher_warnings
 from distill.tasks.skeleton import (
     OnStep,
-    finish,
-    int8_student,
+    Run,
+    StageSpec,
     machine,
     prepare_run_dir,
-    stage_step,
+    run_stages,
+    train_or_load_stage,
     validated_scores,
 )
-from distill.tasks.skeleton import train_or_load as train_or_load_stage
 from distill.teachers.cross_tokenizer import (
     CrossTokenizerSignal,
     TeacherView,
@@ -66,7 +67,7 @@ from distill.teachers.lm_choice import cache_path, live_teacher, lm_signal, open
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
-from distill.train import make_accelerator, train_loop, validation_summary
+from distill.train import make_accelerator
 
 
 @dataclass
@@ -125,6 +126,9 @@ class LMSetup:
     teacher_base: nn.Module | None = None  # the teacher before teacher.train adapted it
     teacher_view: TeacherView | None = None  # distill.cross_tokenizer: the teacher's tokens of each training block
     teacher_tokenizer: object = None  # distill.cross_tokenizer: the teacher's own (``tokenizer`` is the student's)
+    check: object = None  # the students' validation (``validator``, with the teacher: its memo shared by both)
+    teacher_scores: dict | None = None  # the teacher's validation scores, for the checks that read them
+    fit: dict | None = None  # ``teacher_fit``: the adapted teacher's perplexity on its training blocks and off them
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -190,38 +194,19 @@ def adapt_teacher(s: LMSetup, recipe: LMRecipe, out: Path, accelerator, *, resum
     """``teacher.train``: the teacher fine-tuned with next-token cross-entropy on the training blocks first (stage
     ``teacher``: checkpointed, resumable, validated like the students), so it knows the domain it teaches. Its
     weights get their own id, so a cache of its outputs is keyed by the adapted teacher."""
-    if recipe.teacher.train is None:
+    stage = next((stage for stage in stages(recipe) if stage.name == "teacher"), None)
+    if stage is None:
         return s
+    run = Run(recipe, out, resume, on_step, accelerator)
+    adapted(s, run, train_or_load_stage(sys.modules[__name__], s, run, stage, None, recipe.teacher.train))
+    return s
 
-    def train() -> nn.Module:
-        model = copy.deepcopy(s.teacher).float().requires_grad_(True)
-        torch.manual_seed(recipe.seed + 7)
-        batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
-        check = validator(s, recipe, None)
-        return train_loop(
-            "teacher",
-            model,
-            recipe.teacher.train,
-            batches,
-            out,
-            accelerator,
-            seed=recipe.seed,
-            resume=resume,
-            on_step=stage_step("teacher", on_step),
-            validator=check,
-        )
 
-    adapted = train_or_load_stage(
-        out / "teacher",
-        resume=resume,
-        load=lambda folder: load_causal_lm(folder, dtype=recipe.teacher.dtype)[0],
-        train=train,
-        save=lambda model, folder: save_causal_lm(model, s.tokenizer, folder),
-        accelerator=accelerator,
-    )
-    adapted = adapted.to("cpu", s.teacher.dtype).eval().requires_grad_(False)  # where setup leaves the teacher
-    teacher_id = lm_id(out / "teacher", recipe.teacher.dtype)
-    return replace(s, teacher=adapted, teacher_id=teacher_id, teacher_base=s.teacher)
+def adapted(s: LMSetup, run: Run, trained: nn.Module) -> None:
+    """``s`` with the adapted teacher (where setup leaves a teacher: on the CPU, in its dtype, frozen); the one it
+    started from is kept for the report."""
+    trained = trained.to("cpu", s.teacher.dtype).eval().requires_grad_(False)
+    s.teacher, s.teacher_base, s.teacher_id = trained, s.teacher, lm_id(run.out / "teacher", run.recipe.teacher.dtype)
 
 
 def student_batches(recipe: LMRecipe, out: Path, s: LMSetup, accelerator: Accelerator):
@@ -276,71 +261,73 @@ def teacher_fit(s: LMSetup, recipe: LMRecipe, validation: dict) -> dict | None:
     }
 
 
-def train_or_load(
-    name: str, s: LMSetup, batches, recipe: LMRecipe, out: Path, accelerator, *, resume, on_step, validate=None
-):
-    def train() -> nn.Module:
-        model = copy.deepcopy(s.student_init)
-        torch.manual_seed(recipe.seed + 1)
-        train_spec = recipe.student.train
-        return train_loop(
-            name,
-            model,
-            train_spec,
-            batches,
-            out,
-            accelerator,
-            seed=recipe.seed,
-            resume=resume,
-            on_step=stage_step(name, on_step),
-            validator=validate,
-        )
-
-    return train_or_load_stage(
-        out / name,
-        resume=resume,
-        load=lambda folder: load_causal_lm(folder)[0],
-        train=train,
-        save=lambda model, folder: save_causal_lm(model, s.tokenizer, folder),
-        accelerator=accelerator,
-    )
+TASK = "causal_lm"
+VALIDATED = ("baseline", "student")  # the stages whose validation the report lists
+QUALITY = {"quality": "perplexity", "noun": "held-out perplexity"}  # how the student check reads the results
 
 
-def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
-    out = Path(out)
-    s = setup(recipe)
-    accelerator = make_accelerator(recipe.mixed_precision, recipe.log_with, out)
-    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
-    s = with_student(adapt_teacher(s, recipe, out, accelerator, resume=resume, on_step=on_step), recipe)
-    d = recipe.distill
+def stages(recipe: LMRecipe) -> list[StageSpec]:
+    """Teacher (adapted with ``teacher.train``) → baseline (next-token cross-entropy) → the teacher check →
+    student (the teacher's signal), each trained from its own seed."""
+    teacher = [StageSpec("teacher", "labels", train_seed=7)] if recipe.teacher.train is not None else []
+    baseline = [StageSpec("baseline", "labels", checks=("teacher",))] if recipe.baseline else []
+    return [*teacher, *baseline, StageSpec("student", "teacher", checks=("student",))]
+
+
+def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
+    """The teacher as adapted (``trained``), the student cut or pruned from it, the validation, and the teacher's
+    validation scores, once, for the checks that read them (with another tokenizer the teacher cannot be scored on
+    the student's tokens: no teacher check). Said now, before any student trains: a memorised teacher."""
+    recipe = run.recipe
+    if trained is not None:
+        adapted(s, run, trained)
+    cut = with_student(s, recipe)
+    s.student_init, s.pruning = cut.student_init, cut.pruning
+    s.check = validator(s, recipe, s.teacher)
+    if s.check is not None and s.teacher_view is None and run.main:
+        if recipe.baseline or s.teacher_base is not None:
+            s.teacher_scores = validator(s, recipe, None)(s.teacher)
+    s.fit = teacher_fit(s, recipe, s.teacher_scores) if s.teacher_scores else None
+    return memorised_teacher_warnings(s.fit) if s.fit else []
+
+
+def prepare(s: LMSetup, run: Run, name: str, settings: LMDistillSpec | None, spec):
+    """The teacher: a float32 copy to fine-tune on next-token labels; a student: a copy of its starting weights,
+    on next-token labels (baseline) or the recipe's teacher signal (``student_batches``)."""
+    recipe = run.recipe
+    if name == "teacher":
+        model = copy.deepcopy(s.teacher).float().requires_grad_(True)
+        return model, spec, LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size), validator(s, recipe, None)
+    if settings is None:
+        batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
+    else:
+        batches = student_batches(recipe, run.out, s, run.accelerator)
+    return copy.deepcopy(s.student_init), spec, batches, s.check
+
+
+def load(s: LMSetup, run: Run, name: str, folder: Path) -> nn.Module:
+    dtype = {"dtype": run.recipe.teacher.dtype} if name == "teacher" else {}
+    return load_causal_lm(folder, **dtype)[0]
+
+
+def save(s: LMSetup, run: Run, name: str, model: nn.Module, folder: Path) -> None:
+    save_causal_lm(model, s.tokenizer, folder)
+
+
+def check_teacher(s: LMSetup, run: Run, baseline: nn.Module) -> tuple[list[str], None]:
+    if s.teacher_scores is None:
+        return [], None
+    return teacher_warnings(s.teacher_scores, validated_scores(run.out, "baseline", s.check, baseline)), None
+
+
+def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) -> tuple[dict, dict]:
+    recipe, out = run.recipe, run.out
     models: dict[str, nn.Module] = {"teacher": s.teacher, "student_init": s.student_init}
     if s.teacher_base is not None:  # the report shows the teacher before and after its adaptation
         models = {"teacher_base": s.teacher_base, **models}
-    stage = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
-    check = validator(s, recipe, s.teacher)
-    # The teacher's validation scores, once, for the checks that read them. With another tokenizer the teacher cannot
-    # be scored on the student's tokens: no teacher check.
-    teacher_scores = None
-    if check is not None and s.teacher_view is None and accelerator.is_main_process:
-        if recipe.baseline or s.teacher_base is not None:
-            teacher_scores = validator(s, recipe, None)(s.teacher)
-    fit = teacher_fit(s, recipe, teacher_scores) if teacher_scores else None
-    memorised = memorised_teacher_warnings(fit) if fit else []  # said now, before any student trains
-    warnings = []
-    if recipe.baseline:
-        baseline_batches = LMBatches(s.train, s.vocab_size, d.chunk_size)
-        models["baseline"] = train_or_load("baseline", s, baseline_batches, **stage, validate=check)
-        if teacher_scores is not None:
-            baseline_scores = validated_scores(out, "baseline", check, models["baseline"])
-            warnings = teacher_warnings(teacher_scores, baseline_scores)
-    teacher_weak = bool(warnings)
-    warnings += memorised
-    batches = student_batches(recipe, out, s, accelerator)
-    models["student"] = train_or_load("student", s, batches, **stage, validate=check)
-    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
-        return {}
+    models |= {name: trained[name] for name in ("baseline", "student") if name in trained}
     files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}
-    if int8 := int8_student(out, load_student):
+    if int8:
         models["student_int8"], files["student_int8"] = int8
     results = lm_metrics(
         models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
@@ -354,15 +341,10 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     data = {"train_blocks": len(s.train), "heldout_blocks": len(s.heldout), "block_size": recipe.data.block_size}
     data["validation_blocks"] = 0 if s.validation is None else len(s.validation)
-    environment = machine(cpu_threads=recipe.eval.threads)
-    distill = d.model_dump(mode="json")
-    validation = {name: validation_summary(out, name) for name in ("baseline", "student") if name in models}
-    warnings += student_warnings(
-        results, validation, teacher_weak=teacher_weak, quality="perplexity", noun="held-out perplexity"
-    )
-    extra = {"validation": validation, "warnings": warnings, "machine": environment}
-    if fit:
-        extra["teacher_fit"] = fit
+    extra = {"machine": machine(cpu_threads=recipe.eval.threads), "distill": distill.model_dump(mode="json")}
+    extra["data"] = data
+    if s.fit:
+        extra["teacher_fit"] = s.fit
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}
@@ -381,7 +363,11 @@ def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = Fals
         extra["token_kl"] = token_kl_passage(
             models["student"], models["teacher"], s.heldout, s.tokenizer, vocab_size=s.vocab_size
         )
-    return finish(out, recipe, "causal_lm", results, VIEW, distill=distill, data=data, **extra)
+    return results, extra
+
+
+def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
+    return run_stages(sys.modules[__name__], recipe, out, resume=resume, force=force, on_step=on_step)
 
 
 def cross_tokenizer_scores(results: dict, models: dict, s: LMSetup) -> None:

@@ -7,137 +7,149 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from distill.data.arrays import ArrayData, load_data
 from distill.errors import DistillError
 from distill.evaluate import classifier_metrics, paired_loss_lead, predict_logits, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
+from distill.losses import IGNORE_INDEX
 from distill.models.classifiers import build_classifier, load_classifier, save_classifier
 from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.auto import candidate_scores, check_auto_data, choose_auto, choose_baseline_lr
-from distill.tasks.checks import student_warnings, teacher_check
-from distill.tasks.skeleton import (
-    OnStep,
-    comparison,
-    finish,
-    int8_student,
-    machine,
-    prepare_run_dir,
-    stage_step,
-)
-from distill.tasks.skeleton import train_or_load as train_or_load_stage
+from distill.tasks.auto import check_auto_data
+from distill.tasks.checks import teacher_check
+from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, machine, run_stages
 from distill.teachers.identity import file_id
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
 from distill.teachers.store import cache_root
-from distill.train import Stage, Validator, make_accelerator, train_stage, validation_summary
+from distill.train import ClassifierBatches, Stage, Validator
+
+TASK = "classification"
+VALIDATED = ("teacher", "baseline", "student")  # the stages whose validation the report lists
 
 
-def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
-    out = Path(out)
+def stages(recipe: Recipe) -> list[StageSpec]:
+    """Teacher (unless given as a checkpoint) → baseline (hard labels) → the teacher check → student. Each model is
+    built from its seed and trained from the next; the baseline and the student start from the same weights."""
+    student = {"build_seed": STUDENT_SEED, "train_seed": STUDENT_SEED + 1, "loop_seed": STUDENT_SEED}
+    teacher = [] if recipe.teacher.checkpoint else [StageSpec("teacher", "labels", build_seed=0, train_seed=1)]
+    baseline = [StageSpec("baseline", "labels", auto=True, checks=("teacher",), **student)] if recipe.baseline else []
+    return [*teacher, *baseline, StageSpec("student", "teacher", auto=True, checks=("student",), **student)]
+
+
+STUDENT_SEED = 1000  # recipe.seed + this: the baseline's and the distilled student's weights
+
+
+@dataclass
+class Setup:
+    data: ArrayData
+    teacher: torch.nn.Module | None = None
+    teacher_weights: Path | None = None
+    teacher_on_validation: torch.Tensor | None = None
+    check: Validator | None = None  # the students' validation (with the teacher's logits)
+    signal: object = None  # the teacher signal: live, or its logits cache
+
+
+def setup(recipe: Recipe) -> Setup:
     data = load_data(recipe.data, recipe.seed)
     if recipe.distill.signal == "cache" and recipe.student.train.jitter:
         raise DistillError("student.train.jitter needs distill.signal: live (a cache holds unshifted inputs)")
     for spec in (recipe.teacher.model, recipe.student.model):  # a bad model spec fails before any work
         build_classifier(spec, data.input_shape, data.num_classes)
     check_auto_data(auto_settings(recipe.distill, recipe.student.train), 0 if data.val_y is None else len(data.val_y))
-    accelerator = make_accelerator(recipe.mixed_precision, recipe.log_with, out)
-    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
-    common = {"seed": recipe.seed, "resume": resume, "on_step": on_step}
+    return Setup(data)
 
-    if recipe.teacher.checkpoint:
-        teacher_weights = Path(recipe.teacher.checkpoint).expanduser()
-        teacher = load_classifier(teacher_weights, recipe.teacher.model, data.input_shape, data.num_classes)
+
+def teacher(ctx: Setup, run: Run, trained: torch.nn.Module | None) -> list[str]:
+    """The teacher (trained, or the recipe's checkpoint), its validation logits and its signal: live or cached."""
+    recipe, data = run.recipe, ctx.data
+    if trained is None:
+        ctx.teacher_weights = Path(recipe.teacher.checkpoint).expanduser()
+        trained = load_classifier(ctx.teacher_weights, recipe.teacher.model, data.input_shape, data.num_classes)
     else:
-        teacher, teacher_weights = train_or_load(
-            "teacher",
-            recipe.teacher.model,
-            {"train": recipe.teacher.train},
-            data,
-            out,
-            accelerator,
-            **common | {"validator": validator(data)},
-        )
-    teacher_on_validation = predict_logits(teacher, data.val_x) if data.val_x is not None else None
-    check = validator(data, teacher_on_validation)
-    live = LiveTeacher(teacher, accelerator.device)
-    teacher_id = file_id(teacher_weights)
+        ctx.teacher_weights = run.out / "teacher" / "model.safetensors"
+    ctx.teacher = trained
+    ctx.teacher_on_validation = predict_logits(trained, data.val_x) if data.val_x is not None else None
+    ctx.check = validator(data, ctx.teacher_on_validation)
+    live = LiveTeacher(trained, run.accelerator.device)
+    teacher_id = file_id(ctx.teacher_weights)
+    ctx.signal = live
     if recipe.distill.signal == "cache":
-        with accelerator.main_process_first():  # the main process builds it, the others open it
-            signal = build_logits_cache(
-                cache_root(recipe.distill, out) / f"teacher-{teacher_id}",
+        with run.accelerator.main_process_first():  # the main process builds it, the others open it
+            ctx.signal = build_logits_cache(
+                cache_root(recipe.distill, run.out) / f"teacher-{teacher_id}",
                 live,
                 data.train_x,
                 teacher_id=teacher_id,
                 data_id=data.fingerprint(),
             )
-    else:
-        signal = live
+    return []
 
-    student_seed = recipe.seed + 1000  # baseline and distilled student start from the same weights
 
-    def candidate(name: str, settings: DistillSpec | None, budget: TrainSpec) -> dict:
-        kwargs = {"train": budget} | ({"teacher": signal, "distill": settings} if settings else {})
-        train(name, recipe.student.model, kwargs, data, out, accelerator, student_seed, resume, on_step, check)
-        return candidate_scores(out, name, accelerator)
+def prepare(ctx: Setup, run: Run, name: str, settings: DistillSpec | None, spec: TrainSpec):
+    """Stage ``name``'s model, built, and its batches: a hard-label stage trains on the labeled examples, a distilled
+    one on all of them (``example_ids`` index the teacher cache)."""
+    data = ctx.data
+    model = build_classifier(model_spec(run.recipe, name), data.input_shape, data.num_classes)
+    extra = {"teacher": ctx.signal, "distill": settings} if settings else {}
+    stage = Stage(name=name, model=model, train=spec, **extra)
+    keep = data.train_y != IGNORE_INDEX if stage.teacher is None else np.ones(len(data.train_y), dtype=bool)
+    if not keep.any():
+        raise DistillError(f"{name}: no training examples (no labeled ones for a hard-label stage)")
+    x, y = (data.train_x, data.train_y) if keep.all() else (data.train_x[keep], data.train_y[keep])
+    ids = torch.from_numpy(np.flatnonzero(keep))
+    batches = ClassifierBatches(torch.from_numpy(x), torch.from_numpy(y), ids, stage, data.input_shape)
+    return model, spec, batches, validator(data) if name == "teacher" else ctx.check
 
-    models = {"teacher": (teacher, teacher_weights)}
-    baseline_auto = None
-    if recipe.baseline:
-        baseline_train, baseline_auto = choose_baseline_lr(
-            recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator
-        )
-        models["baseline"] = train_or_load(
-            "baseline",
-            recipe.student.model,
-            {"train": baseline_train},
-            data,
-            out,
-            accelerator,
-            **common | {"seed": student_seed, "validator": check},
-        )
-    warnings, lead = [], None
-    if check is not None and recipe.baseline and accelerator.is_main_process:  # the main process writes the log
-        baseline_on_validation = predict_logits(models["baseline"][0], data.val_x)  # the weights it kept
-        lead = paired_loss_lead(teacher_on_validation, baseline_on_validation, torch.from_numpy(data.val_y))
-        warnings = teacher_check(lead)
 
-    distill, student_train, auto = choose_auto(
-        recipe.distill, out, candidate, train=recipe.student.train, accelerator=accelerator
-    )
-    if auto and baseline_auto:
-        auto["baseline"] = baseline_auto
-    models["student"] = train_or_load(
-        "student",
-        recipe.student.model,
-        {"train": student_train, "teacher": signal, "distill": distill},
-        data,
-        out,
-        accelerator,
-        **common | {"seed": student_seed, "validator": check},
-    )
-    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
-        return {}
-    if int8 := int8_student(out, load_student):
+def model_spec(recipe: Recipe, name: str) -> ModelSpec:
+    return recipe.teacher.model if name == "teacher" else recipe.student.model
+
+
+def load(ctx: Setup, run: Run, name: str, folder: Path) -> torch.nn.Module:
+    data = ctx.data
+    return load_classifier(folder / "model.safetensors", model_spec(run.recipe, name), data.input_shape,
+                           data.num_classes)  # fmt: skip
+
+
+def save(ctx: Setup, run: Run, name: str, model: torch.nn.Module, folder: Path) -> None:
+    save_classifier(model, folder, model_spec(run.recipe, name), ctx.data.input_shape, ctx.data.num_classes)
+
+
+def check_teacher(ctx: Setup, run: Run, baseline: torch.nn.Module) -> tuple[list[str], dict | None]:
+    """Is the teacher clearly better than the baseline on the validation split (``checks.teacher_check``)?"""
+    if ctx.check is None or not run.main:  # the main process writes the log
+        return [], None
+    baseline_on_validation = predict_logits(baseline, ctx.data.val_x)  # the weights it kept
+    lead = paired_loss_lead(ctx.teacher_on_validation, baseline_on_validation, torch.from_numpy(ctx.data.val_y))
+    return teacher_check(lead), lead
+
+
+def evaluate(ctx: Setup, run: Run, trained: dict, distill: DistillSpec, int8) -> tuple[dict, dict]:
+    recipe, data = run.recipe, ctx.data
+    models = {"teacher": (ctx.teacher, ctx.teacher_weights)}
+    models |= {name: (trained[name], run.out / name / "model.safetensors") for name in ("baseline", "student")
+               if name in trained}  # fmt: skip
+    if int8:
         models["student_int8"] = int8
     results, logits = evaluate_models(recipe, models, data)
     classes = [str(c) for c in range(data.num_classes)]
     shown = comparison(logits, torch.from_numpy(data.test_y), lambda i: example(data, i), classes)
     if "student_int8" in results:
         results["student_int8"]["parameters"] = results["student"]["parameters"]
-    distill = distill.model_dump(mode="json")
     environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
-    validation = {name: validation_summary(out, name) for name in models if name != "student_int8"}
-    warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
-    extra = {"validation": validation, "warnings": warnings} | ({"auto": auto} if auto else {}) | shown
-    extra |= {"teacher_check": lead} if lead else {}
-    return finish(out, recipe, "classification", results, VIEW, distill=distill, machine=environment, **extra)
+    return results, {"distill": distill.model_dump(mode="json"), "machine": environment, **shown}
+
+
+def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
+    return run_stages(sys.modules[__name__], recipe, out, resume=resume, force=force, on_step=on_step)
 
 
 def example(data: ArrayData, index: int) -> dict:
@@ -149,52 +161,6 @@ def example(data: ArrayData, index: int) -> dict:
     low, high = float(image.min()), float(image.max())
     grey = np.round(255 * (image - low) / (high - low or 1.0)).astype(np.uint8)
     return {"image": grey.tolist()}
-
-
-def train_or_load(
-    name: str,
-    spec: ModelSpec,
-    stage_kwargs: dict,
-    data: ArrayData,
-    out: Path,
-    accelerator: Accelerator,
-    *,
-    seed: int,
-    resume: bool,
-    on_step: OnStep,
-    validator: Validator | None = None,
-) -> tuple[torch.nn.Module, Path]:
-    """Build the model (seeded) and train it, unless a resumed run finished it; its weights file."""
-    folder = out / name
-    model = train_or_load_stage(
-        folder,
-        resume=resume,
-        load=lambda f: load_classifier(f / "model.safetensors", spec, data.input_shape, data.num_classes),
-        train=lambda: train(name, spec, stage_kwargs, data, out, accelerator, seed, resume, on_step, validator),
-        save=lambda m, f: save_classifier(m, f, spec, data.input_shape, data.num_classes),
-        accelerator=accelerator,
-    )
-    return model, folder / "model.safetensors"
-
-
-def train(name, spec, stage_kwargs, data, out, accelerator, seed, resume, on_step, validator) -> torch.nn.Module:
-    """A model built from ``seed`` and trained as stage ``name``."""
-    torch.manual_seed(seed)
-    model = build_classifier(spec, data.input_shape, data.num_classes)
-    torch.manual_seed(seed + 1)  # the RNG stream of training (dropout, jitter), restored on resume
-    stage = Stage(name=name, model=model, **stage_kwargs)
-    return train_stage(
-        stage,
-        data.train_x,
-        data.train_y,
-        out,
-        accelerator,
-        seed=seed,
-        input_shape=data.input_shape,
-        resume=resume,
-        on_step=stage_step(name, on_step),
-        validator=validator,
-    )
 
 
 def validator(data: ArrayData, teacher_logits: torch.Tensor | None = None) -> Validator | None:

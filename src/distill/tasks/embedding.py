@@ -12,7 +12,7 @@ CPU.
 
 from __future__ import annotations
 
-import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +47,11 @@ from distill.models.probe import fit_probe
 from distill.models.static import build_static, load_static, save_static
 from distill.recipe import EmbeddingRecipe, TrainSpec, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.skeleton import OnStep, finish, machine, prepare_run_dir, stage_step, train_or_load
+from distill.tasks.skeleton import OnStep, Run, StageSpec, machine, run_stages
 from distill.teachers.encoder_outputs import TokenStates, cached_token_states, teacher_features
 from distill.teachers.identity import encoder_id
 from distill.teachers.store import cache_root
-from distill.train import Validator, make_accelerator, train_loop, validation_summary
+from distill.train import Validator
 
 
 class EmbeddingStudent(nn.Module):
@@ -146,78 +146,18 @@ def probe_accuracy(train: np.ndarray, test: np.ndarray, data: TextData, seed: in
     return round(float((predicted == data.test_labels).mean()), 6)
 
 
-def train_student(
-    recipe: EmbeddingRecipe,
-    teacher,
-    teacher_tok,
-    train_texts,
-    targets,
-    out,
-    resume,
-    teacher_tokens,
-    on_step: OnStep = None,
-    validation: tuple[list[str], np.ndarray] | None = None,
-):
-    """(student, its tokenizer), trained on the teacher's targets unless a resumed run finished it; validated on
-    ``validation`` (texts, the teacher's embeddings of them) when given."""
-    spec = recipe.student
-    max_length = max(s.max_length for s in recipe.data)
-    step = stage_step("student", on_step)
+TASK = "embedding"
+ONE_PROCESS = True
+VALIDATED = ("student",)  # the stages whose validation the report lists
+STUDENT_SEED = 1000  # recipe.seed + this: an encoder student's projection
 
-    def train_static():
-        static = spec.static
-        rows = tokenize(teacher_tok, train_texts, max_length)
-        model = build_static(teacher, teacher_tok, rows, pca_dims=static.pca_dims, sif=static.sif, seed=recipe.seed)
-        if static.epochs:  # without epochs there is no loop, so nothing to validate or select
-            train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
-            batches = EmbeddingBatches(rows, torch.from_numpy(targets), "mse", pad_id_of(teacher_tok))
-            accelerator = make_accelerator("no", recipe.log_with, out)
-            check = embedding_validator(validation, teacher_tok, max_length, "mse")
-            model = train_loop(
-                "student", model, train, batches, out, accelerator, seed=recipe.seed, on_step=step, validator=check
-            )
-        return model.eval(), teacher_tok
 
-    def train_encoder():
-        encoder, tokenizer = student_encoder(spec, teacher, teacher_tok)
-        torch.manual_seed(recipe.seed + 1000)
-        model = EmbeddingStudent(encoder, teacher.dim, teacher.normalize)
-        rows = tokenize(tokenizer, train_texts, max_length)
-        batches = EmbeddingBatches(rows, torch.from_numpy(targets), recipe.distill.loss, pad_id_of(tokenizer))
-        if recipe.distill.token_states:
-            batches.token_targets, batches.token_weight = teacher_tokens(rows), recipe.distill.token_states
-        accelerator = make_accelerator("no", recipe.log_with, out)
-        check = embedding_validator(validation, tokenizer, max_length, recipe.distill.loss)
-        torch.manual_seed(recipe.seed + 1)
-        model = train_loop(
-            "student",
-            model,
-            spec.train,
-            batches,
-            out,
-            accelerator,
-            seed=recipe.seed,
-            resume=resume,
-            on_step=step,
-            validator=check,
-        )
-        return model.eval(), tokenizer
-
-    if spec.static is not None:
-        return train_or_load(
-            out / "student",
-            resume=resume,
-            load=load_static,
-            train=train_static,
-            save=lambda trained, folder: save_static(trained[0], teacher_tok, folder),
-        )
-    return train_or_load(
-        out / "student",
-        resume=resume,
-        load=lambda folder: load_embedding_student(folder, teacher.dim, teacher.normalize),
-        train=train_encoder,
-        save=lambda trained, folder: save_embedding_student(*trained, folder),
-    )
+def stages(recipe: EmbeddingRecipe) -> list[StageSpec]:
+    """One stage: the student on the teacher's embeddings. A static table is built from its own seed (and trained
+    with ``epochs``); an encoder student's projection is seeded, then its training."""
+    if recipe.student.static is not None:
+        return [StageSpec("student", "teacher", train_seed=None)]
+    return [StageSpec("student", "teacher", build_seed=STUDENT_SEED)]
 
 
 def _check_same_tokens(student_tok, teacher_tok, sources: list[TextData]) -> None:
@@ -229,10 +169,26 @@ def _check_same_tokens(student_tok, teacher_tok, sources: list[TextData]) -> Non
         )
 
 
-def run(
-    recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None
-) -> dict:
-    out = Path(out)
+@dataclass
+class Setup:
+    sources: list[TextData]
+    names: list[str]
+    held: dict[str, np.ndarray]  # per source: its validation texts
+    teacher_path: Path
+    teacher: SentenceEncoder
+    teacher_tok: object
+    student_encoder: SentenceEncoder | None = None  # an encoder student's starting weights (None: a static table)
+    student_tok: object = None
+    teacher_out: dict | None = None  # per source: the teacher's embeddings of its training and test texts
+    kept: dict | None = None  # per source: the texts trained on
+    extra: dict | None = None  # per source: clauses of them, more targets
+    train_texts: list[str] | None = None
+    targets: np.ndarray | None = None
+    validation: tuple[list[str], np.ndarray] | None = None
+    teacher_tokens: object = None  # rows → the teacher's token states (cached)
+
+
+def setup(recipe: EmbeddingRecipe) -> Setup:
     sources = [load_text_data(spec, recipe.seed) for spec in recipe.data]
     names = [spec.source for spec in recipe.data]
     if len(set(names)) != len(names):
@@ -247,91 +203,138 @@ def run(
     }
     teacher_path = Path(recipe.teacher.path).expanduser()
     teacher, teacher_tok = load_encoder(teacher_path)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DistillError("task: embedding runs in one process; launch it without torchrun")
     if recipe.distill.token_states and recipe.student.path is not None:
         _check_same_tokens(load_tokenizer(Path(recipe.student.path).expanduser()), teacher_tok, sources)
-    prepare_run_dir(recipe, out, resume=resume, force=force)
-    cache_dir = cache_root(recipe.distill, out)
-    teacher_id = encoder_id(teacher_path)
+    ctx = Setup(sources, names, held, teacher_path, teacher, teacher_tok)
+    if static is None:
+        ctx.student_encoder, ctx.student_tok = student_encoder(recipe.student, teacher, teacher_tok)
+    return ctx
+
+
+def teacher(ctx: Setup, run: Run, trained: None) -> list[str]:
+    """The teacher's embeddings of every text (cached), and the student's training texts and targets: each source's
+    training texts but its validation ones, and clauses of them."""
+    recipe, names, held, teacher, teacher_tok = run.recipe, ctx.names, ctx.held, ctx.teacher, ctx.teacher_tok
+    cache_dir = cache_root(recipe.distill, run.out)
+    teacher_id = encoder_id(ctx.teacher_path)
 
     def teacher_embeddings(texts: list[str], max_length: int) -> np.ndarray:
         pooled = torch.from_numpy(teacher_features(teacher, teacher_tok, texts, max_length, cache_dir, teacher_id))
         return to_numpy(F.normalize(pooled, dim=-1) if teacher.normalize else pooled)
 
-    teacher_out = {
+    ctx.teacher_out = {
         name: (teacher_embeddings(d.train_texts, s.max_length), teacher_embeddings(d.test_texts, s.max_length))
-        for name, d, s in zip(names, sources, recipe.data, strict=True)
+        for name, d, s in zip(names, ctx.sources, recipe.data, strict=True)
     }
-    split = [(n, d.train_texts, held[n]) for n, d in zip(names, sources, strict=True)]
-    kept = {n: [t for t, h in zip(texts, mask, strict=True) if not h] for n, texts, mask in split}
-    extra = {  # clauses of the texts trained on (a validation text's never are): more targets, never probe examples
-        n: clauses(kept[n]) if s.clauses else [] for n, s in zip(names, recipe.data, strict=True)
+    split = [(n, d.train_texts, held[n]) for n, d in zip(names, ctx.sources, strict=True)]
+    ctx.kept = {n: [t for t, h in zip(texts, mask, strict=True) if not h] for n, texts, mask in split}
+    ctx.extra = {  # clauses of the texts trained on (a validation text's never are): more targets, never probe examples
+        n: clauses(ctx.kept[n]) if s.clauses else [] for n, s in zip(names, recipe.data, strict=True)
     }
-    train_texts = [t for n in names for t in kept[n]] + [t for n in names for t in extra[n]]
-    targets = np.concatenate(
-        [teacher_out[n][0][~held[n]] for n in names]
-        + [teacher_embeddings(extra[n], s.max_length) for n, s in zip(names, recipe.data, strict=True) if extra[n]]
+    ctx.train_texts = [t for n in names for t in ctx.kept[n]] + [t for n in names for t in ctx.extra[n]]
+    ctx.targets = np.concatenate(
+        [ctx.teacher_out[n][0][~held[n]] for n in names]
+        + [
+            teacher_embeddings(ctx.extra[n], s.max_length)
+            for n, s in zip(names, recipe.data, strict=True)
+            if ctx.extra[n]
+        ]
     )
-    validation = None
     if any(h.any() for h in held.values()):
         val_texts = [t for _, texts, mask in split for t, h in zip(texts, mask, strict=True) if h]
-        validation = (val_texts, np.concatenate([teacher_out[n][0][held[n]] for n in names]))
+        ctx.validation = (val_texts, np.concatenate([ctx.teacher_out[n][0][held[n]] for n in names]))
 
     def teacher_tokens(rows: list[list[int]]) -> TokenStates:
         return cached_token_states(teacher, rows, pad_id_of(teacher_tok), cache_dir, teacher_id)
 
-    student, student_tok = train_student(
-        recipe, teacher, teacher_tok, train_texts, targets, out, resume, teacher_tokens, on_step, validation
-    )
+    ctx.teacher_tokens = teacher_tokens
+    return []
 
+
+def prepare(ctx: Setup, run: Run, name: str, settings, spec: TrainSpec):
+    """The student and its texts: a static table built from the teacher's token vectors (trained only with
+    ``epochs``), or an encoder (+ projection) on the teacher's embeddings (and token states)."""
+    recipe, student = run.recipe, run.recipe.student
+    max_length = max(s.max_length for s in recipe.data)
+    targets = torch.from_numpy(ctx.targets)
+    if student.static is not None:
+        static, ctx.student_tok = student.static, ctx.teacher_tok
+        rows = tokenize(ctx.teacher_tok, ctx.train_texts, max_length)
+        model = build_static(ctx.teacher, ctx.teacher_tok, rows, pca_dims=static.pca_dims, sif=static.sif,
+                             seed=recipe.seed)  # fmt: skip
+        if not static.epochs:  # without epochs there is no loop, so nothing to validate or select
+            return model.eval(), None, None, None
+        train = TrainSpec(epochs=static.epochs, batch_size=static.batch_size, optimizer="adamw", lr=static.lr)
+        batches = EmbeddingBatches(rows, targets, "mse", pad_id_of(ctx.teacher_tok))
+        return model, train, batches, embedding_validator(ctx.validation, ctx.teacher_tok, max_length, "mse")
+    model = EmbeddingStudent(ctx.student_encoder, ctx.teacher.dim, ctx.teacher.normalize)
+    rows = tokenize(ctx.student_tok, ctx.train_texts, max_length)
+    batches = EmbeddingBatches(rows, targets, recipe.distill.loss, pad_id_of(ctx.student_tok))
+    if recipe.distill.token_states:
+        batches.token_targets, batches.token_weight = ctx.teacher_tokens(rows), recipe.distill.token_states
+    check = embedding_validator(ctx.validation, ctx.student_tok, max_length, recipe.distill.loss)
+    return model, student.train, batches, check
+
+
+def load(ctx: Setup, run: Run, name: str, folder: Path) -> nn.Module:
+    if run.recipe.student.static is not None:
+        model, ctx.student_tok = load_static(folder)
+    else:
+        model, ctx.student_tok = load_embedding_student(folder, ctx.teacher.dim, ctx.teacher.normalize)
+    return model
+
+
+def save(ctx: Setup, run: Run, name: str, model: nn.Module, folder: Path) -> None:
+    if run.recipe.student.static is not None:
+        save_static(model, ctx.teacher_tok, folder)
+    else:
+        save_embedding_student(model, ctx.student_tok, folder)
+
+
+def evaluate(ctx: Setup, run: Run, trained: dict, distill, int8) -> tuple[dict, dict]:
+    recipe, names, sources, teacher = run.recipe, ctx.names, ctx.sources, ctx.teacher
     speed_texts = [t for d in sources for t in d.test_texts[: 256 // len(sources)]]
     max_length = max(s.max_length for s in recipe.data)
     speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
     results = {}
-    for role, model, tokenizer in (("teacher", teacher, teacher_tok), ("student", student, student_tok)):
+    models = (("teacher", teacher, ctx.teacher_tok), ("student", trained["student"], ctx.student_tok))
+    for role, model, tokenizer in models:
         scores, cosines = {}, []
         # The probes fit on every training text, the validation ones too: it only measures the embeddings, and a
         # class whose few labeled texts were all held out would be missing from it.
         for name, data, spec in zip(names, sources, recipe.data, strict=True):
             if role == "teacher":
-                train_emb, test_emb = teacher_out[name]
+                train_emb, test_emb = ctx.teacher_out[name]
             else:
                 train_emb = embed_texts(model, tokenizer, data.train_texts, spec.max_length)
                 test_emb = embed_texts(model, tokenizer, data.test_texts, spec.max_length)
             scores[f"probe_{name}"] = probe_accuracy(train_emb, test_emb, data, recipe.seed)
             if test_emb.shape[1] == teacher.dim:  # a PCA-reduced static table lives in another space
-                cosines.append(F.cosine_similarity(torch.from_numpy(test_emb), torch.from_numpy(teacher_out[name][1])))
+                test = torch.from_numpy(ctx.teacher_out[name][1])
+                cosines.append(F.cosine_similarity(torch.from_numpy(test_emb), test))
         scores["cosine_to_teacher"] = round(float(torch.cat(cosines).mean()), 6) if cosines else None
         scores["parameters"] = count_parameters(model)
-        scores["file_bytes"] = folder_bytes(teacher_path if role == "teacher" else out / "student")
+        scores["file_bytes"] = folder_bytes(ctx.teacher_path if role == "teacher" else run.out / "student")
         scores |= text_speed(model, tokenizer, speed_texts, **speed)
         results[role] = scores
     distill = recipe.distill.model_dump(mode="json") | {"student": recipe.student.model_dump(exclude={"train"})}
     sizes = {
         name: {
-            "train_texts": len(kept[name]),
-            "validation_texts": int(held[name].sum()),
-            "clause_texts": len(extra[name]),
+            "train_texts": len(ctx.kept[name]),
+            "validation_texts": int(ctx.held[name].sum()),
+            "clause_texts": len(ctx.extra[name]),
             "test_texts": len(d.test_texts),
             "max_length": s.max_length,
         }
         for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
-    environment = machine(speed=speed)
-    summary = {"student": validation_summary(out, "student")}  # None without a split
-    return finish(
-        out,
-        recipe,
-        "embedding",
-        results,
-        VIEW,
-        probes=names,
-        distill=distill,
-        data=sizes,
-        validation=summary,
-        machine=environment,
-    )
+    return results, {"probes": names, "distill": distill, "data": sizes, "machine": machine(speed=speed)}
+
+
+def run(
+    recipe: EmbeddingRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None
+) -> dict:
+    return run_stages(sys.modules[__name__], recipe, out, resume=resume, force=force, on_step=on_step)
 
 
 def load_student(run_dir: Path) -> Student:

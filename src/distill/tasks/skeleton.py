@@ -1,15 +1,36 @@
-"""The run skeleton every task shares: the run folder (what ``--force`` may delete, the recipe it records), the
-teacher-cache folder, "train this stage or load it" with one marker, the int8 copy of the student, and the ending
-(metrics.json and the report). The checks a run says aloud live in ``checks.py``, the ``auto`` sweep in ``auto.py``."""
+"""The run skeleton every task shares. A task says *what* its run is — its stages as data (``StageSpec``) and a few
+functions with the same names in every task module — and ``run_stages`` says *how*, once: the run folder (what
+``--force`` may delete, the recipe it records), the order of the stages, their seeds, "train this stage or load it"
+with one marker, the ``auto`` sweeps (``auto.py``), the checks a run says aloud (``checks.py``), the int8 copy of the
+student and the ending (metrics.json and the report). ``distill plan`` walks the same stages.
+
+A task module (``tasks/<task>.py``) holds, top to bottom:
+
+- ``stages(recipe) -> list[StageSpec]``: what trains, in order;
+- ``setup(recipe) -> ctx``: data, models and every check that can fail, before anything is written;
+- ``teacher(ctx, run, trained) -> list[str]``: the teacher signal, once the teacher is there (``trained``: the model
+  of its ``teacher`` stage, None when it has none); the warnings it says now;
+- ``prepare(ctx, run, name, settings, spec) -> (model, spec, batches, validator)``: stage ``name``'s fresh model and
+  what the loop trains it on (``settings``: the distillation settings, None for hard labels; ``batches`` None: the
+  model needs no training), the one preparation both the run and ``distill plan`` use;
+- ``load(ctx, run, name, folder)`` and ``save(ctx, run, name, model, folder)``: a stage's model on disk;
+- ``check_teacher(ctx, run, baseline) -> (warnings, record)``: is the teacher better than the baseline;
+- ``evaluate(ctx, run, trained, distill, int8) -> (results, sections)``: every model's test metrics and what the
+  report shows beyond the table;
+- ``VIEW``, ``VALIDATED`` (the stages whose validation the report lists), ``QUALITY`` (how the student check reads
+  the results), ``load_student``, ``export_formats``.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import shlex
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +43,9 @@ from distill.export.run_export import Student, export_student
 from distill.io import STAGE_DONE, atomic_path, fsync_path, fsync_tree, write_json
 from distill.recipe import recipe_to_yaml
 from distill.report import ReportView, write_report
-from distill.train import remove_checkpoints, validation_summary
+from distill.tasks.auto import candidate_scores, choose_auto, choose_baseline_lr
+from distill.tasks.checks import student_warnings
+from distill.train import make_accelerator, remove_checkpoints, train_loop, validation_summary
 
 OnStep = Callable[[str, int], None] | None
 
@@ -228,3 +251,120 @@ def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
     ``check`` when the log has none (a teacher loaded from a checkpoint, a run folder from before validation)."""
     summary = validation_summary(out, stage)
     return summary["best"] if summary else check(model)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One trained stage of a run (``RUN/<name>/``), as data."""
+
+    name: str  # teacher | baseline | student
+    signal: str = "labels"  # what it learns from: "labels" (hard labels) or "teacher" (the distillation signal)
+    auto: bool = False  # the settings the recipe leaves to ``auto`` are chosen by a sweep of short runs first
+    checks: tuple[str, ...] = ()  # said aloud: "teacher" (after it: is the teacher better?), "student" (at the end)
+    build_seed: int | None = None  # torch.manual_seed(recipe.seed + this) before its model is built
+    train_seed: int | None = 1  # ... and before it trains (the RNG stream of training, restored on resume)
+    loop_seed: int = 0  # the loop's seed (the order of the examples): recipe.seed + this
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one run shares."""
+
+    recipe: object
+    out: Path
+    resume: bool
+    on_step: OnStep
+    accelerator: object
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def run_stages(task, recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:
+    """A whole run of ``task`` (a task module): setup → teacher → baseline (its lr sweep) → the teacher check →
+    the student's sweep → student → (main process only) int8 copy → evaluation → the student check → metrics.json and
+    the report."""
+    out, name = Path(out), task.TASK
+    if getattr(task, "ONE_PROCESS", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DistillError(f"task: {name} runs in one process; launch it without torchrun")
+    stages = task.stages(recipe)
+    ctx = task.setup(recipe)
+    accelerator = make_accelerator(getattr(recipe, "mixed_precision", "no"), recipe.log_with, out)
+    prepare_run_dir(recipe, out, resume=resume, force=force, accelerator=accelerator)
+    run = Run(recipe, out, resume, on_step, accelerator)
+    trained, warnings, said, lead, auto, baseline_auto, distill = {}, [], [], None, None, None, recipe.distill
+    if not any(stage.name == "teacher" for stage in stages):
+        said = task.teacher(ctx, run, None)
+    for stage in stages:
+        spec = recipe.teacher.train if stage.name == "teacher" else recipe.student.train
+        if stage.auto and stage.signal == "labels":
+            spec, baseline_auto = choose_baseline_lr(recipe.distill, out, sweep(task, ctx, run, stage), train=spec,
+                                                     accelerator=accelerator)  # fmt: skip
+        elif stage.auto:
+            distill, spec, auto = choose_auto(recipe.distill, out, sweep(task, ctx, run, stage), train=spec,
+                                              accelerator=accelerator)  # fmt: skip
+            if auto and baseline_auto:
+                auto["baseline"] = baseline_auto
+        settings = distill if stage.signal == "teacher" else None
+        trained[stage.name] = train_or_load_stage(task, ctx, run, stage, settings, spec)
+        if stage.name == "teacher":
+            said = task.teacher(ctx, run, trained["teacher"])
+        if "teacher" in stage.checks:
+            warnings, lead = task.check_teacher(ctx, run, trained[stage.name])
+    teacher_weak = bool(warnings)
+    warnings += said
+    if not accelerator.is_main_process:  # evaluation, export and report: once, by the main process
+        return {}
+    int8 = int8_student(out, task.load_student) if "int8" in task.export_formats(out / "student") else None
+    results, sections = task.evaluate(ctx, run, trained, distill, int8)
+    validation = {stage: validation_summary(out, stage) for stage in task.VALIDATED if stage in results}
+    sections["validation"] = validation
+    if any("student" in stage.checks for stage in stages):
+        warnings += student_warnings(results, validation, teacher_weak=teacher_weak, auto=auto is not None,
+                                     **getattr(task, "QUALITY", {}))  # fmt: skip
+        sections["warnings"] = warnings
+    sections |= ({"auto": auto} if auto else {}) | ({"teacher_check": lead} if lead else {})
+    return finish(out, recipe, name, results, task.VIEW, **sections)
+
+
+def sweep(task, ctx, run: Run, stage: StageSpec):
+    """The ``auto`` sweep's candidate: a short run of ``stage``'s model (its seeds) under another name, scored on the
+    validation split."""
+
+    def candidate(name: str, settings, budget) -> dict:
+        signal = "teacher" if settings else "labels"
+        stage_model(task, ctx, run, StageSpec(name, signal, **seeds(stage)), settings, budget)
+        return candidate_scores(run.out, name, run.accelerator)
+
+    return candidate
+
+
+def seeds(stage: StageSpec) -> dict:
+    return {"build_seed": stage.build_seed, "train_seed": stage.train_seed, "loop_seed": stage.loop_seed}
+
+
+def train_or_load_stage(task, ctx, run: Run, stage: StageSpec, settings, spec):
+    """Stage ``stage``'s model: loaded when a resumed run finished it, else trained now and saved."""
+    return train_or_load(
+        run.out / stage.name,
+        resume=run.resume,
+        load=lambda folder: task.load(ctx, run, stage.name, folder),
+        train=lambda: stage_model(task, ctx, run, stage, settings, spec),
+        save=lambda model, folder: task.save(ctx, run, stage.name, model, folder),
+        accelerator=run.accelerator,
+    )
+
+
+def stage_model(task, ctx, run: Run, stage: StageSpec, settings, spec):
+    """``stage``'s model built from its seed and trained in the loop (its checkpoints in ``RUN/<name>/``)."""
+    seed = run.recipe.seed
+    if stage.build_seed is not None:
+        torch.manual_seed(seed + stage.build_seed)
+    model, spec, batches, validator = task.prepare(ctx, run, stage.name, settings, spec)
+    if batches is None:  # nothing to train (a static embedding table without epochs)
+        return model
+    if stage.train_seed is not None:
+        torch.manual_seed(seed + stage.train_seed)
+    return train_loop(stage.name, model, spec, batches, run.out, run.accelerator, seed=seed + stage.loop_seed,
+                      resume=run.resume, on_step=stage_step(stage.name, run.on_step), validator=validator)  # fmt: skip

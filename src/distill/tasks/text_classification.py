@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from torch import nn
 
 from distill.data.labeled_text import TextData, load_text_data
 from distill.devices import to_numpy
-from distill.errors import DistillError
 from distill.evaluate import classifier_scores, folder_bytes, paired_loss_lead, text_speed, validation_scores
 from distill.export.run_export import CLASSIFIER_EXAMPLES, Student
 from distill.losses import IGNORE_INDEX
@@ -39,21 +39,13 @@ from distill.models.encoders import (
 from distill.models.probe import fit_probe
 from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, auto_settings, load_recipe_as
 from distill.report import ACCURACY_COLUMNS, accuracy_view
-from distill.tasks.auto import candidate_scores, check_auto_data, choose_auto, choose_baseline_lr
-from distill.tasks.checks import student_warnings, teacher_check
-from distill.tasks.skeleton import (
-    OnStep,
-    comparison,
-    finish,
-    machine,
-    prepare_run_dir,
-    stage_step,
-    train_or_load,
-)
+from distill.tasks.auto import check_auto_data
+from distill.tasks.checks import teacher_check
+from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, machine, run_stages
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
 from distill.teachers.store import cache_root
-from distill.train import Stage, make_accelerator, stage_loss, train_loop, validation_summary
+from distill.train import Stage, Validator, stage_loss
 
 
 @dataclass
@@ -80,182 +72,166 @@ class TextBatches:
         return stage_loss(self.stage, logits, self.labels[rows].to(device), targets)
 
 
-def train_student(
-    name,
-    base,
-    tokenizer,
-    data: TextData,
-    rows,
-    teacher_logits,
-    recipe,
-    out,
-    accelerator,
-    train_spec: TrainSpec,
-    resume,
-    on_step,
-    validator=None,
-    distill=None,
-):
-    """Fine-tune a copy of ``base`` with ``train_spec`` (its budget in ``max_steps``; distilled with ``distill``,
-    default the recipe's, when ``teacher_logits`` is given) and save it, unless a resumed run finished it."""
-    keep = np.ones(len(rows), dtype=bool) if teacher_logits is not None else data.train_labels != IGNORE_INDEX
-    ids = np.flatnonzero(keep)
+TASK = "text_classification"
+ONE_PROCESS = True
+VALIDATED = ("baseline", "student")  # the stages whose validation the report lists
+HEAD_SEED = 1000  # recipe.seed + this: the head both students start from
 
-    def train() -> nn.Module:
-        model = copy.deepcopy(base)
-        torch.manual_seed(recipe.seed + 1)
-        settings = (distill or recipe.distill) if teacher_logits is not None else None  # targets: TextBatches
-        stage = Stage(name, model, train_spec, distill=settings)
-        batches = TextBatches(
-            [rows[i] for i in ids],
-            torch.from_numpy(data.train_labels[ids]),
-            torch.from_numpy(teacher_logits[ids]) if teacher_logits is not None else None,
-            stage,
-            base.pad_id,
-        )
-        step = stage_step(name, on_step)
-        return train_loop(
-            name,
-            model,
-            stage.train,
-            batches,
-            out,
-            accelerator,
-            seed=recipe.seed,
-            resume=resume,
-            on_step=step,
-            validator=validator,
-        ).eval()
 
-    return train_or_load(
-        out / name,
-        resume=resume,
-        load=lambda folder: load_encoder_classifier(folder)[0],
-        train=train,
-        save=lambda model, folder: save_classifier_head(model, tokenizer, folder, data.classes),
+def stages(recipe: TextClassificationRecipe) -> list[StageSpec]:
+    """Baseline (fine-tuned on the labeled texts) → the teacher check → student (on the teacher's soft labels of
+    every text), each a copy of one initial student trained from seed + 1; the teacher is fitted, not trained."""
+    baseline = [StageSpec("baseline", "labels", auto=True, checks=("teacher",))] if recipe.baseline else []
+    return [*baseline, StageSpec("student", "teacher", auto=True, checks=("student",))]
+
+
+@dataclass
+class Setup:
+    data: TextData
+    teacher_path: Path
+    teacher_encoder: nn.Module
+    teacher_tok: object
+    base_encoder: nn.Module
+    student_tok: object
+    teacher: EncoderClassifier | None = None  # the frozen encoder + the probe's head
+    probe: dict | None = None
+    train_logits: np.ndarray | None = None  # the teacher's logits of every training text
+    test_logits: torch.Tensor | None = None
+    val_logits: torch.Tensor | None = None
+    val_rows: list | None = None
+    check: Validator | None = None
+    base: EncoderClassifier | None = None  # the initial student: both students start from a copy of it
+    rows: list | None = None  # the training texts, tokenized for the student
+    steps_per_epoch: int = 0
+
+
+def setup(recipe: TextClassificationRecipe) -> Setup:
+    data = load_text_data(recipe.data, recipe.seed, validation=True)
+    teacher_path = Path(recipe.teacher.path).expanduser()
+    teacher_encoder, teacher_tok = load_encoder(teacher_path)
+    base_encoder, student_tok = student_encoder(recipe.student, teacher_encoder, teacher_tok)
+    check_auto_data(auto_settings(recipe.distill, recipe.student.train), len(data.val_texts or []), "texts")
+    return Setup(data, teacher_path, teacher_encoder, teacher_tok, base_encoder, student_tok)
+
+
+def teacher(ctx: Setup, run: Run, trained: None) -> list[str]:
+    """The teacher: frozen encoder → pooled features (cached) → logistic regression on the labeled part; its logits
+    of every text. Then the initial student, seeded."""
+    recipe, data, out = run.recipe, ctx.data, run.out
+    cache_dir = cache_root(recipe.distill, out)
+    max_length = recipe.data.max_length
+    teacher_id = encoder_id(ctx.teacher_path)
+
+    def features(texts: list[str]) -> np.ndarray:
+        return teacher_features(ctx.teacher_encoder, ctx.teacher_tok, texts, max_length, cache_dir, teacher_id)
+
+    train_features, test_features = features(data.train_texts), features(data.test_texts)
+    labeled = data.train_labels != IGNORE_INDEX
+    head, ctx.probe = fit_probe(
+        train_features[labeled], data.train_labels[labeled], recipe.teacher.probe_c, recipe.seed
     )
+    ctx.teacher = EncoderClassifier(ctx.teacher_encoder, len(data.classes), dropout=0.0)
+    ctx.teacher.head = head
+    ctx.teacher.eval()
+    with torch.no_grad():
+        ctx.train_logits = to_numpy(head(torch.from_numpy(train_features)))
+        ctx.test_logits = head(torch.from_numpy(test_features))
+    if data.val_texts:  # the students are validated, and the teacher checked, on held-out labeled texts
+        val_features = features(data.val_texts)
+        with torch.no_grad():
+            ctx.val_logits = head(torch.from_numpy(val_features))
+        ctx.val_rows = tokenize(ctx.student_tok, data.val_texts, max_length)
+        val_labels = torch.from_numpy(data.val_labels)
+
+        def check(model: nn.Module) -> dict[str, float]:
+            logits = torch.from_numpy(encode(model, ctx.val_rows, ctx.base.pad_id))
+            return validation_scores(logits, val_labels, ctx.val_logits)
+
+        ctx.check = check
+    if not (out / "teacher" / "head.safetensors").exists():
+        save_classifier_head(ctx.teacher, ctx.teacher_tok, out / "teacher", data.classes)
+    torch.manual_seed(recipe.seed + HEAD_SEED)  # the same head initialisation for baseline and student
+    ctx.base = EncoderClassifier(ctx.base_encoder, len(data.classes), dropout=recipe.student.dropout)
+    ctx.base.pad_id = pad_id_of(ctx.student_tok)
+    ctx.rows = tokenize(ctx.student_tok, data.train_texts, max_length)
+    ctx.steps_per_epoch = math.ceil(len(ctx.rows) / recipe.student.train.batch_size)
+    return []
+
+
+def in_steps(ctx: Setup, train: TrainSpec) -> TrainSpec:
+    """The same optimizer-step budget for both students, whatever their number of examples: epochs over all the
+    training texts."""
+    return train.model_copy(update={"max_steps": train.max_steps or train.epochs * ctx.steps_per_epoch})
+
+
+def prepare(ctx: Setup, run: Run, name: str, settings: DistillSpec | None, spec: TrainSpec):
+    """A copy of the initial student and its texts: every training text on the teacher's logits when distilled
+    (``settings``), the labeled ones alone otherwise; the budget in ``max_steps``."""
+    data = ctx.data
+    keep = np.ones(len(ctx.rows), dtype=bool) if settings else data.train_labels != IGNORE_INDEX
+    ids = np.flatnonzero(keep)
+    model = copy.deepcopy(ctx.base)
+    spec = in_steps(ctx, spec)
+    stage = Stage(name, model, spec, distill=settings)
+    batches = TextBatches(
+        [ctx.rows[i] for i in ids],
+        torch.from_numpy(data.train_labels[ids]),
+        torch.from_numpy(ctx.train_logits[ids]) if settings else None,
+        stage,
+        ctx.base.pad_id,
+    )
+    return model, spec, batches, ctx.check
+
+
+def load(ctx: Setup, run: Run, name: str, folder: Path) -> nn.Module:
+    return load_encoder_classifier(folder)[0]
+
+
+def save(ctx: Setup, run: Run, name: str, model: nn.Module, folder: Path) -> None:
+    save_classifier_head(model, ctx.student_tok, folder, ctx.data.classes)
+
+
+def check_teacher(ctx: Setup, run: Run, baseline: nn.Module) -> tuple[list[str], dict | None]:
+    if ctx.check is None:
+        return [], None
+    baseline_val_logits = torch.from_numpy(encode(baseline, ctx.val_rows, ctx.base.pad_id))
+    lead = paired_loss_lead(ctx.val_logits, baseline_val_logits, torch.from_numpy(ctx.data.val_labels))
+    return teacher_check(lead), lead
+
+
+def evaluate(ctx: Setup, run: Run, trained: dict, distill: DistillSpec, int8) -> tuple[dict, dict]:
+    recipe, data, out = run.recipe, ctx.data, run.out
+    max_length = recipe.data.max_length
+    test_rows = tokenize(ctx.student_tok, data.test_texts, max_length)
+    speed_texts = data.test_texts[:128]
+    speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
+    results = {"teacher": _scores(ctx.teacher, ctx.test_logits, data, None, out / "teacher")}
+    results["teacher"] |= text_speed(ctx.teacher, ctx.teacher_tok, speed_texts, **speed)
+    logits = {"teacher": ctx.test_logits}
+    for name, model in trained.items():
+        logits[name] = torch.from_numpy(encode(model, test_rows, ctx.base.pad_id))
+        results[name] = _scores(model, logits[name], data, ctx.test_logits, out / name)
+        results[name] |= text_speed(model, ctx.student_tok, speed_texts, **speed)
+    sizes = {
+        "source": recipe.data.source,
+        "train_texts": len(data.train_texts),
+        "labeled_train_texts": int((data.train_labels != IGNORE_INDEX).sum()),
+        "test_texts": len(data.test_texts),
+        "classes": len(data.classes),
+        "max_length": max_length,
+        "student_steps": in_steps(ctx, recipe.student.train).max_steps,
+        "validation_texts": len(data.val_texts or []),
+    }
+    sections = {"machine": machine(speed=speed), "teacher_probe": ctx.probe, "data": sizes}
+    sections |= comparison(logits, torch.from_numpy(data.test_labels), lambda i: {"text": data.test_texts[i][:300]},
+                           list(data.classes))  # fmt: skip
+    return results, sections | {"distill": distill.model_dump(mode="json")}
 
 
 def run(
     recipe: TextClassificationRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None
 ) -> dict:
-    out = Path(out)
-    data = load_text_data(recipe.data, recipe.seed, validation=True)
-    teacher_path = Path(recipe.teacher.path).expanduser()
-    teacher_encoder, teacher_tok = load_encoder(teacher_path)
-    base_encoder, student_tok = student_encoder(recipe.student, teacher_encoder, teacher_tok)
-    accelerator = make_accelerator("no", recipe.log_with, out)
-    if accelerator.num_processes > 1:
-        raise DistillError("task: text_classification runs in one process; launch it without torchrun")
-    check_auto_data(auto_settings(recipe.distill, recipe.student.train), len(data.val_texts or []), "texts")
-    prepare_run_dir(recipe, out, resume=resume, force=force)
-    cache_dir = cache_root(recipe.distill, out)
-
-    # Teacher: frozen encoder → pooled features (cached) → logistic regression on the labeled part.
-    max_length = recipe.data.max_length
-    teacher_id = encoder_id(teacher_path)
-    train_features = teacher_features(teacher_encoder, teacher_tok, data.train_texts, max_length, cache_dir, teacher_id)
-    test_features = teacher_features(teacher_encoder, teacher_tok, data.test_texts, max_length, cache_dir, teacher_id)
-    labeled = data.train_labels != IGNORE_INDEX
-    head, probe = fit_probe(train_features[labeled], data.train_labels[labeled], recipe.teacher.probe_c, recipe.seed)
-    teacher = EncoderClassifier(teacher_encoder, len(data.classes), dropout=0.0)
-    teacher.head = head
-    teacher.eval()
-    with torch.no_grad():
-        teacher_train_logits = to_numpy(head(torch.from_numpy(train_features)))
-        teacher_test_logits = head(torch.from_numpy(test_features))
-    check = None
-    if data.val_texts:  # the students are validated, and the teacher checked, on held-out labeled texts
-        val_features = teacher_features(teacher_encoder, teacher_tok, data.val_texts, max_length, cache_dir, teacher_id)
-        with torch.no_grad():
-            teacher_val_logits = head(torch.from_numpy(val_features))
-        val_rows = tokenize(student_tok, data.val_texts, max_length)
-        val_labels = torch.from_numpy(data.val_labels)
-
-        def check(model: nn.Module) -> dict[str, float]:
-            logits = torch.from_numpy(encode(model, val_rows, base.pad_id))
-            return validation_scores(logits, val_labels, teacher_val_logits)
-
-    if not (out / "teacher" / "head.safetensors").exists():
-        save_classifier_head(teacher, teacher_tok, out / "teacher", data.classes)
-
-    torch.manual_seed(recipe.seed + 1000)  # the same head initialisation for baseline and student
-    base = EncoderClassifier(base_encoder, len(data.classes), dropout=recipe.student.dropout)
-    base.pad_id = pad_id_of(student_tok)
-    rows = tokenize(student_tok, data.train_texts, max_length)
-    steps_per_epoch = math.ceil(len(rows) / recipe.student.train.batch_size)
-
-    def in_steps(train: TrainSpec) -> TrainSpec:
-        """The same optimizer-step budget for both students, whatever their number of examples: epochs over all
-        the training texts."""
-        return train.model_copy(update={"max_steps": train.max_steps or train.epochs * steps_per_epoch})
-
-    steps = in_steps(recipe.student.train).max_steps
-    trained = {}
-    common = {"recipe": recipe, "out": out, "accelerator": accelerator, "resume": resume, "on_step": on_step}
-    common["validator"] = check
-
-    def candidate(name: str, settings: DistillSpec | None, budget: TrainSpec) -> dict:
-        logits = teacher_train_logits if settings else None
-        train_student(
-            name, base, student_tok, data, rows, logits, train_spec=in_steps(budget), distill=settings, **common
-        )
-        return candidate_scores(out, name)
-
-    warnings, baseline_auto, lead = [], None, None
-    if recipe.baseline:
-        baseline_train, baseline_auto = choose_baseline_lr(recipe.distill, out, candidate, train=recipe.student.train)
-        trained["baseline"] = train_student(
-            "baseline", base, student_tok, data, rows, None, train_spec=in_steps(baseline_train), **common
-        )
-        if check is not None:
-            baseline_val_logits = torch.from_numpy(encode(trained["baseline"], val_rows, base.pad_id))
-            lead = paired_loss_lead(teacher_val_logits, baseline_val_logits, val_labels)
-            warnings = teacher_check(lead)
-
-    distill, student_train, auto = choose_auto(recipe.distill, out, candidate, train=recipe.student.train)
-    if auto and baseline_auto:
-        auto["baseline"] = baseline_auto
-    trained["student"] = train_student(
-        "student",
-        base,
-        student_tok,
-        data,
-        rows,
-        teacher_train_logits,
-        train_spec=in_steps(student_train),
-        distill=distill,
-        **common,
-    )
-    test_rows = tokenize(student_tok, data.test_texts, max_length)
-    speed_texts = data.test_texts[:128]
-    speed = {"threads": recipe.eval.threads, "batch_size": recipe.eval.batch_size, "max_length": max_length}
-    results = {"teacher": _scores(teacher, teacher_test_logits, data, None, out / "teacher")}
-    results["teacher"] |= text_speed(teacher, teacher_tok, speed_texts, **speed)
-    logits = {"teacher": teacher_test_logits}
-    for name, model in trained.items():
-        logits[name] = torch.from_numpy(encode(model, test_rows, base.pad_id))
-        results[name] = _scores(model, logits[name], data, teacher_test_logits, out / name)
-        results[name] |= text_speed(model, student_tok, speed_texts, **speed)
-    sizes = {
-        "source": recipe.data.source,
-        "train_texts": len(data.train_texts),
-        "labeled_train_texts": int(labeled.sum()),
-        "test_texts": len(data.test_texts),
-        "classes": len(data.classes),
-        "max_length": max_length,
-        "student_steps": steps,
-        "validation_texts": len(data.val_texts or []),
-    }
-    validation = {name: validation_summary(out, name) for name in trained}
-    warnings += student_warnings(results, validation, teacher_weak=bool(warnings), auto=auto is not None)
-    extra = {"validation": validation, "warnings": warnings, "machine": machine(speed=speed), "teacher_probe": probe}
-    extra |= {"auto": auto} if auto else {}
-    extra |= {"teacher_check": lead} if lead else {}
-    extra |= comparison(logits, torch.from_numpy(data.test_labels), lambda i: {"text": data.test_texts[i][:300]},
-                        list(data.classes))  # fmt: skip
-    distill = distill.model_dump(mode="json")
-    return finish(out, recipe, "text_classification", results, VIEW, distill=distill, data=sizes, **extra)
+    return run_stages(sys.modules[__name__], recipe, out, resume=resume, force=force, on_step=on_step)
 
 
 def _scores(model: nn.Module, logits: torch.Tensor, data: TextData, teacher_logits, folder: Path) -> dict:

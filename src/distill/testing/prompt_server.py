@@ -189,10 +189,17 @@ def serve(
     ``tokenizer``: for echo answers and text prompts; ``options``: ``layout``, ``text_only``."""
     attributes = {"model": model.eval(), "vocab_size": vocab_size, "tokenizer": tokenizer, "_pieces": None}
     handler = type("Served", (handler,), attributes | options)
+    with running(handler) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def running(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A server of ``handler`` on 127.0.0.1 (a free port) in a thread while the block runs; yields the port."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        yield httpd.server_address[1]
     finally:
         httpd.shutdown()
         httpd.server_close()
