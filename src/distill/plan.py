@@ -335,34 +335,22 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
     run = Run(recipe, scratch / "run", False, None, accelerator)
     run.out.mkdir()
     lm_task = isinstance(ctx, lm.LMSetup)
+    lm_cache = lm_task and recipe.distill.signal == "cache"
     declared = task.stages(recipe)
     if not any(stage.name == "teacher" for stage in declared):
         task.teacher(ctx, run, None)
     stages, kept = [], 0  # kept: the trained students the run holds until its evaluation
     for stage in declared:
-        settings = recipe.distill if stage.signal == "teacher" else None
         spec = recipe.teacher.train if stage.name == "teacher" else recipe.student.train
-        if stage.signal == "teacher" and lm_task and recipe.distill.signal == "cache":
+        if stage.signal == "teacher" and lm_cache:  # the teacher's pass that builds the cache, before the student
             stages.append(cache_stage(ctx, recipe, teacher_bytes(ctx), held(ctx, kept), accelerator, scratch))
-        if stage.build_seed is not None:
-            torch.manual_seed(recipe.seed + stage.build_seed)
-        if stage.signal == "teacher" and lm_task and recipe.distill.signal == "cache":
-            # the cache's lookups, drawn at random: the loss costs the same whatever the ids (the pass that builds the
-            # cache is the stage before)
-            model, spec, batches, check = task.prepare(ctx, run, stage.name, None, spec)
-            d, seq = recipe.distill, ctx.train.input_ids.shape[1]
-            lookup = stand_in_targets(d.cache_mode, d.cache_k, seq, ctx.vocab_size)
-            batches = lm.LMBatches(
-                ctx.train, ctx.vocab_size, d.chunk_size, distill=d, signal=SparseSignal(lookup, d.temperature)
-            )
-        else:
-            model, spec, batches, check = task.prepare(ctx, run, stage.name, settings, spec)
+        model, spec, batches, check = prepared(task, ctx, run, stage, spec)
         beside = teacher_bytes(ctx)
         if stage.signal == "teacher" and lm_task and (recipe.distill.signal == "live" or recipe.distill.onpolicy):
             beside += teacher_hidden_bytes(ctx.teacher, spec, ctx.train.input_ids.shape[1])
         stages.append(stage_plan(stage.name, model, spec, batches, check, ctx, recipe, steps, accelerator, scratch,
                                  teacher=beside, resident=held(ctx, kept)))  # fmt: skip
-        if stage.name == "teacher":
+        if stage.name == "teacher":  # saved as the run saves it: the teacher signal reads it (its id, a cache)
             task.save(ctx, run, "teacher", model, run.out / "teacher")
             task.teacher(ctx, run, model)
         else:
@@ -377,18 +365,33 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
     plan = Plan(task.TASK, str(accelerator.device), data, keep_optimizers(stages))
     if lm_task:
         plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
-    keys = auto_settings(recipe.distill, recipe.student.train) if hasattr(recipe.distill, "temperature") else []
-    if any(stage.auto for stage in declared) and keys:
+    keys = auto_settings(recipe.distill, recipe.student.train) if any(stage.auto for stage in declared) else []
+    if keys:
         plan.notes.append(
             f"{', '.join(keys)}: auto sweeps train short candidate stages first; they are not in this plan"
         )
-    if lm_task and recipe.distill.signal == "cache":
+    if lm_cache:
         d = recipe.distill
         record = record_dtype(d.cache_mode, d.cache_k, ctx.vocab_size, cache_sets(recipe, len(ctx.train)))
         plan.cache_bytes_per_token, plan.cache_disk_bytes = record.itemsize, record.itemsize * ctx.train.input_ids.size
-    elif getattr(recipe.distill, "signal", None) == "cache":  # a classifier's logits: 4 bytes per class and example
+    elif hasattr(getattr(ctx, "data", None), "train_x") and recipe.distill.signal == "cache":  # a classifier's logits
         plan.cache_disk_bytes = len(ctx.data.train_x) * ctx.data.num_classes * FLOAT
     return plan
+
+
+def prepared(task, ctx, run: Run, stage, spec: TrainSpec):
+    """``task.prepare`` of ``stage``, seeded as the run seeds it. An LM student on a cache reads stand-in lookups of
+    the cache's shape and dtype, drawn at random (the loss costs the same whatever the ids): building the whole
+    cache is the run's work, its time is the ``teacher cache`` stage's."""
+    recipe = run.recipe
+    if stage.build_seed is not None:
+        torch.manual_seed(recipe.seed + stage.build_seed)
+    if not (stage.signal == "teacher" and isinstance(ctx, lm.LMSetup) and recipe.distill.signal == "cache"):
+        return task.prepare(ctx, run, stage.name, recipe.distill if stage.signal == "teacher" else None, spec)
+    model, spec, _, check = task.prepare(ctx, run, stage.name, None, spec)
+    d, seq = recipe.distill, ctx.train.input_ids.shape[1]
+    signal = SparseSignal(stand_in_targets(d.cache_mode, d.cache_k, seq, ctx.vocab_size), d.temperature)
+    return model, spec, lm.LMBatches(ctx.train, ctx.vocab_size, d.chunk_size, distill=d, signal=signal), check
 
 
 def teacher_bytes(ctx) -> int:

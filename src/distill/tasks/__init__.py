@@ -1,7 +1,9 @@
 """The table of tasks: what the CLI, the recipe parser, the report and export look a task up in.
 
 A row names the task's recipe schema, its run function, how its report summarises it, how its student is loaded
-for export and which formats that student can take. Adding a task is one module in this package and one row here.
+for export, which formats that student can take, and the task module itself (its declared stages, which ``distill
+run`` and ``distill plan`` walk, and its ``distill init`` recipe). Adding a task is one module in this package and
+one row here.
 """
 
 from __future__ import annotations

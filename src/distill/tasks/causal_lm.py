@@ -50,8 +50,10 @@ from distill.tasks.skeleton import (
     OnStep,
     Run,
     StageSpec,
+    data_source,
     machine,
     prepare_run_dir,
+    quoted,
     run_stages,
     train_or_load_stage,
     validated_scores,
@@ -364,6 +366,26 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
             models["student"], models["teacher"], s.heldout, s.tokenizer, vocab_size=s.vocab_size
         )
     return results, extra
+
+
+def starter(teacher: Path, data: Path) -> str:
+    """The starting recipe ``distill init`` writes (``tasks/starter.py``)."""
+    return f"""# A causal LM distilled into one cut from its own layers (written by distill init).
+task: causal_lm
+name: {quoted(data.stem)}
+data:
+  source: {data_source(data, "causal_lm")}  # text: packed blocks; jsonl: prompt/response pairs
+  path: {quoted(data)}
+  block_size: 256
+teacher:
+  path: {quoted(teacher)}  # an HF folder or a .gguf file
+student:
+  from_teacher: {{keep: 6}}  # the student keeps 6 of the teacher's layers, evenly spaced
+  train: {{epochs: 1, batch_size: 8, optimizer: adamw, lr: 5.0e-4}}
+distill:
+  signal: cache  # the teacher runs once over the data (distill cache); live: it runs beside the student
+  temperature: 1
+"""
 
 
 def run(recipe: LMRecipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:

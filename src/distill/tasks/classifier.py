@@ -24,7 +24,7 @@ from distill.recipe import DistillSpec, ModelSpec, Recipe, TrainSpec, auto_setti
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.auto import check_auto_data
 from distill.tasks.checks import teacher_check
-from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, machine, run_stages
+from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, data_source, machine, quoted, run_stages
 from distill.teachers.identity import file_id
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
@@ -146,6 +146,32 @@ def evaluate(ctx: Setup, run: Run, trained: dict, distill: DistillSpec, int8) ->
         results["student_int8"]["parameters"] = results["student"]["parameters"]
     environment = machine(processor=platform.machine(), cpu_threads_for_latency=recipe.eval.threads)
     return results, {"distill": distill.model_dump(mode="json"), "machine": environment, **shown}
+
+
+def starter(teacher: Path | None, data: Path) -> str:
+    """The starting recipe ``distill init`` writes (``tasks/starter.py``)."""
+    checkpoint = f"  checkpoint: {quoted(teacher)}  # your trained teacher's weights\n" if teacher else ""
+    return f"""# A classifier distilled into a smaller one (written by distill init; every key is optional).
+task: classification
+name: {quoted(data.name)}
+seed: 0
+data:
+  source: {data_source(data, "classification")}
+  path: {quoted(data)}
+  labeled_fraction: 1.0     # the share of training labels you have; the rest is unlabeled transfer data
+  validation_fraction: 0.1  # labeled examples held out: every stage is validated there, the teacher checked
+teacher:
+{checkpoint}  model: {{arch: mlp, hidden: [1200, 1200], dropout: 0.5}}  # the architecture of the teacher
+  train: {{epochs: 8, batch_size: 128, lr: 0.1}}
+student:
+  model: {{arch: mlp, hidden: [800, 800]}}  # the small model you want
+  train: {{epochs: 4, batch_size: 128, lr: 0.1, patience: 3}}  # stops when validation stops improving
+distill:
+  # auto: a short sweep on the validation split picks them (T 1/2/4/8, then alpha 0/0.1/0.5; RUN/auto.json and the
+  # report show the table). Put the chosen numbers here to skip the sweep on later runs.
+  temperature: auto  # softer teacher distributions carry more of what it knows about the other classes
+  alpha: auto        # weight of the hard labels next to the soft ones
+"""
 
 
 def run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, on_step: OnStep = None) -> dict:

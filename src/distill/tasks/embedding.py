@@ -47,7 +47,7 @@ from distill.models.probe import fit_probe
 from distill.models.static import build_static, load_static, save_static
 from distill.recipe import EmbeddingRecipe, TrainSpec, load_recipe_as
 from distill.report import Quality, ReportView, human_bytes
-from distill.tasks.skeleton import OnStep, Run, StageSpec, machine, run_stages
+from distill.tasks.skeleton import OnStep, Run, StageSpec, data_source, machine, quoted, run_stages
 from distill.teachers.encoder_outputs import TokenStates, cached_token_states, teacher_features
 from distill.teachers.identity import encoder_id
 from distill.teachers.store import cache_root
@@ -329,6 +329,26 @@ def evaluate(ctx: Setup, run: Run, trained: dict, distill, int8) -> tuple[dict, 
         for name, d, s in zip(names, sources, recipe.data, strict=True)
     }
     return results, {"probes": names, "distill": distill, "data": sizes, "machine": machine(speed=speed)}
+
+
+def starter(teacher: Path, data: Path) -> str:
+    """The starting recipe ``distill init`` writes (``tasks/starter.py``)."""
+    return f"""# A smaller sentence encoder that embeds like the teacher (written by distill init).
+task: embedding
+name: {quoted(data.name)}
+data:
+  - source: {data_source(data, "embedding")}
+    path: {quoted(data)}
+    max_length: 128
+    validation_fraction: 0.1  # training texts held out: the student is validated there (loss, cosine)
+teacher:
+  path: {quoted(teacher)}  # a sentence-transformers / HF encoder folder
+student:
+  from_teacher: {{keep: 2}}
+  train: {{epochs: 3, batch_size: 32, optimizer: adamw, lr: 1.0e-4}}
+distill:
+  loss: mse
+"""
 
 
 def run(

@@ -24,13 +24,14 @@ A task module (``tasks/<task>.py``) holds, top to bottom:
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import shlex
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -253,6 +254,40 @@ def validated_scores(out: Path, stage: str, check: Callable, model) -> dict:
     return summary["best"] if summary else check(model)
 
 
+# ---- `distill init`: what every task's starting recipe (its ``starter``) is written with ----
+
+
+def quoted(value: Path | str) -> str:
+    """``value`` as a YAML double-quoted scalar, so it reads back as the same string: written plain, ``my data #1``
+    is cut at the comment, ``a: b`` does not parse and ``2024`` or ``yes`` read back as a number or a boolean."""
+    return yaml.safe_dump(str(value), default_style='"', allow_unicode=True, width=math.inf).removesuffix("\n")
+
+
+def data_source(data: Path, task: str) -> str:
+    """The ``data.source`` of a path, read from what it holds."""
+    if task == "causal_lm":
+        return "jsonl" if data.suffix == ".jsonl" else "text"
+    if data.is_dir():
+        found = {p.name for p in data.iterdir()}
+        if task == "classification":
+            if "train.csv" in found:
+                return "csv"
+            if "train_x.npy" in found:
+                return "npy"
+            if any(name.startswith("train-images") for name in found):
+                return "mnist"
+        elif "train.csv" in found:
+            return "csv"
+        elif "train.jsonl" in found:
+            return "jsonl"
+    wanted = {
+        "classification": "train.csv + test.csv, {train,test}_{x,y}.npy or MNIST idx files",
+        "text_classification": "train.csv + test.csv or train.jsonl + test.jsonl",
+        "embedding": "train.csv + test.csv or train.jsonl + test.jsonl",
+    }[task]
+    raise DistillError(f"--data {data}: cannot tell what it holds; a {task} recipe reads a folder with {wanted}")
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One trained stage of a run (``RUN/<name>/``), as data."""
@@ -334,14 +369,10 @@ def sweep(task, ctx, run: Run, stage: StageSpec):
 
     def candidate(name: str, settings, budget) -> dict:
         signal = "teacher" if settings else "labels"
-        stage_model(task, ctx, run, StageSpec(name, signal, **seeds(stage)), settings, budget)
+        stage_model(task, ctx, run, replace(stage, name=name, signal=signal), settings, budget)
         return candidate_scores(run.out, name, run.accelerator)
 
     return candidate
-
-
-def seeds(stage: StageSpec) -> dict:
-    return {"build_seed": stage.build_seed, "train_seed": stage.train_seed, "loop_seed": stage.loop_seed}
 
 
 def train_or_load_stage(task, ctx, run: Run, stage: StageSpec, settings, spec):

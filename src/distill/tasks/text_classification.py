@@ -41,7 +41,7 @@ from distill.recipe import DistillSpec, TextClassificationRecipe, TrainSpec, aut
 from distill.report import ACCURACY_COLUMNS, accuracy_view
 from distill.tasks.auto import check_auto_data
 from distill.tasks.checks import teacher_check
-from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, machine, run_stages
+from distill.tasks.skeleton import OnStep, Run, StageSpec, comparison, data_source, machine, quoted, run_stages
 from distill.teachers.encoder_outputs import teacher_features
 from distill.teachers.identity import encoder_id
 from distill.teachers.store import cache_root
@@ -226,6 +226,31 @@ def evaluate(ctx: Setup, run: Run, trained: dict, distill: DistillSpec, int8) ->
     sections |= comparison(logits, torch.from_numpy(data.test_labels), lambda i: {"text": data.test_texts[i][:300]},
                            list(data.classes))  # fmt: skip
     return results, sections | {"distill": distill.model_dump(mode="json")}
+
+
+def starter(teacher: Path, data: Path) -> str:
+    """The starting recipe ``distill init`` writes (``tasks/starter.py``)."""
+    return f"""# Text classification by soft labels: a sentence-encoder teacher + a probe label the texts, a smaller
+# encoder learns from them (written by distill init).
+task: text_classification
+name: {quoted(data.name)}
+data:
+  source: {data_source(data, "text_classification")}
+  path: {quoted(data)}
+  labeled_fraction: 1.0     # the share of labels you have; the rest is unlabeled transfer data
+  validation_fraction: 0.1  # labeled texts held out: the students are validated there, the teacher checked
+  max_length: 128
+teacher:
+  path: {quoted(teacher)}  # a sentence-transformers / HF encoder folder
+student:
+  from_teacher: {{keep: 2}}  # the student keeps 2 of the teacher's layers
+  # lr auto: a short sweep (1e-4, 3e-4, 1e-3) for the baseline and, before T and alpha, for the distilled student
+  train: {{epochs: 3, batch_size: 32, optimizer: adamw, lr: auto}}
+distill:
+  # auto: a short sweep on the validation split picks them (RUN/auto.json); numbers here skip it
+  temperature: auto
+  alpha: auto
+"""
 
 
 def run(
