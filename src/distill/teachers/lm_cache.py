@@ -175,75 +175,79 @@ def build_lm_cache(
         )
     if sets < 1 or (mode == "topk" and sets > 1):
         raise DistillError(f"bad LM cache sets={sets}: at least 1, and 1 for topk (its targets are not drawn)")
+    record = record_dtype(mode, k, vocab_size, sets)
+    n_blocks, seq_len = (int(n) for n in input_ids.shape)
+    params = {
+        "format": FORMAT,
+        "teacher_id": teacher_id,
+        "data_id": data_id,
+        "mode": mode,
+        "k": k,
+        "temperature": float(temperature),
+        "vocab_size": vocab_size,
+        "n_blocks": n_blocks,
+        "seq_len": seq_len,
+        "shard_blocks": shard_blocks,
+        "seed": seed,
+        "dtypes": {name: str(record.fields[name][0].base) for name in record.names},
+        "bytes_per_token": record.itemsize,
+    } | ({"sets": sets} if sets > 1 else {})  # one-set caches keep the meta they always had
     with folder_lock(out_dir, "LM teacher cache"):  # one build at a time: a second one waits, then resumes it
-        record = record_dtype(mode, k, vocab_size, sets)
-        n_blocks, seq_len = (int(n) for n in input_ids.shape)
-        params = {
-            "format": FORMAT,
-            "teacher_id": teacher_id,
-            "data_id": data_id,
-            "mode": mode,
-            "k": k,
-            "temperature": float(temperature),
-            "vocab_size": vocab_size,
-            "n_blocks": n_blocks,
-            "seq_len": seq_len,
-            "shard_blocks": shard_blocks,
-            "seed": seed,
-            "dtypes": {name: str(record.fields[name][0].base) for name in record.names},
-            "bytes_per_token": record.itemsize,
-        } | ({"sets": sets} if sets > 1 else {})  # one-set caches keep the meta they always had
-        meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
-        state = _read_json(meta_path) or _read_json(progress_path)
-        if state is not None:
-            changed = [key for key in params if state.get(key) != params[key]]
-            if changed:
-                key = changed[0]
-                raise DistillError(
-                    f"{out_dir} holds an LM cache built with {key}={state.get(key)!r}, but this build has "
-                    f"{params[key]!r}; delete the folder or choose another cache_dir"
-                )
-        done = {e["file"]: e for e in (state or {}).get("shards", []) if _intact(out_dir / e["file"], e)}
-        n_shards = math.ceil(n_blocks / shard_blocks)
-        names = [f"shard-{s:05d}.npy" for s in range(n_shards)]
-        if not (meta_path.is_file() and all(name in done for name in names)):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in out_dir.glob(".*.tmp-*"):  # left by a killed build (atomic_path cleans up otherwise)
-                stale.unlink()
+        return _fill(out_dir, params, record, teacher_logits_fn, input_ids, batch_size, progress)
+
+
+def _fill(out_dir: Path, params: dict, record: np.dtype, teacher_logits_fn, input_ids, batch_size: int, progress: bool):
+    """Write the shards not yet done (a resumed build keeps the intact ones), then meta.json, last."""
+    n_blocks, seq_len, shard_blocks = params["n_blocks"], params["seq_len"], params["shard_blocks"]
+    meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
+    state = _read_json(meta_path) or _read_json(progress_path)
+    if state is not None:
+        changed = [key for key in params if state.get(key) != params[key]]
+        if changed:
+            key = changed[0]
+            raise DistillError(
+                f"{out_dir} holds an LM cache built with {key}={state.get(key)!r}, but this build has "
+                f"{params[key]!r}; delete the folder or choose another cache_dir"
+            )
+    done = {e["file"]: e for e in (state or {}).get("shards", []) if _intact(out_dir / e["file"], e)}
+    n_shards = math.ceil(n_blocks / shard_blocks)
+    names = [f"shard-{s:05d}.npy" for s in range(n_shards)]
+    if not (meta_path.is_file() and all(name in done for name in names)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp-*"):  # left by a killed build (atomic_path cleans up otherwise)
+            stale.unlink()
+        write_json(progress_path, {**params, "shards": list(done.values())})
+        meta_path.unlink(missing_ok=True)  # from here until the end the cache is incomplete
+        for s, name in enumerate(names):
+            if name in done:
+                continue
+            lo, hi = s * shard_blocks, min((s + 1) * shard_blocks, n_blocks)
+            done[name] = _write_shard(out_dir / name, teacher_logits_fn, input_ids, lo, hi, record, params, batch_size)
             write_json(progress_path, {**params, "shards": list(done.values())})
-            meta_path.unlink(missing_ok=True)  # from here until the end the cache is incomplete
-            for s, name in enumerate(names):
-                if name in done:
-                    continue
-                lo, hi = s * shard_blocks, min((s + 1) * shard_blocks, n_blocks)
-                done[name] = _write_shard(
-                    out_dir / name, teacher_logits_fn, input_ids, lo, hi, record, params, batch_size
-                )
-                write_json(progress_path, {**params, "shards": list(done.values())})
-                if progress:
-                    print(f"LM cache {out_dir}: shard {s + 1}/{n_shards} ({hi}/{n_blocks} blocks)", flush=True)
-            answers = _answers([done[name] for name in names])
-            write_json(meta_path, {**params, "shards": [done[name] for name in names], **answers})
-            progress_path.unlink(missing_ok=True)
-            if answers.get("skipped_blocks"):  # said once, when the cache is finished
-                skipped = answers["skipped_blocks"]
-                first = answers.get("teacher_notes", {}).get("first_skipped", "")
-                print(
-                    f"LM cache {out_dir}: {len(skipped)} of {n_blocks} blocks skipped, the teacher gave no targets for "
-                    f"them (meta.json skipped_blocks; they are not distilled){f'; first: {first}' if first else ''}",
-                    flush=True,
-                )
-            if answers.get("teacher_counts"):
-                counts = ", ".join(f"{key} {n}" for key, n in answers["teacher_counts"].items())
-                print(f"LM cache {out_dir}: the teacher's answers: {counts} (meta.json teacher_counts)", flush=True)
-        if progress:
-            total = sum(done[name]["bytes"] for name in names)
+            if progress:
+                print(f"LM cache {out_dir}: shard {s + 1}/{n_shards} ({hi}/{n_blocks} blocks)", flush=True)
+        answers = _answers([done[name] for name in names])
+        write_json(meta_path, {**params, "shards": [done[name] for name in names], **answers})
+        progress_path.unlink(missing_ok=True)
+        if answers.get("skipped_blocks"):  # said once, when the cache is finished
+            skipped = answers["skipped_blocks"]
+            first = answers.get("teacher_notes", {}).get("first_skipped", "")
             print(
-                f"LM cache {out_dir}: {n_blocks * seq_len} tokens, {record.itemsize} bytes/token "
-                f"({total / 1e6:.1f} MB with headers)",
+                f"LM cache {out_dir}: {len(skipped)} of {n_blocks} blocks skipped, the teacher gave no targets for "
+                f"them (meta.json skipped_blocks; they are not distilled){f'; first: {first}' if first else ''}",
                 flush=True,
             )
-        return out_dir
+        if answers.get("teacher_counts"):
+            counts = ", ".join(f"{key} {n}" for key, n in answers["teacher_counts"].items())
+            print(f"LM cache {out_dir}: the teacher's answers: {counts} (meta.json teacher_counts)", flush=True)
+    if progress:
+        total = sum(done[name]["bytes"] for name in names)
+        print(
+            f"LM cache {out_dir}: {n_blocks * seq_len} tokens, {record.itemsize} bytes/token "
+            f"({total / 1e6:.1f} MB with headers)",
+            flush=True,
+        )
+    return out_dir
 
 
 class LMCache:
