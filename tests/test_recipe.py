@@ -103,3 +103,16 @@ def test_empty_recipe_file_is_an_error_not_the_default_run(tmp_path):
         path.write_text(text)
         with pytest.raises(DistillError, match="is empty; start from one in recipes/"):
             load_recipe(path)
+
+
+def test_mixed_precision_no_is_the_word_not_yaml_false(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `mixed_precision: no` used to be refused ("Input should be 'no', …")."""
+    from distill.tasks import load_recipe
+
+    for task in ("classification", "causal_lm"):
+        path = tmp_path / f"{task}.yaml"
+        extra = "data: {source: text, path: x.txt}\nteacher: {path: t}\nstudent: {from_teacher: {keep: 1}}\n"
+        path.write_text(f"task: {task}\nmixed_precision: no\n" + (extra if task == "causal_lm" else ""))
+        assert load_recipe(path).mixed_precision == "no"
+        assert load_recipe(path, ["mixed_precision=no"]).mixed_precision == "no"
+        assert load_recipe(path, ["mixed_precision=bf16"]).mixed_precision == "bf16"

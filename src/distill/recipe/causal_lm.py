@@ -12,6 +12,7 @@ from distill.recipe.common import (
     EndpointSpec,
     FromTeacher,
     LogWith,
+    MixedPrecision,
     Seed,
     Strict,
     TrainSpec,
@@ -169,7 +170,7 @@ class LMRecipe(Strict):
     name: str = "run"
     seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     data: LMDataSpec = Field(default_factory=LMDataSpec)
     teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
     student: LMStudentSpec = Field(default_factory=lambda: LMStudentSpec(from_teacher=FromTeacher(keep=6)))

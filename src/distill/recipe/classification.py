@@ -10,6 +10,7 @@ from distill.recipe.common import (
     LOG_WITH_HELP,
     DistillSpec,
     LogWith,
+    MixedPrecision,
     Seed,
     Strict,
     StudentTrainSpec,
@@ -76,7 +77,7 @@ class Recipe(Strict):
     name: str = "run"
     seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     student: StudentSpec = Field(default_factory=StudentSpec)
