@@ -350,6 +350,23 @@ def complete(endpoint: EndpointSpec, body: dict, k: int, sleep=None, uniform=ran
     return with_retries(endpoint, parse, body, sleep, uniform, stop)
 
 
+# The main thread waits on the requests in slices of this many seconds. A blocking wait returns to Python only when
+# it ends if a library loaded beside us installed the SIGINT handler with SA_RESTART (seen in the test suite): Ctrl-C
+# would then wait for the requests; a timed wait sees it within one slice.
+POLL = 0.1
+
+
+def results(futures: list) -> list:
+    """Each future's result, in order (the first failure raised as soon as it is reached, as ``pool.map`` does),
+    waiting in ``POLL`` slices (Ctrl-C is seen within one)."""
+    out = []
+    for future in futures:
+        while not future.done():
+            wait([future], timeout=POLL)
+        out.append(future.result())
+    return out
+
+
 def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) -> Iterator[tuple[object, dict]]:
     """(job, result) as requests finish, at most ``concurrency`` in flight; a job that exhausts its retries is
     appended to ``failures`` (and not written, so the next run tries it again)."""
@@ -370,7 +387,7 @@ def served_completions(recipe: GenerateRecipe, jobs: list, failures: list[str]) 
             if len(running) >= endpoint.concurrency:
                 break
         while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=POLL, return_when=FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
                 try:

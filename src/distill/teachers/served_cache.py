@@ -46,7 +46,17 @@ import torch
 from distill.errors import DistillError
 from distill.recipe import EndpointSpec
 from distill.teachers.lm_cache import TeacherAnswer
-from distill.teachers.served import MALFORMED, MASS_SLACK, Refused, Retryable, Stop, as_logprob, post, with_retries
+from distill.teachers.served import (
+    MALFORMED,
+    MASS_SLACK,
+    Refused,
+    Retryable,
+    Stop,
+    as_logprob,
+    post,
+    results,
+    with_retries,
+)
 
 # Two distributions a server computed for the same context differ by its arithmetic only (batching, kernels): the
 # probe takes log-probabilities this close as the same distribution, and a shifted one differs by far more.
@@ -432,7 +442,7 @@ def served_teacher_logits(
         pool = ThreadPoolExecutor(max_workers=endpoint.concurrency)
         try:
             client.settle(rows, blocks)
-            answers = list(pool.map(client.entries, rows, blocks))
+            answers = results([pool.submit(client.entries, r, b) for r, b in zip(rows, blocks, strict=True)])
         finally:  # Ctrl-C or an error: cut the requests in flight and wait for none of them
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
