@@ -204,8 +204,11 @@ def test_ctrl_c_cuts_the_requests_in_flight(tok, server, tmp_path, job):
     before = pool_threads()
     FaultyServer.faults = ["trickle"] * 20
     interrupt = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    # SA_RESTART on SIGINT, as a library loaded beside us may leave it (seen in the whole suite): a blocking wait then
-    # never returns to Python until the requests end.
+    # Python's own SIGINT handler, unblocked: something the whole suite loads before this test leaves SIGINT so that
+    # it never reaches Python (the interrupt came only when the requests ended). Then SA_RESTART on it, as a library
+    # loaded beside us may leave it: a blocking wait would return to Python only when the requests end.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     signal.siginterrupt(signal.SIGINT, False)
     start = time.monotonic()
     interrupt.start()
@@ -215,6 +218,7 @@ def test_ctrl_c_cuts_the_requests_in_flight(tok, server, tmp_path, job):
     finally:
         interrupt.cancel()
         signal.siginterrupt(signal.SIGINT, True)
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 1.5
     gone = time.monotonic() + 1
     while pool_threads() - before and time.monotonic() < gone:
