@@ -53,16 +53,19 @@ def make_folder(folder: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read it: set, then put back
     os.umask(mask)
     return mask
+
+
+_UMASK = _umask()
 
 
 # Temp files and folders are made by tempfile (O_EXCL, unpredictable names: in a shared cache folder nobody can plant a
 # symlink where we are about to write), which makes them 0600 / 0700; they take the mode every other file of a run
 # has (what the umask gives) before they are renamed into place.
-FILE_MODE = 0o666 & ~_umask()
-FOLDER_MODE = 0o777 & ~_umask()
+FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 
 
 @contextmanager
@@ -140,9 +143,10 @@ def folder_lock(folder: Path, what: str = "folder") -> Iterator[None]:
         held = key in _held_locks
         if held:
             _held_locks[key][1] += 1
-    if not held:
+    if not held:  # acquired outside the guard: waiting for another process must not stop our other locks' release
+        handle = _acquire(path, what, folder)
         with _held_guard:
-            _held_locks[key] = [_acquire(path, what, folder), 1]
+            _held_locks[key] = [handle, 1]
     try:
         yield
     finally:

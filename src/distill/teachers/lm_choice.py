@@ -60,34 +60,32 @@ def cache_teacher_id(recipe: LMRecipe, s: TeacherSource) -> str:
     return served_id(endpoint.url, endpoint.model, endpoint.format) if endpoint else s.teacher_id
 
 
-def cache_path(recipe: LMRecipe, out: Path, s: TeacherSource) -> Path:
-    """The teacher cache folder of this recipe, teacher and training blocks (under ``store.cache_root``)."""
-    d = recipe.distill
+def cache_path(recipe: LMRecipe, out: Path, s: TeacherSource, data_id: str | None = None) -> Path:
+    """The teacher cache folder of this recipe, teacher and training blocks (under ``store.cache_root``); ``data_id``:
+    the blocks' fingerprint where the caller has it (it hashes every training token)."""
+    d, data_id = recipe.distill, data_id or s.train.fingerprint()
     if s.teacher_view is not None:
-        return cross_cache_dir(
-            cache_root(d, out), s.teacher_id, s.train.fingerprint(), s.teacher_view, d.cache_k, d.temperature
-        )
+        return cross_cache_dir(cache_root(d, out), s.teacher_id, data_id, s.teacher_view, d.cache_k, d.temperature)
     sets = cache_sets(recipe, len(s.train.input_ids))
-    teacher_id = cache_teacher_id(recipe, s)
-    return lm_cache_dir(cache_root(recipe.distill, out), teacher_id, s.train.fingerprint(), recipe.distill, sets)
+    return lm_cache_dir(cache_root(d, out), cache_teacher_id(recipe, s), data_id, d, sets)
 
 
 def open_cache(recipe: LMRecipe, out: Path, s: TeacherSource, device) -> LMCache | CrossTokenizerCache:
     """The teacher cache of this recipe, built (or finished) first if needed."""
-    d = recipe.distill
+    d, data_id = recipe.distill, s.train.fingerprint()
+    path = cache_path(recipe, out, s, data_id)
     if s.teacher_view is not None:
-        path, data_id = cache_path(recipe, out, s), s.train.fingerprint()
         options = {"k": d.cache_k, "temperature": d.temperature, "teacher_id": s.teacher_id, "data_id": data_id}
         return build_cross_cache(path, s.teacher, s.train, s.teacher_view, **options, device=device)
     endpoint, blocks = recipe.teacher.endpoint, s.train.input_ids  # a served teacher: the cache from its answers
     served = endpoint and served_teacher_logits(endpoint, s.vocab_size, d.cache_k, s.tokenizer.decode, blocks)
     return ensure_lm_cache(
-        cache_path(recipe, out, s),
+        path,
         s.teacher,
         s.train.input_ids,
         recipe.distill,
         teacher_id=cache_teacher_id(recipe, s),
-        data_id=s.train.fingerprint(),
+        data_id=data_id,
         vocab_size=s.vocab_size,
         seed=recipe.seed,
         device=device,
