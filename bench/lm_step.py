@@ -1,4 +1,5 @@
-"""A cached-KD training step of a language-model student against a cross-entropy step (issue 19, deliverable 3).
+"""A cached-KD training step of a language-model student against a cross-entropy step (issue 19, deliverable 3), in
+float32 and in bf16 against the machine's matmul peaks (issue 37, deliverable 3).
 
 One run, side by side, interleaved: the same student (SmolLM2-135M's shape cut to 6 layers, random weights: only
 the shapes set the cost), the same batch (8 × 128 tokens, as recipes/smollm2-shakespeare.yaml), a whole step —
@@ -8,22 +9,33 @@ forward, loss, backward, AdamW — with
   (`chunked_sparse_kd_with_ce`, what the causal_lm task runs);
 - `kd_ce_two_passes`: the same two terms as two chunked calls (what it ran before: two passes over the head);
 - `kd`: the KD term alone (α = 0).
-Median seconds per step over the repeats, after a warm-up step each. Bar: kd_ce_fused ≤ 1.10 × ce. The two-pass
-figure is printed beside it. The fused and two-pass losses are checked equal on the first step. Ends with one
-JSON line; exits 1 on a miss.
+Each kind runs in float32 and in bf16 (forward and loss under ``torch.autocast("cpu", bfloat16)``, as a run with
+``mixed_precision: bf16`` trains: the head's matmuls in bf16, float32 log-sum-exp, gradients and AdamW), interleaved.
+Median seconds per step over the repeats, after a warm-up step each; each step's matmul FLOPs (counted by
+``torch.utils.flop_counter``) per second as a fraction of the machine's float32 or bf16 matmul peak, measured here first
+(the best of square and head-shaped products). Bars: kd_ce_fused ≤ 1.10 × ce (float32); bf16 kd_ce_fused ≤ 0.70 × the
+float32 one. The fused and two-pass losses are checked equal on the first step.
 
-    python bench/lm_step.py [--repeats 5] [--threads 2] [--layers 6] [--batch 8] [--block 128]
+``--run`` adds the second bar of issue 37: a 64-step distillation run of the shipped Shakespeare recipe
+(``distill run``, SmolLM2 teacher cache, 6-layer student cut from it, no baseline) in float32 and in bf16 — same data,
+same init, one teacher cache — whose held-out perplexities must agree within 1 %. Ends with one JSON line; exits 1 on a
+miss.
+
+    python bench/lm_step.py [--repeats 5] [--threads 2] [--layers 6] [--batch 8] [--block 128] [--run --out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.losses.mix import mix_weights, t2_scale
@@ -34,8 +46,14 @@ from distill.losses.sparse import (
     chunked_sparse_kd_with_ce,
 )
 from distill.models.causal_lm import head_of, last_hidden
+from distill.recipe import TrainSpec
+from distill.train import make_optimizer
 
 BAR = 1.10
+BF16_BAR = 0.70  # bf16 fused KD+CE step over the float32 one
+RUN_BAR = 0.01  # |bf16 − float32| / float32 held-out perplexity of the 64-step run
+RUN_STEPS = 64
+PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 ALPHA, TEMPERATURE, K = 0.5, 1.0, 16
 
 
@@ -55,6 +73,19 @@ def student(layers: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
+    """The best FLOP/s of ``dtype`` matmuls here: square products and the LM head's shape (tokens × hidden × vocab)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (1024, 576, 49152)):
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - started))
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -62,11 +93,14 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--run", action="store_true", help="also the 64-step float32 vs bf16 distillation runs")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lm_step_runs"), help="where --run writes its runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    peaks = {name: matmul_peak(dtype or torch.float32) for name, dtype in PRECISIONS.items()}
     model = student(args.layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = make_optimizer(model, TrainSpec(optimizer="adamw", lr=1e-5))  # the runs' AdamW (fused)
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.block), generator=generator)
@@ -91,37 +125,58 @@ def main() -> int:
         kd = chunked_sparse_kd_loss(hidden, weight, targets, temperature=TEMPERATURE, **kw)
         return kd_weight * kd + ce_weight * chunked_cross_entropy(hidden, weight, next_tokens, **kw)
 
-    def step(kind: str) -> tuple[float, float]:
+    def step(kind: str, precision: str) -> tuple[float, float]:
+        dtype = PRECISIONS[precision]
         started = time.perf_counter()
-        hidden = last_hidden(model, ids, attention)[:, :-1]
-        weight, bias = head_of(model)
-        value = loss(kind, hidden, weight, bias)
+        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+            hidden = last_hidden(model, ids, attention)[:, :-1].float()  # as accelerate's forward returns it
+            weight, bias = head_of(model)
+            value = loss(kind, hidden, weight, bias)
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started, value.item()
 
     kinds = ("ce", "kd_ce_fused", "kd_ce_two_passes", "kd")
+    rows = [
+        (kind, precision)
+        for kind in kinds
+        for precision in PRECISIONS
+        if precision == "float32" or kind != "kd_ce_two_passes"
+    ]
     with torch.no_grad():  # the fused and the two-pass losses are the same number
         hidden = last_hidden(model, ids, attention)[:, :-1]
         weight, bias = head_of(model)
         fused, two = (loss(kind, hidden, weight, bias).item() for kind in ("kd_ce_fused", "kd_ce_two_passes"))
     same = abs(fused - two) <= 1e-5 * abs(two)
-    for kind in kinds:  # warm-up
-        step(kind)
-    seconds = {kind: [] for kind in kinds}
+    flops = {}
+    for kind, precision in rows:  # warm-up, and each step's matmul FLOPs
+        with FlopCounterMode(display=False) as counter:
+            step(kind, precision)
+        flops[f"{kind}/{precision}"] = counter.get_total_flops()
+    seconds = {f"{kind}/{precision}": [] for kind, precision in rows}
     for _ in range(args.repeats):  # interleaved, so drifts of the machine hit every kind alike
-        for kind in kinds:
-            seconds[kind].append(round(step(kind)[0], 4))
-    median = {kind: statistics.median(values) for kind, values in seconds.items()}
-    ratios = {kind: round(median[kind] / median["ce"], 4) for kind in kinds}
-    passed = same and ratios["kd_ce_fused"] <= BAR
+        for kind, precision in rows:
+            seconds[f"{kind}/{precision}"].append(round(step(kind, precision)[0], 4))
+    median = {row: statistics.median(values) for row, values in seconds.items()}
+    ratios = {row: round(median[row] / median[f"ce/{row.split('/')[1]}"], 4) for row in median}
+    peak_share = {row: round(flops[row] / median[row] / peaks[row.split("/")[1]], 3) for row in median}
+    bf16_over_float32 = {
+        kind: round(median[f"{kind}/bf16"] / median[f"{kind}/float32"], 4) for kind in kinds if f"{kind}/bf16" in median
+    }
+    bars = {
+        "kd_ce_fused_within_1.10x_ce": same and ratios["kd_ce_fused/float32"] <= BAR,
+        "bf16_kd_ce_fused_within_0.70x_float32": bf16_over_float32["kd_ce_fused"] <= BF16_BAR,
+    }
     print(f"student: {args.layers} layers of SmolLM2-135M's shape, {args.batch}×{args.block} tokens, "
           f"{args.threads} threads, k {K}, α {ALPHA}")  # fmt: skip
-    for kind in kinds:
-        print(f"{kind:18s} {median[kind]:.3f} s/step  {ratios[kind]:.3f}× ce")
+    print(f"matmul peaks: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    for row in median:
+        print(f"{row:26s} {median[row]:.3f} s/step  {ratios[row]:.3f}× ce  {flops[row] / median[row] / 1e9:6.1f} "
+              f"GFLOP/s = {peak_share[row]:.2f} of the peak")  # fmt: skip
+    for kind, ratio in bf16_over_float32.items():
+        print(f"bf16 / float32 {kind:18s} {ratio:.3f}×")
     print(f"fused loss {fused:.6f} vs two passes {two:.6f}: {'same' if same else 'DIFFERENT'}")
-    print(f"bar kd_ce_fused ≤ {BAR}× ce: {'pass' if passed else 'FAIL'}")
     figures = {
         "bench": "lm_step",
         "layers": args.layers,
@@ -129,15 +184,50 @@ def main() -> int:
         "threads": args.threads,
         "k": K,
         "alpha": ALPHA,
+        "matmul_peak_flops": peaks,
         "seconds_per_step": median,
         "all_seconds": seconds,
+        "step_flops": flops,
+        "peak_share": peak_share,
         "over_ce": ratios,
+        "bf16_over_float32": bf16_over_float32,
         "losses_equal": same,
-        "bar": BAR,
-        "pass": passed,
     }
+    if args.run:
+        figures["run"] = distillation_runs(args.out)
+        change = figures["run"]["change"]
+        bars["bf16_run_within_1pct"] = change is not None and abs(change) <= RUN_BAR
+    else:
+        bars["bf16_run_within_1pct"] = "not measured (--run)"
+    for bar, met in bars.items():
+        print(f"bar {bar}: {'pass' if met is True else 'FAIL' if met is False else met}")
+    figures["bars"] = bars
+    figures["pass"] = all(met is True for met in bars.values())
     print(json.dumps(figures))
-    return 0 if passed else 1
+    return 0 if figures["pass"] else 1
+
+
+def distillation_runs(out: Path) -> dict:
+    """The shipped Shakespeare recipe for 64 student steps, float32 then bf16: held-out perplexity and wall time."""
+    from distill.tasks import load_recipe, run_recipe
+
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-shakespeare.yaml"
+    result = {}
+    for precision in ("no", "bf16"):
+        recipe = load_recipe(recipe_path, [f"mixed_precision={precision}", "baseline=false",
+                                           f"student.train.max_steps={RUN_STEPS}"])  # fmt: skip
+        started = time.perf_counter()
+        metrics = run_recipe(recipe, out / precision, force=True)
+        result[precision] = {
+            "heldout_perplexity": metrics["models"]["student"]["perplexity"],
+            "minutes": round((time.perf_counter() - started) / 60, 2),
+            "precision": metrics["machine"]["precision"],
+        }
+        print(f"64-step run, {precision}: held-out perplexity {result[precision]['heldout_perplexity']:.3f}, "
+              f"{result[precision]['minutes']} min ({result[precision]['precision']})")  # fmt: skip
+    base = result["no"]["heldout_perplexity"]
+    result["change"] = round(result["bf16"]["heldout_perplexity"] / base - 1, 5) if base else None
+    return result
 
 
 if __name__ == "__main__":

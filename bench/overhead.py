@@ -18,21 +18,20 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from distill.data.arrays import default_mnist_dir, load_mnist
 from distill.models.classifiers import mlp
 from distill.recipe import DistillSpec, TrainSpec
 from distill.teachers.live import LiveTeacher
 from distill.teachers.logits_cache import build_logits_cache
-from distill.train import Stage, train_stage
+from distill.train import Stage, make_accelerator, train_stage
 
 
 def epoch_seconds(work: Path, name: str, data, teacher, spec: TrainSpec) -> float:
     torch.manual_seed(0)
     stage = Stage(name, mlp(784, [800, 800], 10), spec, teacher, DistillSpec(temperature=20.0) if teacher else None)
     start = time.perf_counter()
-    train_stage(stage, data.train_x, data.train_y, work / name, Accelerator(), seed=0, input_shape=(1, 28, 28))
+    train_stage(stage, data.train_x, data.train_y, work / name, make_accelerator(), seed=0, input_shape=(1, 28, 28))
     return time.perf_counter() - start
 
 

@@ -65,7 +65,7 @@ def test_fsdp_two_processes_reach_the_single_process_weights_of_an_lm_student(tm
     from lm_fixtures import tiny_tokenizer
     from test_lm import write_recipe
 
-    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False, mixed_precision="no")
     # 17 blocks, batches of 8: a last batch of one block, which rank 1 has no share of (issue 17.1)
     raw["data"] |= {"limit_train_blocks": 17, "validation_fraction": 0.0}
     raw["student"]["train"] |= {"fsdp": True, "batch_size": 8, "grad_accum": 2, "max_grad_norm": 1.0}
@@ -83,7 +83,7 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     from distill.tasks import load_recipe
     from distill.tasks.causal_lm import run as run_lm
 
-    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False)
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), "live", baseline=False, mixed_precision="no")
     raw["student"]["train"] |= {"fsdp": True, "checkpoint_every": 5}
     path.write_text(yaml.safe_dump(raw))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -111,13 +111,12 @@ def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
     """FSDP over a one-process group (what bench/gpu_check.py runs on one GPU), in process: the same weights as a
     plain run, through the chunked live-teacher loss and a short last batch."""
     import torch
-    from accelerate import Accelerator
     from lm_fixtures import tiny_llama, tiny_tokenizer
     from test_lm import signal_batches, token_data
 
     from distill import parallel
     from distill.recipe import TrainSpec
-    from distill.train import train_loop
+    from distill.train import make_accelerator, train_loop
 
     sharded = []
     shard = parallel.shard
@@ -140,7 +139,7 @@ def test_fsdp_in_one_process_reaches_the_plain_weights(tmp_path, monkeypatch):
                 spec,
                 signal_batches("live", data, tok, teacher),
                 tmp_path,
-                Accelerator(),
+                make_accelerator("no"),  # not an earlier test's precision (accelerate keeps one state per process)
                 seed=0,
             )
         finally:
@@ -164,7 +163,7 @@ def test_two_processes_reach_the_single_process_weights_with_stored_lm_targets(t
     from distill.tasks import parse_recipe
     from distill.tasks.generate import generate
 
-    path, raw = write_recipe(tmp_path, tiny_tokenizer(), signal, baseline=False)
+    path, raw = write_recipe(tmp_path, tiny_tokenizer(), signal, baseline=False, mixed_precision="no")
     raw["student"]["train"] |= {"batch_size": 6, "grad_accum": 2}
     if signal == "recorded":
         prompts = tmp_path / "prompts.jsonl"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from distill.data.arrays import load_digits_data
 from distill.io import STAGE_DONE, atomic_dir, atomic_path
@@ -20,7 +19,7 @@ from distill.recipe import TrainSpec
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
 from distill.tasks.skeleton import train_or_load
-from distill.train import Stage, _load_checkpoint, train_stage
+from distill.train import Stage, _load_checkpoint, make_accelerator, train_stage
 
 
 def inode(path) -> tuple[int, int]:
@@ -186,7 +185,7 @@ FAKE_STATES = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6
 
 def fake_cuda(monkeypatch, devices: int) -> list:
     """CUDA in use on ``devices`` devices; returns the list that receives what set_rng_state_all is given."""
-    Accelerator()  # the process's accelerator state is made before CUDA is faked, on the real device
+    make_accelerator()  # the process's accelerator state is made before CUDA is faked, on the real device
     restored: list = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -212,7 +211,7 @@ def train_small(run_dir: Path, *, resume=False, stop_at=None) -> int:
     stage = Stage("s", mlp(64, [16], 10, dropout=0.3), TrainSpec(epochs=1, batch_size=32, checkpoint_every=2))
     torch.manual_seed(1)
     x, y = data.train_x[:256], data.train_y[:256]
-    train_stage(stage, x, y, run_dir, Accelerator(), seed=0, input_shape=(1, 8, 8), resume=resume, on_step=stop)
+    train_stage(stage, x, y, run_dir, make_accelerator(), seed=0, input_shape=(1, 8, 8), resume=resume, on_step=stop)
     return _load_checkpoint(run_dir / "s" / "checkpoint.pt")["position"]["step"]
 
 

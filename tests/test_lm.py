@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 from lm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
 from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
@@ -140,7 +139,7 @@ def test_gradient_is_token_weighted_whatever_the_accumulation(tok, tmp_path, sig
         model = tiny_llama(tok, layers=2, seed=3)
         spec = TrainSpec(epochs=1, batch_size=6, grad_accum=accum, optimizer="sgd", lr=0.5, momentum=0.0)
         batches = signal_batches(signal, data, tok, teacher)
-        trained = train_loop(f"a{accum}", model, spec, batches, tmp_path, Accelerator(), seed=0)
+        trained = train_loop(f"a{accum}", model, spec, batches, tmp_path, make_accelerator(), seed=0)
         results.append(torch.cat([p.detach().flatten() for p in trained.parameters()]))
     assert not torch.equal(results[0], torch.cat([p.flatten() for p in tiny_llama(tok, layers=2, seed=3).parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 
 from distill import cli, train
 from distill.data.arrays import load_digits_data
 from distill.errors import DistillError
 from distill.models.classifiers import mlp
 from distill.recipe import TrainSpec
-from distill.train import Stage, train_stage
+from distill.train import Stage, make_accelerator, train_stage
 
 # What torch.save raised on a full 2 MiB tmpfs (torch 2.13); older versions say "... file write failed".
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
@@ -108,7 +107,7 @@ def test_a_real_full_disk_mid_run_keeps_the_last_checkpoint_and_leaves_no_temp_f
     (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - int(1.5 * size)))  # room for one checkpoint, not two
     spec = TrainSpec(epochs=2, batch_size=64, lr=0.01, momentum=0.0, checkpoint_every=5)
     with pytest.raises(OSError) as raised:
-        train_stage(Stage("s", model, spec), data.train_x, data.train_y, small_disk, Accelerator(), seed=0,
+        train_stage(Stage("s", model, spec), data.train_x, data.train_y, small_disk, make_accelerator(), seed=0,
                     input_shape=(1, 8, 8))  # fmt: skip
     assert raised.value.errno == errno.ENOSPC and "no space left on the device" in cli.os_problem(raised.value)
     assert shutil.disk_usage(small_disk).free > 0.4 * size  # the removed temp file's space is free: nothing holds it
@@ -136,7 +135,7 @@ def test_nan_advice_names_a_real_key_and_no_resume_of_a_changed_recipe(tmp_path,
     spec = TrainSpec(epochs=3, batch_size=32, lr=0.05, checkpoint_every=100)
     with pytest.raises(DistillError) as raised:
         train_stage(Stage(stage, PoisonAfter(3), spec), data.train_x[:256], data.train_y[:256], tmp_path,
-                    Accelerator(), seed=0, input_shape=(1, 8, 8))  # fmt: skip
+                    make_accelerator(), seed=0, input_shape=(1, 8, 8))  # fmt: skip
     message = str(raised.value)
     assert f"lower {key}" in message and "baseline.train" not in message
     assert "--force" in message and "rerun with --resume" not in message

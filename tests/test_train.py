@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from distill.data.arrays import load_digits_data
@@ -12,7 +11,7 @@ from distill.models.classifiers import mlp
 from distill.recipe import DistillSpec, TrainSpec
 from distill.tasks import parse_recipe
 from distill.tasks.classifier import run
-from distill.train import Stage, jitter, length_grouped_order, micro_batches, train_stage
+from distill.train import Stage, jitter, length_grouped_order, make_accelerator, micro_batches, train_stage
 
 
 def weights(run_dir, stage):
@@ -75,7 +74,7 @@ def _train(tmp_path, name, train_spec, teacher=None, distill=None, x=None, y=Non
     stage = Stage(name, model, train_spec, teacher, distill)
     x = data.train_x[:200] if x is None else x
     y = data.train_y[:200] if y is None else y
-    return train_stage(stage, x, y, tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8))
+    return train_stage(stage, x, y, tmp_path, make_accelerator(), seed=0, input_shape=(1, 8, 8))
 
 
 @pytest.mark.parametrize("distilled", [False, True])
@@ -133,7 +132,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path):
 
     stage = Stage("student", PoisonAfter(), spec)
     with pytest.raises(DistillError, match=r"loss became nan at step 11; the last good checkpoint .* is intact"):
-        train_stage(stage, x, data.train_y[:256], tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8))
+        train_stage(stage, x, data.train_y[:256], tmp_path, make_accelerator(), seed=0, input_shape=(1, 8, 8))
     state = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=True)
     assert state["position"]["step"] == 8
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -146,7 +145,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     stage = Stage("s", mlp(64, [8], 10), TrainSpec(epochs=1))
     with pytest.raises(DistillError, match="checkpoint .* is corrupt or truncated"):
         train_stage(
-            stage, data.train_x, data.train_y, tmp_path, Accelerator(), seed=0, input_shape=(1, 8, 8), resume=True
+            stage, data.train_x, data.train_y, tmp_path, make_accelerator(), seed=0, input_shape=(1, 8, 8), resume=True
         )
 
 

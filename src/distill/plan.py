@@ -133,6 +133,7 @@ class Plan:
     cache_bytes_per_token: int | None = None  # LM caches (a classifier's holds its logits: 4 bytes per class)
     device_memory: int | None = None  # CUDA: the device's total memory
     notes: list[str] = field(default_factory=list)
+    precision: str = "float32 (recipe)"  # the steps are timed in the run's precision (train.resolve_precision)
 
     @property
     def peak(self) -> int:
@@ -362,7 +363,7 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
         export = StagePlan("int8 export", 0, 0, 1, 1, 0, teacher=teacher_bytes(ctx), data_reload=loading,
                            resident=held(ctx, kept) + student, training=False)  # fmt: skip
         stages.append(export)
-    plan = Plan(task.TASK, str(accelerator.device), data, keep_optimizers(stages))
+    plan = Plan(task.TASK, str(accelerator.device), data, keep_optimizers(stages), precision=accelerator.precision_note)
     if lm_task:
         plan.notes.append("int8 export and evaluation: memory only, their time is not measured")
     keys = auto_settings(recipe.distill, recipe.student.train) if any(stage.auto for stage in declared) else []
@@ -646,6 +647,9 @@ def show_plan(plan: Plan) -> None:
     cache = f"; teacher cache on disk {size(plan.cache_disk_bytes)}" if plan.cache_disk_bytes else ""
     if plan.cache_bytes_per_token:
         cache += f" ({plan.cache_bytes_per_token} bytes/token)"
-    console.print(f"peak {size(plan.peak)} ({where}); training {duration(plan.seconds)}{cache}", highlight=False)
+    console.print(
+        f"peak {size(plan.peak)} ({where}); training {duration(plan.seconds)} in {plan.precision}{cache}",
+        highlight=False,
+    )
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)

@@ -9,6 +9,10 @@ as Liger-Kernel does for cross-entropy. Only those gradients live on until backw
 O(chunk_size·V + V·H) instead of O(N·V), and the matmuls are the same ones autograd would do.
 
 ``full_logits_distillation_loss`` is the plain version (materialised logits + ``divergences.divergence``).
+
+Under autocast (``mixed_precision: bf16``) the head's matmuls — the logits, and the gradients of the hidden states and
+of the head — run in the autocast dtype, as autograd's ``F.linear`` would, while the log-sum-exp, the divergence, its
+gradient and the head's gradient summed over chunks stay in float32 (``matmul_dtype``, ``HeadOperands``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,28 @@ def _chunk_divergence(
     return value.detach(), grad
 
 
+def matmul_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype of the head's matmuls: the autocast dtype when autocast is on for ``tensor``'s device and ``tensor`` is
+    float32 (bf16 on a CPU with ``mixed_precision: bf16``), else ``tensor``'s own. float64 stays float64."""
+    kind = tensor.device.type
+    if tensor.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return tensor.dtype
+
+
+class HeadOperands:
+    """A head's rows (and bias) up to ``vocab_size``, cast once to the matmul dtype; ``logits`` of a chunk come back in
+    ``acc`` (float32: its log-sum-exp and everything after it accumulate there)."""
+
+    def __init__(self, w: Tensor, b: Tensor | None, vocab_size: int, dtype: torch.dtype):
+        self.dtype = dtype
+        self.w = w[:vocab_size].to(dtype)  # padded head rows never produce logits, so their gradient stays 0
+        self.b = None if b is None else b[:vocab_size].to(dtype)
+
+    def logits(self, h: Tensor, acc: torch.dtype) -> Tensor:
+        return F.linear(h.to(self.dtype), self.w, self.b).to(acc)
+
+
 def grad_needs(hidden: Tensor, head: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
     """Which of hidden states, head and bias the fused backward must produce gradients for."""
     on = torch.is_grad_enabled()
@@ -63,9 +89,10 @@ def grad_needs(hidden: Tensor, head: Tensor, bias: Tensor | None) -> tuple[bool,
 def gradient_buffers(h: Tensor, w: Tensor, b: Tensor | None, needs, acc: torch.dtype) -> list:
     """Where the fused forward accumulates the gradients of hidden states, head (in ``acc``) and bias."""
     need_h, need_w, need_b = needs
+    head = torch.empty if h.shape[0] else torch.zeros  # the first chunk's fold writes every row (fold_chunk_gradient)
     return [
         torch.empty_like(h) if need_h else None,
-        torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None,
+        head(w.shape, dtype=acc, device=w.device) if need_w else None,
         torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None,
     ]
 
@@ -77,17 +104,24 @@ def normalizer_scale(normalizer, count: int, dtype: torch.dtype, device) -> Tens
     return torch.as_tensor(normalizer, dtype=dtype, device=device).detach().reciprocal()
 
 
-def fold_chunk_gradient(g: Tensor, scale: Tensor, h_c: Tensor, ws: Tensor, rows: slice, grads: list, vocab: int):
-    """Fold a chunk's loss gradient w.r.t. its logits into the gradients of hidden states, head and bias."""
+def fold_chunk_gradient(
+    g: Tensor, scale: Tensor | None, h_c: Tensor, head: HeadOperands, rows: slice, grads: list, vocab: int
+):
+    """Fold a chunk's loss gradient w.r.t. its logits into the gradients of hidden states, head and bias (``g`` times
+    ``scale``; None: ``g`` is scaled already)."""
     grad_h, grad_w, grad_b = grads
-    g = g.mul_(scale)
-    g_in = g.to(h_c.dtype)  # matmuls in the input dtype (bf16 on GPU), as autograd would
+    g = g if scale is None else g.mul_(scale)
+    g_in = g.to(head.dtype)  # matmuls in the head's dtype (the input's, or autocast's), as autograd would
     if grad_h is not None:
-        grad_h[rows] = g_in @ ws
+        grad_h[rows] = g_in @ head.w
     if grad_w is not None:
-        _add_matmul(grad_w[:vocab], g_in.T, h_c)
+        if rows.start == 0:  # the first chunk: no zeros to add to (the padded rows' gradient is 0)
+            grad_w[vocab:].zero_()
+            _set_matmul(grad_w[:vocab], g_in.T, h_c.to(head.dtype))
+        else:
+            _add_matmul(grad_w[:vocab], g_in.T, h_c.to(head.dtype))
     if grad_b is not None:
-        grad_b[:vocab] += g.sum(0)
+        grad_b[:vocab] += g.sum(0, dtype=grad_b.dtype)
 
 
 def save_gradients(ctx, grads: list, w: Tensor, b: Tensor | None) -> None:
@@ -106,6 +140,14 @@ def saved_gradients(ctx, grad_out: Tensor) -> list:
     return grads
 
 
+def _set_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b, written straight into ``out`` when the dtypes allow it."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:  # low-precision matmul, rounded once into the float32 accumulator
+        out.copy_(a @ b)
+
+
 def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
     if out.dtype == a.dtype:
@@ -120,20 +162,18 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, scale, name, temperature, vocab_size, chunk_size, needs, kwargs):
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-        # Padded vocab: the extra head rows never produce logits, so their gradient stays 0.
-        ws, wt = w_s[:vocab_size], w_t[:vocab_size]
-        bs = None if b_s is None else b_s[:vocab_size]
-        bt = None if b_t is None else b_t[:vocab_size]
+        student = HeadOperands(w_s, b_s, vocab_size, matmul_dtype(h_s))
+        teacher = HeadOperands(w_t, b_t, vocab_size, matmul_dtype(h_t))
         grads = gradient_buffers(h_s, w_s, b_s, needs, acc)
         total = torch.zeros((), dtype=acc, device=h_s.device)
         for start in range(0, h_s.shape[0], chunk_size):
             hs_c, ht_c = h_s[start : start + chunk_size], h_t[start : start + chunk_size]
             with torch.no_grad():  # the teacher is a constant (forward runs without grad anyway; be explicit)
-                log_t = log_probs(F.linear(ht_c, wt, bt).to(acc), temperature)
-            value, g = _chunk_divergence(F.linear(hs_c, ws, bs).to(acc), log_t, name, temperature, kwargs, any(needs))
+                log_t = log_probs(teacher.logits(ht_c, acc), temperature)
+            value, g = _chunk_divergence(student.logits(hs_c, acc), log_t, name, temperature, kwargs, any(needs))
             total += value
             if g is not None:
-                fold_chunk_gradient(g, scale, hs_c, ws, slice(start, start + chunk_size), grads, vocab_size)
+                fold_chunk_gradient(g, scale, hs_c, student, slice(start, start + chunk_size), grads, vocab_size)
         save_gradients(ctx, grads, w_s, b_s)
         return total * scale
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from distill.losses.chunked import (
     DEFAULT_CHUNK_SIZE,
+    HeadOperands,
     fold_chunk_gradient,
     grad_needs,
     gradient_buffers,
+    matmul_dtype,
     normalizer_scale,
     save_gradients,
     saved_gradients,
@@ -194,30 +195,75 @@ def _chunk_value_and_grad(log_p: Tensor, ids, logp, tail, temperature: float, wa
     return value, grad.scatter_add_(-1, ids, -q).div_(temperature)
 
 
+def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weight: float, temperature: float,
+                   scale: Tensor, want_grad: bool):  # fmt: skip
+    """Sampled KD (of the rows ``on``, None: all) and, at T = 1, next-token cross-entropy of ``labels`` [n, 1] from one
+    softmax of a chunk's logits ``z`` (any dtype: bf16 logits are read once, into a float32 buffer). Returns the summed
+    KD and CE values and ``scale · (kd_weight·∂KD/∂z + ce_weight·∂CE/∂z)`` in float32 (None unless ``want_grad``).
+
+    The log-probs are only needed at the k sampled ids and the label, so they are read off ``z`` before the softmax
+    overwrites the buffer in place: one exp over [n, V] instead of a log-softmax, its exp and a second log-softmax.
+    ∂KD/∂z = (p − counts/k)/T and ∂CE/∂z = p − onehot share ``p`` (the reason CE needs T = 1 here). The k + 1
+    entries that the counts and the label change are computed apart and written over ``p``'s (no cancellation order
+    issue with duplicates)."""
+    if labels is not None and temperature != 1:
+        raise ValueError("the shared softmax of sampled KD and cross-entropy needs temperature 1")
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    top = z.amax(-1, keepdim=True).to(acc)
+    picked = z.gather(-1, ids).to(acc)
+    label_logit = None if labels is None else z.gather(-1, labels).to(acc)
+    e = torch.sub(z, top)  # float32 (type promotion) from bf16 logits: the conversion is this pass
+    if temperature != 1:
+        e.div_(temperature)
+    total = e.exp_().sum(-1, keepdim=True)
+    lse = top / temperature + total.log()  # log Σ exp(z/T), per row
+    kd_rows = -(picked / temperature - lse).mean(-1)
+    kd_value = (kd_rows if on is None else kd_rows[on]).sum()
+    ce_value = None if labels is None else -(label_logit - lse).sum()
+    if not want_grad:
+        return kd_value, ce_value, None
+    kd_row = torch.full((z.shape[0], 1), kd_weight / temperature, dtype=acc, device=z.device)
+    if on is not None:
+        kd_row[~on] = 0.0
+    kd_row.mul_(scale)
+    k = ids.shape[-1]
+    # the entries the targets move: the k ids (each −kd_row/k) and the label (−ce), duplicates summed
+    index, minus = ids, (kd_row / k).expand(ids.shape)
+    if labels is not None:
+        ce = ce_weight * scale
+        index, minus = torch.cat([ids, labels], -1), torch.cat([minus, ce.expand(labels.shape)], -1)
+    coefficient = (kd_row + (ce if labels is not None else 0.0)) / total  # p = e / total
+    targeted = e.gather(-1, index) * coefficient - ((index[:, :, None] == index[:, None, :]) * minus[:, None, :]).sum(
+        -1
+    )
+    return kd_value, ce_value, e.mul_(coefficient).scatter_(-1, index, targeted)
+
+
 class _FusedLinearSparseKD(torch.autograd.Function):
     """Forward computes the loss and all gradients chunk by chunk; backward only rescales them."""
 
     @staticmethod
     def forward(ctx, h, w, b, ids, logp, tail, scale, temperature, vocab_size, chunk_size, needs):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        ws = w[:vocab_size]  # padded head rows never produce logits, so their gradient stays 0
-        bs = None if b is None else b[:vocab_size]
+        head = HeadOperands(w, b, vocab_size, matmul_dtype(h))
         grads = gradient_buffers(h, w, b, needs, acc)
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h_c = h[rows]
-            value, g = _chunk_value_and_grad(
-                log_probs(F.linear(h_c, ws, bs).to(acc), temperature),
-                ids[rows],
-                None if logp is None else logp[rows],
-                None if tail is None else tail[rows],
-                temperature,
-                any(needs),
-            )
+            if logp is None:  # sampled (and cross-entropy): one softmax, read in the matmul's dtype
+                z = head.logits(h_c, head.dtype)
+                value, _, g = _sampled_terms(z, ids[rows], None, None, 1.0, 0.0, temperature, scale, any(needs))
+                g_scale = None  # already scaled
+            else:
+                value, g = _chunk_value_and_grad(
+                    log_probs(head.logits(h_c, acc), temperature), ids[rows], logp[rows], tail[rows], temperature,
+                    any(needs),
+                )  # fmt: skip
+                g_scale = scale
             total += value
             if g is not None:
-                fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
+                fold_chunk_gradient(g, g_scale, h_c, head, rows, grads, vocab_size)
         save_gradients(ctx, grads, w, b)
         return total * scale
 
@@ -312,14 +358,24 @@ class _FusedLinearSparseKDCE(torch.autograd.Function):
     def forward(ctx, h, w, b, ids, logp, tail, labels, distilled, scale, kd_weight, ce_weight, temperature, vocab_size,
                 chunk_size, needs):  # fmt: skip
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        ws, bs = w[:vocab_size], None if b is None else b[:vocab_size]
+        head = HeadOperands(w, b, vocab_size, matmul_dtype(h))
         grads = gradient_buffers(h, w, b, needs, acc)
         kd_total = torch.zeros((), dtype=acc, device=h.device)
         ce_total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h_c, labels_c = h[rows], labels[rows, None]
-            z = F.linear(h_c, ws, bs).to(acc)
+            if logp is None and temperature == 1:  # sampled KD and CE share one softmax
+                kd_value, ce_value, g = _sampled_terms(
+                    head.logits(h_c, head.dtype), ids[rows], None if distilled is None else distilled[rows], labels_c,
+                    kd_weight, ce_weight, temperature, scale, any(needs),
+                )  # fmt: skip
+                kd_total += kd_value
+                ce_total += ce_value
+                if g is not None:
+                    fold_chunk_gradient(g, None, h_c, head, rows, grads, vocab_size)
+                continue
+            z = head.logits(h_c, acc)
             on = slice(None) if distilled is None else distilled[rows]  # the rows the KD term covers
             kd_value, g_kd = _chunk_value_and_grad(
                 log_probs(z[on], temperature),
@@ -338,7 +394,7 @@ class _FusedLinearSparseKDCE(torch.autograd.Function):
             g = log_p.exp_().scatter_add_(-1, labels_c, log_p.new_full(labels_c.shape, -1.0)).mul_(ce_weight)
             g[on] += g_kd.mul_(kd_weight)
             del g_kd
-            fold_chunk_gradient(g, scale, h_c, ws, rows, grads, vocab_size)
+            fold_chunk_gradient(g, scale, h_c, head, rows, grads, vocab_size)
         save_gradients(ctx, grads, w, b)
         kd, ce = kd_total * scale, ce_total * scale
         ctx.mark_non_differentiable(kd, ce)

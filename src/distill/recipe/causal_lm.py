@@ -170,7 +170,7 @@ class LMRecipe(Strict):
     name: str = "run"
     seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
-    mixed_precision: MixedPrecision = "no"
+    mixed_precision: MixedPrecision = "auto"  # bf16 where the CPU multiplies it natively (issue 37)
     data: LMDataSpec = Field(default_factory=LMDataSpec)
     teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
     student: LMStudentSpec = Field(default_factory=lambda: LMStudentSpec(from_teacher=FromTeacher(keep=6)))

@@ -24,7 +24,8 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 # A learning rate above 10 diverges with any optimizer and data we train on: a typo (1e308 for 1e-3), not a choice.
 MAX_LR = 10.0
 # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` (and `--set mixed_precision=no`) mean the word.
-MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
+# `auto`: bf16 on a CPU with native bf16 matmul, float32 elsewhere (train.resolve_precision).
+MixedPrecision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 def exactly_one_of(spec: Strict, *keys: str) -> Strict:

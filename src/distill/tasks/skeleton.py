@@ -353,6 +353,7 @@ def run_stages(task, recipe, out: Path, *, resume: bool = False, force: bool = F
         return {}
     int8 = int8_student(out, task.load_student) if "int8" in task.export_formats(out / "student") else None
     results, sections = task.evaluate(ctx, run, trained, distill, int8)
+    sections.setdefault("machine", {})["precision"] = accelerator.precision_note  # what the stages trained in, and why
     validation = {stage: validation_summary(out, stage) for stage in task.VALIDATED if stage in results}
     sections["validation"] = validation
     if any("student" in stage.checks for stage in stages):
