@@ -29,7 +29,7 @@ from distill.tasks.checks import memorised_teacher_warnings
 from distill.teachers.identity import lm_id
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal
 from distill.teachers.onpolicy import OnPolicyBatches
-from distill.train import make_accelerator, train_loop
+from distill.train import make_accelerator, native_bf16, train_loop
 
 TEXT = " ".join(
     f"the {a} {b} of the {c} is {d} and {e}."
@@ -220,6 +220,8 @@ def test_run_compares_teacher_init_baseline_and_distilled_student(tok, tmp_path,
     assert models["baseline"]["perplexity"] < models["student_init"]["perplexity"]
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
     report = (tmp_path / "run" / "REPORT.md").read_text()
+    precision = metrics["machine"]["precision"]  # the default `auto`, resolved for this CPU, said in both
+    assert precision.startswith("bf16 (auto" if native_bf16() else "float32 (auto") and precision in report
     assert "perplexity" in report and "student before training" in report
     if signal == "cache":
         caches = list((tmp_path / "run" / "cache").iterdir())
@@ -481,3 +483,46 @@ def test_a_student_trained_in_bf16_is_returned_without_autocast(tmp_path):
         in_bf16 = fresh(input_ids=ids).logits.float()
     assert not torch.equal(in_bf16, reference)  # autocast would show
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_mixed_precision_auto_and_a_cpu_without_native_bf16(monkeypatch, capsys):
+    """Issue 37: `auto` is bf16 on a CPU with native bf16 matmul and float32 elsewhere (and on GPUs, as before);
+    `bf16` asked on a CPU without it falls back to float32 with one warning line, once per process."""
+    from distill import train
+
+    for native in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda native=native: native)
+        assert train.resolve_precision("auto", gpu=False)[0] == ("bf16" if native else "no")
+        assert train.resolve_precision("auto", gpu=True)[0] == "no"
+        assert train.resolve_precision("no", gpu=False) == ("no", "recipe")
+        assert train.resolve_precision("bf16", gpu=True) == ("bf16", "recipe")
+    train._warn_emulated_bf16.cache_clear()
+    assert train.resolve_precision("bf16", gpu=False)[0] == "no"
+    assert train.resolve_precision("bf16", gpu=False)[0] == "no"
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and warned[0].startswith("warning: mixed_precision: bf16 asked") and "float32" in warned[0]
+    accelerator = make_accelerator("bf16")
+    assert accelerator.mixed_precision == "no" and accelerator.precision_note.startswith("float32 (bf16 asked")
+    make_accelerator("no")
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_loss_and_its_head_run_in_the_runs_precision(tmp_path, monkeypatch, precision):
+    """The training loop runs the whole loss under the run's autocast, not only the model's forward: with bf16 the
+    chunked loss's head matmuls are bf16 (issue 37: before, they stayed float32 and bf16 gained 1.10×)."""
+    from distill.losses import sparse
+
+    if precision == "bf16" and not native_bf16():
+        pytest.skip("this CPU has no native bf16: the run trains in float32")
+    seen = []
+    original = sparse.matmul_dtype
+    monkeypatch.setattr(sparse, "matmul_dtype", lambda t: seen.append(original(t)) or seen[-1])
+    tok = tiny_tokenizer()
+    spec = TrainSpec(epochs=1, batch_size=2, optimizer="adamw", lr=1e-3)
+    try:
+        batches = LMBatches(token_data(tok, blocks=4), len(tok), 4)
+        train_loop(precision, tiny_llama(tok, layers=2, seed=3), spec, batches, tmp_path, make_accelerator(precision),
+                   seed=0)  # fmt: skip
+    finally:
+        make_accelerator("no")
+    assert seen and set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}

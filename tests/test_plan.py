@@ -17,6 +17,7 @@ from torch import nn
 from distill.cli import main
 from distill.plan import LOSS_BUFFERS, make_plan, saved_bytes
 from distill.tasks import parse_recipe
+from distill.train import native_bf16
 
 CLI = [sys.executable, "-c", "from distill.cli import main; main()"]
 WORDS = zip(["fox", "dog", "king"] * 60, ["sea", "sky"] * 90, ["calm", "dark", "true"] * 60, strict=True)
@@ -112,6 +113,9 @@ def test_lm_state_bytes_vocab_buffers_and_cache_are_the_hand_computed_ones(lm_re
     assert plan.cache_bytes_per_token == 2 * 8 * 2
     assert plan.cache_disk_bytes == plan.cache_bytes_per_token * by_name["student"].examples * 16
     assert plan.peak == plan.import_bytes + plan.data_bytes + max(stage.peak for stage in plan.stages)
+    # timed in the precision the run trains in: the LM default `auto` is bf16 where the CPU multiplies it natively
+    assert plan.precision.startswith("bf16 (auto" if native_bf16() else "float32 (auto")
+    assert parse_recipe(raw).mixed_precision == "auto"
 
 
 def test_a_live_teacher_adds_its_hidden_states_and_a_bigger_batch_a_bigger_peak(lm_recipe):
@@ -164,6 +168,7 @@ def test_cli_prints_a_table_and_a_total_and_json(tmp_path, tiny_recipe, monkeypa
     planned = json.loads(out)
     assert [stage["name"] for stage in planned["stages"]] == ["teacher", "baseline", "student", "int8 export"]
     assert planned["peak"] > planned["import_bytes"] > 0 and planned["seconds"] > 0
+    assert planned["precision"] == "float32 (recipe)"  # a classifier recipe's default: no
 
 
 @pytest.mark.parametrize(
