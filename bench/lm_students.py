@@ -51,7 +51,7 @@ TEACHER_LAYERS = 30  # SmolLM2-135M
 
 def student_overrides(init: str, share: float) -> list[str]:
     if init == "even":
-        return [f"student.from_teacher={{keep: {round(TEACHER_LAYERS * share)}}}"]
+        return ["student.prune=null", f"student.from_teacher={{keep: {round(TEACHER_LAYERS * share)}}}"]
     return ["student.from_teacher=null", f"student.prune={{params: {share}, axes: [{init}]}}"]
 
 
@@ -144,7 +144,7 @@ def main() -> int:
     for size, share in SIZES.items():
         for init in INITS:
             name = f"{size}-{init}"
-            recipe = load_recipe(RECIPE, [*cut, f"teacher.path={teacher_folder}", f"name={name}",
+            recipe = load_recipe(RECIPE, [*cut, f"teacher.path={teacher_folder}", "teacher.train=null", f"name={name}",
                                           *student_overrides(init, share)])  # fmt: skip
             metrics = run_recipe(recipe, args.out / name, resume=True)
             ce, kd = curve(args.out / name, "baseline"), curve(args.out / name, "student")

@@ -404,6 +404,13 @@ def test_the_teacher_is_adapted_first_and_the_student_cut_from_the_adapted_teach
     caches = [p.name for p in (tmp_path / "run" / "cache").iterdir()]
     assert len(caches) == 1 and caches[0].startswith(f"teacher-{lm_id(tmp_path / 'run' / 'teacher', 'float32')}")
     assert "teacher before adaptation" in (tmp_path / "run" / "REPORT.md").read_text()
+    # teacher.adapt: auto (the default) — the teacher as it came was validated first and lost: said in the report
+    outcome = metrics["teacher_adaptation"]
+    assert outcome["kept"] and outcome["best_step"] > 0 and outcome["best_perplexity"] < outcome["start_perplexity"]
+    assert (
+        outcome["said"].startswith("teacher.train helped")
+        and outcome["said"] in (tmp_path / "run" / "REPORT.md").read_text()
+    )
     # its fit: perplexity on as many training blocks as the validation split holds, and on that split
     fit, n = metrics["teacher_fit"], len(setup_.validation)
     size = {"vocab_size": len(tok), "batch_size": recipe.eval.batch_size}
@@ -417,6 +424,24 @@ def test_the_teacher_is_adapted_first_and_the_student_cut_from_the_adapted_teach
     before = (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns
     run_lm(recipe, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "teacher" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_an_adaptation_that_does_not_help_gives_the_teacher_back_as_it_came(tok, tmp_path, capsys):
+    """Issue 35.1: with teacher.adapt: auto the unadapted teacher competes on the validation split (step 0); an
+    adaptation that never beats it (here: a learning rate that wrecks it) is dropped, said at run time, in the
+    report and its warnings, and the run goes on with the teacher's own weights."""
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False, mixed_precision="no")
+    raw["teacher"]["train"] = {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 5.0, "patience": 1}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    metrics = run_lm(recipe, tmp_path / "run")
+    outcome = metrics["teacher_adaptation"]
+    assert not outcome["kept"] and outcome["best_step"] == 0
+    assert outcome["said"] in capsys.readouterr().out and outcome["said"] in metrics["warnings"]
+    given_back = load_causal_lm(tmp_path / "run" / "teacher")[0].state_dict()
+    original = setup(recipe).teacher.state_dict()
+    assert all(torch.equal(given_back[k], original[k]) for k in original)
+    assert metrics["models"]["teacher"]["perplexity"] == pytest.approx(metrics["models"]["teacher_base"]["perplexity"])
 
 
 def test_an_adapted_teacher_that_memorised_its_training_blocks_is_said(capsys):

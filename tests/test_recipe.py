@@ -82,7 +82,12 @@ def test_causal_lm_recipes_validate_their_own_sections():
 
 def test_shipped_lm_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-shakespeare.yaml")
-    assert recipe.teacher.path == "smollm2" and recipe.student.from_teacher.keep == 6
+    assert (
+        recipe.teacher.path == "smollm2"
+        and recipe.student.prune.params == 0.5
+        and recipe.student.prune.axes == ["depth"]
+    )
+    assert recipe.teacher.train is not None and recipe.teacher.adapt == "auto"  # adapted where it helps (issue 35.1)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -97,3 +97,12 @@ def test_init_quotes_paths_so_every_folder_name_reads_back_as_itself(tmp_path, n
     recipe = load_recipe(write_starter("embedding", teacher, data, tmp_path / "e.yaml"))
     assert (recipe.name, recipe.data[0].path, recipe.teacher.path) == (name, str(data), str(teacher))
     assert "  # " in (tmp_path / "e.yaml").read_text()  # the comments are kept
+
+
+def test_the_lm_starter_prunes_by_importance_and_adapts_the_teacher_where_it_helps(folders):
+    """Issue 35.1: `distill init causal_lm` no longer cuts evenly spaced layers (the worst start measured): it prunes
+    half the block weights by depth importance and adapts the teacher, kept only where it helps."""
+    recipe = load_recipe(write_starter("causal_lm", folders / "teacher", folders / "corpus.jsonl", folders / "lm.yaml"))
+    assert recipe.student.from_teacher is None and recipe.student.prune.params == 0.5
+    assert recipe.student.prune.axes == ["depth"]
+    assert recipe.teacher.train is not None and recipe.teacher.adapt == "auto" and recipe.mixed_precision == "auto"

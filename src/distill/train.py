@@ -556,13 +556,16 @@ def train_loop(
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
     validator: Validator | None = None,
+    validate_start: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place on ``batches`` and return it (unwrapped).
 
     With a ``validator``, the model is validated every ``spec.eval_every`` steps (default: each epoch) and at the
     end; each result is logged, the weights with the best ``spec.select_by`` are kept (``RUN/<stage>/best.pt``) and
     returned, and ``spec.patience`` validations without improvement stop the stage early. The checkpoint holds the
-    best value, its step and the count since, so a resumed run makes the same choices.
+    best value, its step and the count since, so a resumed run makes the same choices. ``validate_start``: the
+    weights it starts from are validated first (step 0) and compete too — training that never beats them on the
+    validation split gives them back (a teacher adapted only where it helps).
     """
     weights = torch.as_tensor(np.asarray(batches.weights, dtype=np.float64))
     n_examples = len(weights)
@@ -604,6 +607,10 @@ def train_loop(
     shown: dict = {"terms": None, "validation": None}  # what the progress bar says: the last logged values
     with progress, log_path.open("a") as log, stage_trackers(accelerator, run_dir, name, spec):
         task = progress.add_task(name, total=total_steps, completed=step, info="")
+        if validator is not None and validate_start and step == 0:
+            metrics = shown["validation"] = par.validate(model, validator)
+            best.offer(0, metrics, functools.partial(par.full_model_state, model))
+            record(log, {"stage": name, "step": 0, "validation": metrics, "best": True, "stopped": False}, accelerator)
         for epoch in range(position["epoch"], epochs):
             if best.stopped:
                 break

@@ -201,8 +201,8 @@ def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weig
     softmax of a chunk's logits ``z`` (any dtype: bf16 logits are read once, into a float32 buffer). Returns the summed
     KD and CE values and ``scale · (kd_weight·∂KD/∂z + ce_weight·∂CE/∂z)`` in float32 (None unless ``want_grad``).
 
-    The log-probs are only needed at the k sampled ids and the label, so they are read off ``z`` before the softmax
-    overwrites the buffer in place: one exp over [n, V] instead of a log-softmax, its exp and a second log-softmax.
+    The log-probs are only needed at the k sampled ids and the label, so they are read off ``z`` (consumed) before the
+    softmax overwrites it in place: one exp over [n, V] instead of a log-softmax, its exp and a second log-softmax.
     ∂KD/∂z = (p − counts/k)/T and ∂CE/∂z = p − onehot share ``p`` (the reason CE needs T = 1 here). The k + 1
     entries that the counts and the label change are computed apart and written over ``p``'s (no cancellation order
     issue with duplicates)."""
@@ -212,7 +212,9 @@ def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weig
     top = z.amax(-1, keepdim=True).to(acc)
     picked = z.gather(-1, ids).to(acc)
     label_logit = None if labels is None else z.gather(-1, labels).to(acc)
-    e = torch.sub(z, top)  # float32 (type promotion) from bf16 logits: the conversion is this pass
+    # ``z`` is the chunk's own fresh logits: overwritten in place, or (bf16) read once into float32 by type promotion
+    e = z.sub_(top) if z.dtype == acc else torch.sub(z, top)
+    del z
     if temperature != 1:
         e.div_(temperature)
     total = e.exp_().sum(-1, keepdim=True)
@@ -222,7 +224,7 @@ def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weig
     ce_value = None if labels is None else -(label_logit - lse).sum()
     if not want_grad:
         return kd_value, ce_value, None
-    kd_row = torch.full((z.shape[0], 1), kd_weight / temperature, dtype=acc, device=z.device)
+    kd_row = torch.full((e.shape[0], 1), kd_weight / temperature, dtype=acc, device=e.device)
     if on is not None:
         kd_row[~on] = 0.0
     kd_row.mul_(scale)
@@ -233,9 +235,8 @@ def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weig
         ce = ce_weight * scale
         index, minus = torch.cat([ids, labels], -1), torch.cat([minus, ce.expand(labels.shape)], -1)
     coefficient = (kd_row + (ce if labels is not None else 0.0)) / total  # p = e / total
-    targeted = e.gather(-1, index) * coefficient - ((index[:, :, None] == index[:, None, :]) * minus[:, None, :]).sum(
-        -1
-    )
+    same = index[:, :, None] == index[:, None, :]
+    targeted = e.gather(-1, index) * coefficient - (same * minus[:, None, :]).sum(-1)
     return kd_value, ce_value, e.mul_(coefficient).scatter_(-1, index, targeted)
 
 
@@ -252,8 +253,9 @@ class _FusedLinearSparseKD(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h_c = h[rows]
             if logp is None:  # sampled (and cross-entropy): one softmax, read in the matmul's dtype
-                z = head.logits(h_c, head.dtype)
-                value, _, g = _sampled_terms(z, ids[rows], None, None, 1.0, 0.0, temperature, scale, any(needs))
+                value, _, g = _sampled_terms(
+                    head.logits(h_c, head.dtype), ids[rows], None, None, 1.0, 0.0, temperature, scale, any(needs)
+                )  # fmt: skip
                 g_scale = None  # already scaled
             else:
                 value, g = _chunk_value_and_grad(

@@ -70,6 +70,12 @@ class LMTeacherSpec(Strict):
         description="adapt the teacher first: fine-tune it with next-token cross-entropy on the training blocks "
         "(stage 'teacher', checkpointed and resumable); the student is cut or pruned from the adapted teacher",
     )
+    adapt: Literal["auto", "always"] = Field(
+        default="auto",
+        description="with teacher.train: 'auto' validates the teacher as it came first (step 0) and keeps the "
+        "adaptation only where it beats it on the validation split (said in the run and the report either way); "
+        "'always' keeps the adapted teacher's best validated weights",
+    )
     endpoint: LMEndpointSpec | None = Field(
         default=None,
         description="a served teacher (/v1/completions: vLLM's prompt_logprobs, or echo + logprobs as llama.cpp's "
@@ -173,7 +179,8 @@ class LMRecipe(Strict):
     mixed_precision: MixedPrecision = "auto"  # bf16 where the CPU multiplies it natively (issue 37)
     data: LMDataSpec = Field(default_factory=LMDataSpec)
     teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
-    student: LMStudentSpec = Field(default_factory=lambda: LMStudentSpec(from_teacher=FromTeacher(keep=6)))
+    # half the teacher's block weights by depth importance: the best start bench/lm_students.py measured
+    student: LMStudentSpec = Field(default_factory=lambda: LMStudentSpec(prune=PruneSpec(params=0.5, axes=["depth"])))
     distill: LMDistillSpec = Field(default_factory=LMDistillSpec)
     baseline: bool = Field(default=True, description="also train the student with plain next-token cross-entropy")
     eval: LMEvalSpec = Field(default_factory=LMEvalSpec)

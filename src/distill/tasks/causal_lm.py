@@ -69,7 +69,7 @@ from distill.teachers.lm_choice import cache_path, live_teacher, lm_signal, open
 from distill.teachers.lm_signals import LiveLMSignal, SparseSignal, StudentTokens
 from distill.teachers.onpolicy import OnPolicyBatches
 from distill.teachers.recorded import load_recorded
-from distill.train import make_accelerator
+from distill.train import make_accelerator, validation_summary
 
 
 @dataclass
@@ -131,6 +131,7 @@ class LMSetup:
     check: object = None  # the students' validation (``validator``, with the teacher: its memo shared by both)
     teacher_scores: dict | None = None  # the teacher's validation scores, for the checks that read them
     fit: dict | None = None  # ``teacher_fit``: the adapted teacher's perplexity on its training blocks and off them
+    adaptation: dict | None = None  # ``adaptation_outcome``: did teacher.train beat the teacher as it came
 
 
 def setup(recipe: LMRecipe) -> LMSetup:
@@ -271,7 +272,8 @@ QUALITY = {"quality": "perplexity", "noun": "held-out perplexity"}  # how the st
 def stages(recipe: LMRecipe) -> list[StageSpec]:
     """Teacher (adapted with ``teacher.train``) → baseline (next-token cross-entropy) → the teacher check →
     student (the teacher's signal), each trained from its own seed."""
-    teacher = [StageSpec("teacher", "labels", train_seed=7)] if recipe.teacher.train is not None else []
+    adapt = recipe.teacher.train is not None
+    teacher = [StageSpec("teacher", "labels", train_seed=7, validate_start=recipe.teacher.adapt == "auto")] * adapt
     baseline = [StageSpec("baseline", "labels", checks=("teacher",))] if recipe.baseline else []
     return [*teacher, *baseline, StageSpec("student", "teacher", checks=("student",))]
 
@@ -281,8 +283,14 @@ def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
     validation scores, once, for the checks that read them (with another tokenizer the teacher cannot be scored on
     the student's tokens: no teacher check). Said now, before any student trains: a memorised teacher."""
     recipe = run.recipe
+    said = []
     if trained is not None:
         adapted(s, run, trained)
+        s.adaptation = adaptation_outcome(run.out)
+        if s.adaptation is not None:  # said now; in the report's note (and its warnings when it did not help)
+            said += [] if s.adaptation["kept"] else [s.adaptation["said"]]
+            if run.main:
+                print(s.adaptation["said"], flush=True)
     cut = with_student(s, recipe)
     s.student_init, s.pruning = cut.student_init, cut.pruning
     s.check = validator(s, recipe, s.teacher)
@@ -290,7 +298,28 @@ def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
         if recipe.baseline or s.teacher_base is not None:
             s.teacher_scores = validator(s, recipe, None)(s.teacher)
     s.fit = teacher_fit(s, recipe, s.teacher_scores) if s.teacher_scores else None
-    return memorised_teacher_warnings(s.fit) if s.fit else []
+    kept = s.adaptation is None or s.adaptation["kept"]  # a teacher given back as it came memorised nothing
+    return said + (memorised_teacher_warnings(s.fit) if s.fit and kept else [])
+
+
+def adaptation_outcome(out: Path) -> dict | None:
+    """With ``teacher.adapt: auto`` the teacher as it came was validated at step 0 and competed with the adapted one
+    (``train.train_loop``'s ``validate_start``): which won, on what validation loss, in one line for the run and the
+    report. None without that first validation."""
+    summary = validation_summary(out, "teacher")
+    if not summary or summary["first"]["step"] != 0:
+        return None
+    start, best = summary["first"], summary["best"]
+    kept = best["step"] != 0
+    before, after = math.exp(start["loss"]), math.exp(best["loss"])
+    said = (
+        f"teacher.train helped: validation perplexity {before:.4g} as it came, {after:.4g} adapted (step "
+        f"{best['step']}); the run uses the adapted teacher"
+        if kept
+        else f"teacher.train did not help: no adapted weights beat the teacher as it came on the validation split "
+        f"(perplexity {before:.4g}); the run uses the teacher as it came"
+    )
+    return {"kept": kept, "start_perplexity": before, "best_perplexity": after, "best_step": best["step"], "said": said}
 
 
 def prepare(s: LMSetup, run: Run, name: str, settings: LMDistillSpec | None, spec):
@@ -347,6 +376,8 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
     extra["data"] = data
     if s.fit:
         extra["teacher_fit"] = s.fit
+    if s.adaptation is not None:
+        extra["teacher_adaptation"] = s.adaptation
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}
@@ -370,7 +401,7 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
 
 def starter(teacher: Path, data: Path) -> str:
     """The starting recipe ``distill init`` writes (``tasks/starter.py``)."""
-    return f"""# A causal LM distilled into one cut from its own layers (written by distill init).
+    return f"""# A causal LM distilled into a student pruned from it (written by distill init).
 task: causal_lm
 name: {quoted(data.stem)}
 data:
@@ -379,8 +410,12 @@ data:
   block_size: 256
 teacher:
   path: {quoted(teacher)}  # an HF folder or a .gguf file
+  # adapted to your text first; kept only where it beats the teacher as it came on the validation split
+  train: {{epochs: 1, batch_size: 8, optimizer: adamw, lr: 1.0e-4}}
 student:
-  from_teacher: {{keep: 6}}  # the student keeps 6 of the teacher's layers, evenly spaced
+  # half the teacher's block weights: the blocks that change their input least on your text go (bench/lm_students.py:
+  # the best start measured, ahead of width pruning and far ahead of evenly spaced layers)
+  prune: {{params: 0.5, axes: [depth]}}
   train: {{epochs: 1, batch_size: 8, optimizer: adamw, lr: 5.0e-4}}
 distill:
   signal: cache  # the teacher runs once over the data (distill cache); live: it runs beside the student
@@ -524,6 +559,7 @@ def note(metrics: dict) -> str:
         f"{data.get('train_blocks', '?')} blocks. Weights: float32 bytes of the unique parameters "
         f"(the saved files for trained students). Tokens/s: median forward pass, "
         f"{machine.get('cpu_threads', '?')} CPU thread(s), torch {machine.get('torch', '?')}."
+        + (f" Teacher: {metrics['teacher_adaptation']['said']}." if "teacher_adaptation" in metrics else "")
     )
 
 

@@ -299,6 +299,7 @@ class StageSpec:
     build_seed: int | None = None  # torch.manual_seed(recipe.seed + this) before its model is built
     train_seed: int | None = 1  # ... and before it trains (the RNG stream of training, restored on resume)
     loop_seed: int = 0  # the loop's seed (the order of the examples): recipe.seed + this
+    validate_start: bool = False  # its starting weights compete on the validation split (train.train_loop)
 
 
 @dataclass(frozen=True)
@@ -399,4 +400,5 @@ def stage_model(task, ctx, run: Run, stage: StageSpec, settings, spec):
     if stage.train_seed is not None:
         torch.manual_seed(seed + stage.train_seed)
     return train_loop(stage.name, model, spec, batches, run.out, run.accelerator, seed=seed + stage.loop_seed,
-                      resume=run.resume, on_step=stage_step(stage.name, run.on_step), validator=validator)  # fmt: skip
+                      resume=run.resume, on_step=stage_step(stage.name, run.on_step), validator=validator,
+                      validate_start=stage.validate_start)  # fmt: skip
