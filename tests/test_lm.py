@@ -551,3 +551,34 @@ def test_the_loss_and_its_head_run_in_the_runs_precision(tmp_path, monkeypatch, 
     finally:
         make_accelerator("no")
     assert seen and set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+
+
+def test_quantization_aware_distillation_trains_on_the_gguf_grid(tok, tmp_path):
+    """Issue 35.2: student.quantize trains the distilled student on through the GGUF type's rounding (stage
+    'quantized', from the student's weights, against the float teacher); what it saves lies on the grid (rounding
+    it again changes nothing), and the report puts it beside the same student rounded after training, same bytes."""
+    from distill.models import gguf_grid
+
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False, mixed_precision="no")
+    raw["student"]["quantize"] = {"type": "q4_0", "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw",
+                                                           "lr": 1e-3}}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    metrics = run_lm(load_recipe(path), tmp_path / "run")
+    models = metrics["models"]
+    assert {"student", "student_qad", "student_rtn"} <= set(models)
+    assert models["student_qad"]["file_bytes"] == models["student_rtn"]["file_bytes"] < models["student"]["file_bytes"]
+    summary = metrics["quantize"]
+    assert summary["type"] == "q4_0" and summary["perplexity"]["qad"] == models["student_qad"]["perplexity"]
+    saved = load_causal_lm(tmp_path / "run" / "quantized")[0]
+    student = load_causal_lm(tmp_path / "run" / "student")[0].state_dict()
+    state = saved.state_dict()
+    types = gguf_grid.grid_types(saved, "q4_0")
+    assert types and set(types.values()) == {"q4_0", "q8_0"}
+    for name, qtype in types.items():
+        assert torch.equal(gguf_grid.project(state[name], qtype), state[name]), name  # on the grid
+    assert any(not torch.equal(state[n], gguf_grid.project(student[n], t)) for n, t in types.items())  # it trained
+    assert [e["stage"] for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())].count(
+        "quantized"
+    )
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "trained through its GGUF rounding (QAD)" in report and "rounded to that GGUF type after training" in report

@@ -342,8 +342,9 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
         task.teacher(ctx, run, None)
     stages, kept = [], 0  # kept: the trained students the run holds until its evaluation
     for stage in declared:
-        spec = recipe.teacher.train if stage.name == "teacher" else recipe.student.train
-        if stage.signal == "teacher" and lm_cache:  # the teacher's pass that builds the cache, before the student
+        spec = stage.settings(recipe)
+        first = not any(planned.name == "teacher cache" for planned in stages)
+        if stage.signal == "teacher" and lm_cache and first:  # the teacher's pass that builds the cache, once
             stages.append(cache_stage(ctx, recipe, teacher_bytes(ctx), held(ctx, kept), accelerator, scratch))
         model, spec, batches, check = prepared(task, ctx, run, stage, spec)
         beside = teacher_bytes(ctx)

@@ -98,11 +98,31 @@ class PruneSpec(Strict):
     calibration_blocks: int = Field(default=32, gt=0, description="training blocks the importance is measured on")
 
 
+class QuantizeSpec(Strict):
+    """Quantization-aware distillation (stage ``quantized``): the distilled student trained on through a GGUF type's
+    own rounding (models.gguf_grid), so ``distill export --format gguf-TYPE`` writes exactly the weights it trained."""
+
+    type: Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+    train: TrainSpec | None = Field(
+        default=None, description="the stage's training settings (default: the student's, at a tenth of its lr)"
+    )
+
+
 class LMStudentSpec(Strict):
     from_teacher: FromTeacher | None = None
     prune: PruneSpec | None = None
     path: str | None = Field(default=None, description="HF folder or .gguf of the student's starting weights")
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(optimizer="adamw", lr=5e-4, batch_size=8))
+    quantize: QuantizeSpec | None = Field(
+        default=None,
+        description="then train the distilled student through a GGUF type's rounding (q4_0, q4_1, q5_0, q5_1, "
+        "q8_0: block linears in that type, embedding and head in q8_0), against the full-precision teacher",
+    )
+
+    def quantize_train(self) -> TrainSpec:
+        """The ``quantized`` stage's settings: its own, or the student's at a tenth of the lr (it starts trained)."""
+        q = self.quantize
+        return q.train if q.train is not None else self.train.model_copy(update={"lr": self.train.lr / 10})
 
     @model_validator(mode="after")
     def _one_source(self) -> LMStudentSpec:

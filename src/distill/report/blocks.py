@@ -18,6 +18,8 @@ LABELS = {
     "baseline": "student, hard labels only",
     "student": "student, distilled",
     "student_int8": "student, distilled, int8",
+    "student_qad": "student, trained through its GGUF rounding (QAD)",
+    "student_rtn": "student, rounded to that GGUF type after training",
 }
 
 

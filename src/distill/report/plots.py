@@ -17,6 +17,8 @@ MODEL_STYLE = {  # one colour and marker per model, the same in every figure
     "baseline": ("#dd8452", "^"),
     "student": ("#55a868", "o"),
     "student_int8": ("#c44e52", "D"),
+    "student_qad": ("#8172b3", "P"),
+    "student_rtn": ("#937860", "X"),
 }
 NOT_TERMS = {"stage", "step", "epoch", "lr", "examples_per_s", "validation", "best", "stopped"}
 

@@ -28,10 +28,11 @@ from distill.errors import DistillError
 from distill.evaluate import bits_per_char, lm_metrics, lm_validation, side_by_side, token_kl_passage
 from distill.export.run_export import GGUF, LM_BLOCKS, Student, model_type
 from distill.export.smooth import CALIBRATION_BLOCKS, SCORED_BLOCKS
-from distill.io import write_json
+from distill.io import STAGE_DONE, write_json
 from distill.losses import IGNORE_INDEX
 from distill.losses.mix import mix_weights, t2_scale
 from distill.losses.sparse import chunked_cross_entropy
+from distill.models import gguf_grid
 from distill.models.causal_lm import (
     check_vocab,
     head_of,
@@ -275,7 +276,12 @@ def stages(recipe: LMRecipe) -> list[StageSpec]:
     adapt = recipe.teacher.train is not None
     teacher = [StageSpec("teacher", "labels", train_seed=7, validate_start=recipe.teacher.adapt == "auto")] * adapt
     baseline = [StageSpec("baseline", "labels", checks=("teacher",))] if recipe.baseline else []
-    return [*teacher, *baseline, StageSpec("student", "teacher", checks=("student",))]
+    quantized = [QUANTIZED] if recipe.student.quantize is not None else []
+    return [*teacher, *baseline, StageSpec("student", "teacher", checks=("student",)), *quantized]
+
+
+# Quantization-aware distillation: the distilled student trained on through its GGUF type's rounding.
+QUANTIZED = StageSpec("quantized", "teacher", train_seed=11, train_spec=lambda recipe: recipe.student.quantize_train())
 
 
 def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
@@ -300,6 +306,19 @@ def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
     s.fit = teacher_fit(s, recipe, s.teacher_scores) if s.teacher_scores else None
     kept = s.adaptation is None or s.adaptation["kept"]  # a teacher given back as it came memorised nothing
     return said + (memorised_teacher_warnings(s.fit) if s.fit and kept else [])
+
+
+def quantization_summary(results: dict, qtype: str) -> dict:
+    """QAD against rounding after training, same student and file: the perplexity each adds to the float student's,
+    and the share of rounding's gap that training through the grid closed (None when rounding opened none)."""
+    float_ppl, qad, rtn = (results[name]["perplexity"] for name in ("student", "student_qad", "student_rtn"))
+    gap = rtn - float_ppl
+    return {
+        "type": qtype,
+        "file_bytes": results["student_qad"]["file_bytes"],
+        "perplexity": {"float": float_ppl, "qad": qad, "rtn": rtn},
+        "gap_closed": (rtn - qad) / gap if gap > 0 else None,
+    }
 
 
 def adaptation_outcome(out: Path) -> dict | None:
@@ -333,6 +352,10 @@ def prepare(s: LMSetup, run: Run, name: str, settings: LMDistillSpec | None, spe
         batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
     else:
         batches = student_batches(recipe, run.out, s, run.accelerator)
+    if name == "quantized":  # from the distilled student (as saved; `distill plan` has none yet: its shapes)
+        trained = run.out / "student"
+        start = load(s, run, "student", trained) if (trained / STAGE_DONE).exists() else copy.deepcopy(s.student_init)
+        return gguf_grid.attach(start, recipe.student.quantize.type), spec, batches, s.check
     return copy.deepcopy(s.student_init), spec, batches, s.check
 
 
@@ -342,6 +365,8 @@ def load(s: LMSetup, run: Run, name: str, folder: Path) -> nn.Module:
 
 
 def save(s: LMSetup, run: Run, name: str, model: nn.Module, folder: Path) -> None:
+    if name == "quantized":  # the weights it trained through, on the grid: what a GGUF of its type holds exactly
+        gguf_grid.detach(model)
     save_causal_lm(model, s.tokenizer, folder)
 
 
@@ -360,12 +385,19 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
     files = {name: out / name / "model.safetensors" for name in ("baseline", "student")}
     if int8:
         models["student_int8"], files["student_int8"] = int8
+    quantize = recipe.student.quantize
+    if quantize is not None:  # trained through the rounding, beside the same student rounded after training
+        models["student_qad"] = trained["quantized"]
+        models["student_rtn"] = gguf_grid.detach(gguf_grid.attach(copy.deepcopy(trained["student"]), quantize.type))
     results = lm_metrics(
         models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
     )
     for name, file in files.items():
         if name in results:
             results[name]["file_bytes"] = file.stat().st_size
+    if quantize is not None:  # the GGUF's tensor bytes; tokens/s is the float forward of the same weights
+        for name in ("student_qad", "student_rtn"):
+            results[name]["file_bytes"] = gguf_grid.file_bytes(models[name], quantize.type)
     if s.teacher_view is not None:
         cross_tokenizer_scores(results, models, s)
     if "student_int8" in results:  # dynamic int8 modules hide their packed weights from .parameters()
@@ -378,6 +410,8 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
         extra["teacher_fit"] = s.fit
     if s.adaptation is not None:
         extra["teacher_adaptation"] = s.adaptation
+    if quantize is not None:
+        extra["quantize"] = quantization_summary(results, quantize.type)
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}

@@ -300,6 +300,13 @@ class StageSpec:
     train_seed: int | None = 1  # ... and before it trains (the RNG stream of training, restored on resume)
     loop_seed: int = 0  # the loop's seed (the order of the examples): recipe.seed + this
     validate_start: bool = False  # its starting weights compete on the validation split (train.train_loop)
+    train_spec: Callable | None = None  # recipe → its TrainSpec (default: teacher.train for "teacher", else student's)
+
+    def settings(self, recipe):
+        """The stage's training settings in ``recipe``."""
+        if self.train_spec is not None:
+            return self.train_spec(recipe)
+        return recipe.teacher.train if self.name == "teacher" else recipe.student.train
 
 
 @dataclass(frozen=True)
@@ -333,7 +340,7 @@ def run_stages(task, recipe, out: Path, *, resume: bool = False, force: bool = F
     if not any(stage.name == "teacher" for stage in stages):
         said = task.teacher(ctx, run, None)
     for stage in stages:
-        spec = recipe.teacher.train if stage.name == "teacher" else recipe.student.train
+        spec = stage.settings(recipe)
         if stage.auto and stage.signal == "labels":
             spec, baseline_auto = choose_baseline_lr(recipe.distill, out, sweep(task, ctx, run, stage), train=spec,
                                                      accelerator=accelerator)  # fmt: skip
