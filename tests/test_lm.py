@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import lm_fixtures
 import numpy as np
@@ -582,3 +583,15 @@ def test_quantization_aware_distillation_trains_on_the_gguf_grid(tok, tmp_path):
     )
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "trained through its GGUF rounding (QAD)" in report and "rounded to that GGUF type after training" in report
+    # `distill export --format gguf-q4_0` writes exactly the trained grid: the file, dequantized, is the stage's weights
+    from test_gguf_grid import _bits, _read_back
+
+    from distill.tasks import export_run
+
+    result = export_run(tmp_path / "run", "gguf-q4_0")
+    tensors, types_in_file, n_bytes = _read_back(Path(result["path"]) / "model.gguf", saved)
+    assert set(tensors) == set(state) and n_bytes == models["student_qad"]["file_bytes"]
+    for name, tensor in state.items():
+        assert np.array_equal(_bits(tensors[name]), _bits(tensor)), name
+    assert types_in_file == {n: types[n].upper() if n in types else "F32" for n in state}
+    assert result["top1_agreement"] == 1.0  # the reloaded file computes what the trained weights compute

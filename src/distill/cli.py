@@ -118,6 +118,48 @@ def plan(
 
 
 @app.command()
+def frontier(
+    recipe: Annotated[Path, typer.Argument(help="a causal_lm recipe YAML")],
+    keep: Annotated[
+        float, typer.Option(help="share of the teacher's quality to keep (its perplexity over yours)")
+    ] = 0.95,
+    budget: Annotated[str, typer.Option(help="time for the search: 60m, 1.5h, 3600 (seconds)")] = "60m",
+    out: Annotated[Path, typer.Option("--out", help="folder of the search (candidates, FRONTIER.md, chosen/)")] = Path(
+        "runs/frontier"
+    ),
+    shares: Annotated[str, typer.Option(help="shares of the teacher's block weights to try, comma-separated")] = (
+        "0.75,0.5,0.35,0.25"
+    ),
+    types: Annotated[str, typer.Option(help="file types to try: f16, q8_0, q5_1, q5_0, q4_1, q4_0")] = "f16,q8_0,q4_0",
+    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set student.train.max_steps=60")] = [],  # noqa: B006
+    plan_only: Annotated[
+        bool, typer.Option("--plan", help="only say what the first candidate takes, then stop")
+    ] = False,
+) -> None:
+    """Compression to a target: pruned students healed by distillation, read in every file type on the validation
+    split; the Pareto table and plot, and the smallest file that keeps --keep of the teacher's quality, exported."""
+    from distill.frontier import parse_budget, search
+    from distill.tasks import load_recipe
+
+    try:
+        wanted = tuple(float(x) for x in shares.split(","))
+    except ValueError:
+        raise DistillError(f"--shares {shares!r}: give numbers in (0, 1] separated by commas, e.g. 0.75,0.5") from None
+    found = search(load_recipe(recipe, set_), out, keep=keep, budget=parse_budget(budget), shares=wanted,
+                   types=tuple(t.strip() for t in types.split(",")), plan_only=plan_only)  # fmt: skip
+    if plan_only:
+        print(f"the first candidate takes about {found.planned_seconds / 60:.1f} min (training, from the plan)")
+        return
+    chosen = found.chosen
+    print(f"frontier: {out / 'FRONTIER.md'}")
+    if chosen is None:
+        print(f"no candidate keeps {keep:g} of the teacher's quality (see {out / 'FRONTIER.md'})")
+    else:
+        print(f"chosen: share {chosen.share:g} in {chosen.type}, {chosen.file_bytes / 2**20:.1f} MiB, keeps "
+              f"{chosen.keeps:.3f}; exported to {found.export['path']}")  # fmt: skip
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run folder")]) -> None:
     """Rewrite REPORT.md and plots from a run folder's metrics.json and log.jsonl."""
     from distill.tasks import report as write_report
@@ -165,7 +207,11 @@ def fetch(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run folder with a finished student")],
     format_: Annotated[
-        str, typer.Option("--format", help="safetensors, int8, onnx, onnx-int8, gguf-f16 or gguf-q8_0")
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors, int8, onnx, onnx-int8, or gguf-TYPE: f16, q8_0, q5_1, q5_0, q4_1 or q4_0",
+        ),
     ] = "safetensors",
     out: Annotated[Path | None, typer.Option("--out", help="target folder (default RUN/exports/FORMAT)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing export")] = False,

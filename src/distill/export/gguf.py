@@ -3,6 +3,10 @@
 The layout follows llama.cpp's ``convert_hf_to_gguf.py``: tensors under llama.cpp names, attention query and key
 weights permuted for its RoPE layout (transformers' GGUF loader undoes that on load), 1-D tensors in F32, and the
 tokenizer as a "gpt2" vocabulary with its merges and special token ids.
+
+The 4/5-bit types (q4_0, q4_1, q5_0, q5_1) write the mix ``distill.models.gguf_grid.grid_types`` names: the block
+linears in that type, the token embedding (and an untied output matrix) in Q8_0, so a student trained on those grids
+(quantization-aware distillation) is written exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import atomic_path
+from distill.models.gguf_grid import check_rows, grid_types
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-QTYPES = ("f16", "q8_0")
+QTYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 # llama.cpp's token types (gguf.TokenType): NORMAL, CONTROL, USER_DEFINED, UNUSED.
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
@@ -34,7 +39,9 @@ def export_gguf(
     """Write ``model`` and ``tokenizer`` to the GGUF file ``path`` (temp file, then renamed) and return ``path``.
 
     ``qtype`` "f16" stores matrices in F16; "q8_0" quantises matrices whose rows are a multiple of 32 values and keeps
-    the others in F16. Norms and other 1-D tensors are always F32.
+    the others in F16. "q4_0", "q4_1", "q5_0" and "q5_1" store the attention and MLP matrices in that type and the
+    token embedding and output matrix in Q8_0 (``gguf_grid.grid_types``), and refuse a matrix whose rows they cannot
+    pack. Norms and other 1-D tensors are always F32.
     """
     import gguf
 
@@ -49,6 +56,9 @@ def export_gguf(
             f"this model's model_type is {model_type!r}"
         )
     _check_config(config)
+    grid = None if qtype in ("f16", "q8_0") else grid_types(model, qtype)  # the QAD mix; None: one type for all
+    if grid is not None:
+        check_rows(model, qtype)
     tokens, token_types, merges, pre = _byte_level_vocab(tokenizer, config.vocab_size)
 
     n_head, n_head_kv = config.num_attention_heads, config.num_key_value_heads
@@ -56,7 +66,7 @@ def export_gguf(
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     state = model.state_dict()
     tied = _tied(model, config, state)
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.upper()}")
 
     writer = gguf.GGUFWriter(None, "llama")
     writer.add_name(_model_name(model, config))
@@ -111,7 +121,7 @@ def export_gguf(
             data = _permute(data, n_head, n_head)
         elif gguf_name.endswith("attn_k.weight"):
             data = _permute(data, n_head, n_head_kv)
-        _add_tensor(writer, gguf_name, data, qtype)
+        _add_tensor(writer, gguf_name, data, qtype if grid is None else grid.get(hf_name, "f16"))
 
     with atomic_path(path) as tmp:
         writer.write_header_to_file(tmp)
@@ -174,6 +184,8 @@ def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
+    """1-D tensors in F32; a matrix in ``qtype`` when its rows pack into blocks of 32 values, else in F16 (only q8_0
+    gets here with such a matrix: the 4/5-bit exports refuse it up front)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -181,9 +193,9 @@ def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
         return
     block = 32
-    if qtype == "q8_0" and data.shape[-1] % block == 0:
-        packed = quantize(np.ascontiguousarray(data, dtype=np.float32), GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, packed, raw_dtype=GGMLQuantizationType.Q8_0)
+    if qtype != "f16" and data.shape[-1] % block == 0:
+        raw = GGMLQuantizationType[qtype.upper()]
+        writer.add_tensor(name, quantize(np.ascontiguousarray(data, dtype=np.float32), raw), raw_dtype=raw)
         return
     writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
 

@@ -20,8 +20,9 @@ from distill.devices import to_numpy
 from distill.errors import DistillError
 from distill.io import STAGE_DONE, atomic_dir, write_json
 
-FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "gguf-f16", "gguf-q8_0")
-GGUF = ("gguf-f16", "gguf-q8_0")
+# gguf-q4_0 ... gguf-q5_1 keep the token embedding and output matrix in q8_0 (distill.models.gguf_grid.grid_types).
+GGUF = ("gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1")
+FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", *GGUF)
 # The check: top-1 agreement with the source student, and for lossless formats also max |logit diff| relative to the
 # largest |logit|. f16 weights round at ~5e-4 relative, so gguf-f16 gets a looser bound than fp32 re-encodings.
 MIN_AGREEMENT = {"safetensors": 0.99, "onnx": 0.99, "gguf-f16": 0.99}  # lossy formats (int8): 0.90

@@ -31,7 +31,8 @@ def project(weight: Tensor, qtype: str) -> Tensor:
 
     Bit for bit ``gguf.quants.dequantize(gguf.quants.quantize(w, T), T)`` for float32 ``w``. Other dtypes are read as
     float32 and the result stays float32 (bf16 cannot hold the grid: a q4_0 value is a float16 scale times a code).
-    No gradient flows through the result; ``fake_quant`` is the differentiable form.
+    No gradient flows through the result; ``fake_quant`` is the differentiable form. Exactness relies on eager
+    elementwise ops (one IEEE rounding each): a compiler that fuses ``x * id + c`` into an FMA may move a code.
     """
     if qtype not in QTYPES:
         raise DistillError(f"unknown GGUF grid {qtype!r}: use one of {', '.join(QTYPES)}")
@@ -99,8 +100,8 @@ def fake_quant(weight: Tensor, qtype: str) -> Tensor:
 
 
 def grid_types(model: nn.Module, qtype: str) -> dict[str, str]:
-    """State-dict name -> GGUF type for every weight QAD puts on the grid, for a Llama-style HF model (without
-    parametrizations attached).
+    """State-dict name -> GGUF type for every weight QAD puts on the grid, for a Llama-style HF model (names as the
+    plain model has them, also while ``attach``'s parametrizations are on).
 
     The block linears (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``) go to ``qtype``. The token
     embedding, and the LM head when it is not tied to it, go to q8_0: they are read at every token for the logits,
@@ -112,7 +113,7 @@ def grid_types(model: nn.Module, qtype: str) -> dict[str, str]:
         raise DistillError(f"unknown GGUF grid {qtype!r}: use one of {', '.join(QTYPES)}")
     embedding, head = _embedding_and_head(model)
     types = {}
-    for name, param in model.named_parameters():  # a tied weight once, under its first (the embedding's) name
+    for name, param in _named_weights(model):  # a tied weight once, under its first (the embedding's) name
         if param is embedding or param is head:
             types[name] = EMBEDDING_TYPE
         elif param.ndim == 2 and name.split(".")[-2] in QUANTIZED_LINEARS:
@@ -127,7 +128,7 @@ def quantizable(model: nn.Module, qtype: str) -> list[str]:
 
 def check_rows(model: nn.Module, qtype: str) -> None:
     """DistillError naming the first grid weight whose rows are not a multiple of 32 values."""
-    params = dict(model.named_parameters())
+    params = dict(_named_weights(model))
     for name, gtype in grid_types(model, qtype).items():
         shape = tuple(params[name].shape)
         if shape[-1] % BLOCK:
@@ -159,6 +160,8 @@ def attach(model: nn.Module, qtype: str) -> nn.Module:
     parametrization over that same original, so both ends see the same projected matrix and the gradient of both
     reaches the one Parameter, as in the untouched tied model.
     """
+    if any(isinstance(m, OnGrid) for m in model.modules()):
+        raise DistillError("this model is already on a GGUF grid (attach was called): detach it first")
     check_rows(model, qtype)
     embedding, head = _embedding_and_head(model)
     tied_head = model.get_output_embeddings() if head is not None and head is embedding else None
@@ -193,7 +196,7 @@ def file_bytes(model: nn.Module, qtype: str) -> int:
     Metadata, the tokenizer and alignment padding are not counted."""
     types = grid_types(model, qtype)
     total = 0
-    for name, param in model.named_parameters():  # a tied head is the embedding's Parameter: yielded once
+    for name, param in _named_weights(model):  # a tied head is the embedding's Parameter: yielded once
         n = param.numel()
         if name in types and param.shape[-1] % BLOCK == 0:
             total += n // BLOCK * BLOCK_BYTES[types[name]]
@@ -202,9 +205,21 @@ def file_bytes(model: nn.Module, qtype: str) -> int:
     return total
 
 
+def _named_weights(model: nn.Module):
+    """``named_parameters()`` under the plain model's names: ``attach`` keeps a weight ``x.weight`` as
+    ``x.parametrizations.weight.original``."""
+    for name, param in model.named_parameters():
+        yield name.replace(".parametrizations.", ".").removesuffix(".original"), param
+
+
 def _embedding_and_head(model: nn.Module) -> tuple[Tensor | None, Tensor | None]:
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return (
-        embedding.weight if embedding is not None else None,
-        head.weight if head is not None else None,
-    )
+    """The Parameters of the token embedding and the LM head (the originals under a parametrization)."""
+
+    def weight(module: nn.Module | None) -> Tensor | None:
+        if module is None:
+            return None
+        if parametrize.is_parametrized(module, "weight"):
+            return module.parametrizations.weight.original
+        return module.weight
+
+    return weight(model.get_input_embeddings()), weight(model.get_output_embeddings())

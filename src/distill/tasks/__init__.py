@@ -138,7 +138,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, *, force: bool 
         raise DistillError(f"{reason}; this run's student is {what}; it can be exported as: {', '.join(allowed)}")
     target = Path(out) if out is not None else run_dir / "exports" / fmt
     check_target(target, fmt, run_dir, force=force)  # before the student is loaded
-    result = export_student(task.load_student(run_dir), fmt, target, run_dir, force=force)
+    result = export_student(task.load_student(run_dir, fmt), fmt, target, run_dir, force=force)
     if (run_dir / "metrics.json").exists():  # the report lists every export with its check
         write_report(run_dir, task.report)
     return result

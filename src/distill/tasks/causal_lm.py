@@ -487,10 +487,14 @@ def build_cache(recipe: LMRecipe, out: Path) -> Path:
     return path
 
 
-def load_student(run_dir: Path) -> Student:
-    """The finished student, held-out blocks to check its export on, and training blocks to calibrate int8."""
-    folder = run_dir / "student"
+def load_student(run_dir: Path, fmt: str = "safetensors") -> Student:
+    """The finished student, held-out blocks to check its export on, and training blocks to calibrate int8. A GGUF of
+    the type the run trained through (``student.quantize``) is written from that stage's weights: they lie on its
+    grid, so the file holds exactly what was trained; any other format from the distilled student."""
     recipe = load_recipe_as(LMRecipe, run_dir / "recipe.yaml")
+    quantize, quantized = recipe.student.quantize, run_dir / "quantized"
+    trained_for = quantize is not None and fmt == f"gguf-{quantize.type}" and (quantized / STAGE_DONE).exists()
+    folder = quantized if trained_for else run_dir / "student"
     model, tokenizer = load_causal_lm(folder)
     train, heldout = load_lm_data(recipe.data, tokenizer, recipe.seed)
     blocks = heldout.subset(np.arange(min(len(heldout), LM_BLOCKS)))

@@ -216,7 +216,7 @@ def evaluate_models(recipe: Recipe, models: dict, data: ArrayData) -> tuple[dict
     return results, logits
 
 
-def load_student(run_dir: Path) -> Student:
+def load_student(run_dir: Path, fmt: str = "safetensors") -> Student:
     """The finished student and the held-out inputs its export is checked on."""
     folder = run_dir / "student"
     info = json.loads((folder / "model.json").read_text())

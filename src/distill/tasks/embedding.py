@@ -357,7 +357,7 @@ def run(
     return run_stages(sys.modules[__name__], recipe, out, resume=resume, force=force, on_step=on_step)
 
 
-def load_student(run_dir: Path) -> Student:
+def load_student(run_dir: Path, fmt: str = "safetensors") -> Student:
     """The finished student and held-out texts, tokenized, to check its export on (by cosine)."""
     folder = run_dir / "student"
     recipe = load_recipe_as(EmbeddingRecipe, run_dir / "recipe.yaml")

@@ -266,7 +266,7 @@ def _scores(model: nn.Module, logits: torch.Tensor, data: TextData, teacher_logi
     return scores
 
 
-def load_student(run_dir: Path) -> Student:
+def load_student(run_dir: Path, fmt: str = "safetensors") -> Student:
     """The finished student (encoder + head) and held-out texts, tokenized, to check its export on."""
     folder = run_dir / "student"
     recipe = load_recipe_as(TextClassificationRecipe, run_dir / "recipe.yaml")
