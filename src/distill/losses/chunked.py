@@ -69,15 +69,37 @@ def matmul_dtype(tensor: Tensor) -> torch.dtype:
 
 class HeadOperands:
     """A head's rows (and bias) up to ``vocab_size``, cast once to the matmul dtype; ``logits`` of a chunk come back in
-    ``acc`` (float32: its log-sum-exp and everything after it accumulate there)."""
+    ``acc`` (float32: its log-sum-exp and everything after it accumulate there).
+
+    ``workspace`` hands out [chunk, V]-sized buffers that live for the whole call and are reused by every chunk: a
+    fresh buffer of that size is a fresh mapping from the OS, and faulting its pages in cost as much as the
+    elementwise work on it (bench/lm_step.py)."""
 
     def __init__(self, w: Tensor, b: Tensor | None, vocab_size: int, dtype: torch.dtype):
         self.dtype = dtype
         self.w = w[:vocab_size].to(dtype)  # padded head rows never produce logits, so their gradient stays 0
         self.b = None if b is None else b[:vocab_size].to(dtype)
+        self.buffers: dict[str, Tensor] = {}
 
     def logits(self, h: Tensor, acc: torch.dtype) -> Tensor:
         return F.linear(h.to(self.dtype), self.w, self.b).to(acc)
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A reusable buffer of ``shape`` (the first chunk's size sets it; a shorter last chunk gets its first rows)."""
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:] or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.w.device)
+        return buffer[: shape[0]]
+
+    def logits_in_workspace(self, h: Tensor) -> Tensor:
+        """A chunk's logits in the matmul dtype, written into the reused ``logits`` buffer (overwritten next chunk)."""
+        out = self.workspace("logits", (h.shape[0], self.w.shape[0]), self.dtype)
+        h = h.to(self.dtype)
+        return torch.mm(h, self.w.T, out=out) if self.b is None else torch.addmm(self.b, h, self.w.T, out=out)
+
+    def to_matmul(self, g: Tensor) -> Tensor:
+        """``g`` in the matmul dtype: itself, or a copy in the reused ``gradient`` buffer."""
+        return g if g.dtype == self.dtype else self.workspace("gradient", tuple(g.shape), self.dtype).copy_(g)
 
 
 def grad_needs(hidden: Tensor, head: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
@@ -111,15 +133,24 @@ def fold_chunk_gradient(
     ``scale``; None: ``g`` is scaled already)."""
     grad_h, grad_w, grad_b = grads
     g = g if scale is None else g.mul_(scale)
-    g_in = g.to(head.dtype)  # matmuls in the head's dtype (the input's, or autocast's), as autograd would
+    g_in = head.to_matmul(g)  # matmuls in the head's dtype (the input's, or autocast's), as autograd would
     if grad_h is not None:
         grad_h[rows] = g_in @ head.w
     if grad_w is not None:
-        if rows.start == 0:  # the first chunk: no zeros to add to (the padded rows' gradient is 0)
-            grad_w[vocab:].zero_()
-            _set_matmul(grad_w[:vocab], g_in.T, h_c.to(head.dtype))
-        else:
-            _add_matmul(grad_w[:vocab], g_in.T, h_c.to(head.dtype))
+        h_in = h_c.to(head.dtype)
+        if grad_w.dtype == head.dtype:  # float32 (or float64) throughout: straight into the accumulator
+            if rows.start == 0:  # the first chunk: no zeros to add to (the padded rows' gradient is 0)
+                grad_w[vocab:].zero_()
+                torch.mm(g_in.T, h_in, out=grad_w[:vocab])
+            else:
+                grad_w[:vocab].addmm_(g_in.T, h_in)
+        else:  # a low-precision product, rounded once, summed over chunks in float32
+            product = torch.mm(g_in.T, h_in, out=head.workspace("head gradient", tuple(head.w.shape), head.dtype))
+            if rows.start == 0:
+                grad_w[vocab:].zero_()
+                grad_w[:vocab].copy_(product)
+            else:
+                grad_w[:vocab] += product
     if grad_b is not None:
         grad_b[:vocab] += g.sum(0, dtype=grad_b.dtype)
 
@@ -138,22 +169,6 @@ def saved_gradients(ctx, grad_out: Tensor) -> list:
     if not torch.equal(grad_out, torch.ones_like(grad_out)):
         grads = [None if g is None else g * grad_out for g in grads]
     return grads
-
-
-def _set_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out = a @ b, written straight into ``out`` when the dtypes allow it."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:  # low-precision matmul, rounded once into the float32 accumulator
-        out.copy_(a @ b)
-
-
-def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out += a @ b, in place when the dtypes allow it (no [V, H] temporary per chunk)."""
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
-    else:  # low-precision matmul, float32 accumulation across chunks
-        out += a @ b
 
 
 class _FusedLinearDivergence(torch.autograd.Function):

@@ -195,26 +195,28 @@ def _chunk_value_and_grad(log_p: Tensor, ids, logp, tail, temperature: float, wa
     return value, grad.scatter_add_(-1, ids, -q).div_(temperature)
 
 
-def _sampled_terms(z: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weight: float, temperature: float,
-                   scale: Tensor, want_grad: bool):  # fmt: skip
+def _sampled_terms(head: HeadOperands, h_c: Tensor, ids: Tensor, on, labels, kd_weight: float, ce_weight: float,
+                   temperature: float, scale: Tensor, want_grad: bool):  # fmt: skip
     """Sampled KD (of the rows ``on``, None: all) and, at T = 1, next-token cross-entropy of ``labels`` [n, 1] from one
-    softmax of a chunk's logits ``z`` (any dtype: bf16 logits are read once, into a float32 buffer). Returns the summed
-    KD and CE values and ``scale · (kd_weight·∂KD/∂z + ce_weight·∂CE/∂z)`` in float32 (None unless ``want_grad``).
+    softmax of a chunk's logits ``z = h_c @ head`` (bf16 logits are read once, into a float32 buffer). Returns the
+    summed KD and CE values and ``scale · (kd_weight·∂KD/∂z + ce_weight·∂CE/∂z)`` in float32 (None unless
+    ``want_grad``; a reused buffer, valid until the next chunk).
 
-    The log-probs are only needed at the k sampled ids and the label, so they are read off ``z`` (consumed) before the
+    The log-probs are only needed at the k sampled ids and the label, so they are read off ``z`` before the
     softmax overwrites it in place: one exp over [n, V] instead of a log-softmax, its exp and a second log-softmax.
     ∂KD/∂z = (p − counts/k)/T and ∂CE/∂z = p − onehot share ``p`` (the reason CE needs T = 1 here). The k + 1
     entries that the counts and the label change are computed apart and written over ``p``'s (no cancellation order
     issue with duplicates)."""
     if labels is not None and temperature != 1:
         raise ValueError("the shared softmax of sampled KD and cross-entropy needs temperature 1")
+    z = head.logits_in_workspace(h_c)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     top = z.amax(-1, keepdim=True).to(acc)
     picked = z.gather(-1, ids).to(acc)
     label_logit = None if labels is None else z.gather(-1, labels).to(acc)
-    # ``z`` is the chunk's own fresh logits: overwritten in place, or (bf16) read once into float32 by type promotion
-    e = z.sub_(top) if z.dtype == acc else torch.sub(z, top)
-    del z
+    # the logits' buffer is overwritten in place, or (bf16) read once into a float32 one; both are reused by every chunk
+    e = z if z.dtype == acc else head.workspace("float32 logits", tuple(z.shape), acc).copy_(z)
+    e.sub_(top)
     if temperature != 1:
         e.div_(temperature)
     total = e.exp_().sum(-1, keepdim=True)
@@ -253,9 +255,7 @@ class _FusedLinearSparseKD(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h_c = h[rows]
             if logp is None:  # sampled (and cross-entropy): one softmax, read in the matmul's dtype
-                value, _, g = _sampled_terms(
-                    head.logits(h_c, head.dtype), ids[rows], None, None, 1.0, 0.0, temperature, scale, any(needs)
-                )  # fmt: skip
+                value, _, g = _sampled_terms(head, h_c, ids[rows], None, None, 1.0, 0.0, temperature, scale, any(needs))
                 g_scale = None  # already scaled
             else:
                 value, g = _chunk_value_and_grad(
@@ -369,8 +369,8 @@ class _FusedLinearSparseKDCE(torch.autograd.Function):
             h_c, labels_c = h[rows], labels[rows, None]
             if logp is None and temperature == 1:  # sampled KD and CE share one softmax
                 kd_value, ce_value, g = _sampled_terms(
-                    head.logits(h_c, head.dtype), ids[rows], None if distilled is None else distilled[rows], labels_c,
-                    kd_weight, ce_weight, temperature, scale, any(needs),
+                    head, h_c, ids[rows], None if distilled is None else distilled[rows], labels_c, kd_weight,
+                    ce_weight, temperature, scale, any(needs),
                 )  # fmt: skip
                 kd_total += kd_value
                 ce_total += ce_value
