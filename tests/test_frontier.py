@@ -59,7 +59,7 @@ def test_the_front_is_the_candidates_nothing_beats_on_both_size_and_perplexity()
         (["--keep", "0"], "must be in (0, 1]"),
         (["--budget", "5x"], "is not a duration"),
         (["--types", "q3_k"], "unknown file type"),
-        (["--budget", "1s"], "is less than one candidate needs: the plan gives"),
+        (["--budget", "0.001s"], "is less than one candidate needs: the plan gives"),
     ],
 )
 def test_bad_requests_are_one_line_and_write_nothing(lm_recipe, tmp_path, monkeypatch, capsys, args, fragment):
