@@ -203,6 +203,9 @@ def adapt_teacher(s: LMSetup, recipe: LMRecipe, out: Path, accelerator, *, resum
         return s
     run = Run(recipe, out, resume, on_step, accelerator)
     adapted(s, run, train_or_load_stage(sys.modules[__name__], s, run, stage, None, recipe.teacher.train))
+    s.adaptation = adaptation_outcome(out)
+    if s.adaptation is not None and run.main:  # `distill cache` says it too
+        print(s.adaptation["said"], flush=True)
     return s
 
 
