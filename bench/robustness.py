@@ -1,6 +1,6 @@
 """Robustness: each task's default recipe (what `distill init` writes) on every data set we can get offline.
 
-Protocol (issue deliverable 6). For each data set, the starter recipe of its task (distill.tasks.starter.TEMPLATES)
+Protocol (issue deliverable 6). For each data set, the starter recipe of its task (distill.tasks.starter.templates())
 is run with only the data changed, over several seeds (default 0 1 2), through `run_recipe`: teacher, baseline
 (the student on hard labels only) and distilled student. Figures: test errors (classification and
 text_classification) or held-out perplexity (causal_lm), mean ± sd over the seeds; the margin baseline − distilled,
@@ -67,7 +67,7 @@ import yaml
 from distill.data import fetch
 from distill.models.causal_lm import resolve_model_path
 from distill.tasks import parse_recipe, run_recipe
-from distill.tasks.starter import TEMPLATES
+from distill.tasks.starter import templates
 
 BUDGET_SECONDS = 3600
 MIN_LABELS = 300  # labels kept on small sets, so the validation split (10 % of them) has ≥ 20 examples
@@ -165,7 +165,7 @@ def build_recipe(name: str, dataset: Dataset, seed: int, path: Path | None, teac
         dummy = Path(tmp) / "data"  # the template reads the source off the folder; the bench replaces it anyway
         dummy.mkdir()
         (dummy / "train.csv").touch()
-        raw = yaml.safe_load(TEMPLATES[dataset.task](teacher, dummy))
+        raw = yaml.safe_load(templates()[dataset.task](teacher, dummy))
     cuts = dataset.quick if quick else dataset.cuts
     data = {key: value for key, value in raw["data"].items() if key not in ("source", "path", "labeled_fraction")}
     data |= {"source": dataset.source, **({"path": str(path)} if path else {}), **cuts}
