@@ -233,3 +233,13 @@ def test_every_task_can_be_planned_text_classification_and_embedding(tmp_path, t
     plan = make_plan(parse_recipe(embedding), steps=1, out=tmp_path / "runs" / "b")
     assert [stage.name for stage in plan.stages] == ["student"] and plan.stages[0].step_seconds > 0
     assert list((tmp_path / "runs").glob("*")) == []  # the scratch run folder is gone
+
+
+def test_a_quantization_aware_stage_is_planned_after_the_student_with_one_cache(lm_recipe):
+    """Issue 35.2: student.quantize adds the stage 'quantized' (the student through the GGUF grid); the plan times it
+    from the student's shapes and builds the teacher cache once."""
+    raw, _ = lm_recipe
+    raw = raw | {"student": raw["student"] | {"quantize": {"type": "q4_0"}}}
+    by_name = stages(make_plan(parse_recipe(raw), steps=1))
+    assert list(by_name) == ["baseline", "teacher cache", "student", "quantized", "int8 export", "evaluation"]
+    assert by_name["quantized"].parameters == by_name["student"].parameters and by_name["quantized"].step_seconds > 0
