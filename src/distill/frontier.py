@@ -191,7 +191,11 @@ def search(
         "f16_bytes": f16_bytes(s.teacher),
         "f32_bytes": sum(p.numel() for p in s.teacher.parameters()) * 4,
     }
-    expected, kept_models = planned, {}
+    prompts = {"prompts": min(3, recipe.eval.generations or 3), "new_tokens": recipe.eval.generation_tokens,
+               "seed": recipe.seed}  # fmt: skip
+    # each candidate's continuations are made as it is read, so no rounded copy outlives its own reading
+    continuations = {"teacher": side_by_side({"teacher": s.teacher}, s.heldout, s.tokenizer, **prompts)}
+    expected = planned
     for share in shares:
         spent = time.perf_counter() - started
         if spent + expected > budget:
@@ -214,7 +218,9 @@ def search(
                 metrics["models"]["student"].get("tokens_per_s"), ppl, scores.get("agreement", float("nan")),
                 math.exp(lm_validation(model, None, s.heldout, **size)["loss"]), teacher_ppl / ppl,
             ))  # fmt: skip
-            kept_models[f"{share:g}/{qtype}"] = model
+            name = f"{share:g}/{qtype}"
+            continuations[name] = side_by_side({name: model}, s.heldout, s.tokenizer, **prompts)
+            del model
         frontier.candidates += row
         expected = time.perf_counter() - began
         if all(c.keeps < keep for c in row):
@@ -227,11 +233,11 @@ def search(
     if frontier.chosen is not None:
         c = frontier.chosen
         frontier.export = export_run(Path(c.run), f"gguf-{c.type}", out / "chosen", force=(out / "chosen").exists())
-    shown = {"teacher": s.teacher} | {
-        f"{c.share:g}/{c.type}": kept_models[f"{c.share:g}/{c.type}"] for c in frontier.candidates if c.pareto
-    }
-    generations = side_by_side(shown, s.heldout, s.tokenizer, prompts=min(3, recipe.eval.generations or 3),
-                               new_tokens=recipe.eval.generation_tokens, seed=recipe.seed)  # fmt: skip
+    shown = ["teacher"] + [f"{c.share:g}/{c.type}" for c in frontier.candidates if c.pareto]
+    generations = [  # one entry per prompt: the prompt, the reference, and each shown model's continuations
+        {**rows[0], **{name: continuations[name][i][name] for name in shown}}
+        for i, rows in enumerate(zip(*(continuations[name] for name in shown), strict=True))
+    ]
     write_frontier(out, frontier, generations)
     return frontier
 
