@@ -14,7 +14,6 @@ the time it is expected to take (the last one's, or the plan's for the first) st
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import time
@@ -313,4 +312,3 @@ def write_frontier(out: Path, frontier: Frontier, generations: list[dict]) -> No
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     plt.close(fig)
-    json.dumps(frontier.as_dict())  # every figure is plain JSON
