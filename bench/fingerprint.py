@@ -235,7 +235,7 @@ def run_text_classification(inputs: Path):
         "task": "text_classification",
         "name": "text-classification",
         "data": {"source": "csv", "path": str(data), "labeled_fraction": 0.2, "max_length": 16},
-        "teacher": {"path": str(teacher)},
+        "teacher": {"path": str(teacher), "probe": True},
         "student": {"path": str(student), "train": {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3}},
         "distill": {"temperature": 2.0},
         "eval": {"threads": 1, "batch_size": 8},

@@ -191,7 +191,7 @@ def text_tasks(work: Path, args) -> dict:
     classification = {
         "task": "text_classification",
         "data": {"source": "csv", "path": str(data), "labeled_fraction": 0.2, "max_length": 16},
-        "teacher": {"path": str(teacher)},
+        "teacher": {"path": str(teacher), "train": {"epochs": 1, "batch_size": 16}},
         "student": {"from_teacher": {"keep": 2}, "train": train},
         "distill": {"temperature": 2.0},
         "eval": {"threads": 1, "batch_size": 8},
@@ -200,7 +200,7 @@ def text_tasks(work: Path, args) -> dict:
     embedding = {
         "task": "embedding",
         "data": [{"source": "csv", "path": str(data), "max_length": 16}],
-        "teacher": {"path": str(teacher)},
+        "teacher": {"path": str(teacher), "train": {"epochs": 1, "batch_size": 16}},
         "student": {"from_teacher": {"keep": 2}, "train": train},
         "distill": {"loss": "mse"},
         "eval": {"threads": 1, "batch_size": 8},

@@ -164,7 +164,9 @@ def build_recipe(name: str, dataset: Dataset, seed: int, path: Path | None, teac
     with tempfile.TemporaryDirectory() as tmp:
         dummy = Path(tmp) / "data"  # the template reads the source off the folder; the bench replaces it anyway
         dummy.mkdir()
-        (dummy / "train.csv").touch()
+        # labels as the bench keeps them (MIN_LABELS), so the template chooses the teacher as init would
+        (dummy / "train.csv").write_text("text,label\n" + "".join(f"t{i},c{i % 2}\n" for i in range(MIN_LABELS)))
+        (dummy / "test.csv").write_text("text,label\nt,c0\n")
         raw = yaml.safe_load(templates()[dataset.task](teacher, dummy))
     cuts = dataset.quick if quick else dataset.cuts
     data = {key: value for key, value in raw["data"].items() if key not in ("source", "path", "labeled_fraction")}

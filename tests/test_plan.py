@@ -213,7 +213,7 @@ def test_every_task_can_be_planned_text_classification_and_embedding(tmp_path, t
     text = {
         "task": "text_classification",
         "data": {"source": "csv", "path": str(data), "labeled_fraction": 0.5, "max_length": 16},
-        "teacher": {"path": str(teacher_dir)},
+        "teacher": {"path": str(teacher_dir), "probe": True},
         "student": {"path": str(student_dir), "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw"}},
         "eval": {"threads": 1, "batch_size": 8},
     }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from text_fixtures import WORDS, save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, write_topic_csv
+from text_fixtures import WORDS, save_sentence_encoder, tiny_bert, tiny_bert_tokenizer, topic_texts, write_topic_csv
 
 from distill.data import fetch
 from distill.data.labeled_text import clauses, labeled_mask, load_text_data
@@ -180,7 +180,7 @@ def _classification_recipe(data_dir, teacher_dir, student_dir, cache, **student)
         {
             "task": "text_classification",
             "data": {"source": "csv", "path": str(data_dir), "labeled_fraction": 0.2, "max_length": 16},
-            "teacher": {"path": str(teacher_dir)},
+            "teacher": {"path": str(teacher_dir), "probe": True},
             "student": student
             or {"path": str(student_dir), "train": {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3}},
             "distill": {"temperature": 2.0, "cache_dir": str(cache)},
@@ -193,9 +193,12 @@ def _classification_recipe(data_dir, teacher_dir, student_dir, cache, **student)
 def test_text_classification_end_to_end_and_resume(tmp_path, teacher_dir, student_dir):
     data_dir = write_topic_csv(tmp_path / "topics", n_train=150, n_test=60)
     recipe = _classification_recipe(data_dir, teacher_dir, student_dir, tmp_path / "cache")
+    # a random tiny student's [CLS] state learns the topics slowly: 8 epochs
+    train = recipe.student.train.model_copy(update={"epochs": 8})
+    recipe = recipe.model_copy(update={"student": recipe.student.model_copy(update={"train": train})})
     metrics = run_text_classification(recipe, tmp_path / "run")
     models = metrics["models"]
-    assert set(models) == {"teacher", "baseline", "student"}
+    assert set(models) == {"teacher", "baseline", "student", "student_int8"}  # the int8 copy, checked on reload
     # 30 labeled texts: 3 (one per class, 10 %) held out to validate the students and check the teacher
     assert metrics["data"]["labeled_train_texts"] == 27 and metrics["data"]["validation_texts"] == 3
     assert metrics["data"]["train_texts"] == 147 and set(metrics["validation"]) == {"baseline", "student"}
@@ -207,12 +210,12 @@ def test_text_classification_end_to_end_and_resume(tmp_path, teacher_dir, studen
         assert models["student"][key] > 0
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "student, hard labels only" in report and "texts/s" in report
-    # The same step budget: the baseline has 30 labeled texts (2 steps/epoch), the student 150 (10 steps/epoch).
+    # The same step budget: the baseline has 27 labeled texts (2 steps/epoch), the student 147 (10 steps/epoch).
     steps = {}
     for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():
         entry = json.loads(line)
         steps[entry["stage"]] = max(steps.get(entry["stage"], 0), entry["step"])
-    assert steps["student"] == 30 and steps["baseline"] == 30
+    assert steps["student"] == 80 and steps["baseline"] == 80
     again = run_text_classification(recipe, tmp_path / "run", resume=True)
     for name in ("baseline", "student"):
         assert again["models"][name]["test_accuracy"] == models[name]["test_accuracy"]
@@ -223,7 +226,7 @@ def test_text_classification_student_cut_from_the_teacher(tmp_path, teacher_dir)
     student = {"from_teacher": {"keep": 2}, "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw"}}
     recipe = _classification_recipe(data_dir, teacher_dir, None, tmp_path / "cache", **student)
     metrics = run_text_classification(recipe.model_copy(update={"baseline": False}), tmp_path / "run")
-    assert set(metrics["models"]) == {"teacher", "student"}
+    assert set(metrics["models"]) == {"teacher", "student", "student_int8"}
     assert metrics["models"]["student"]["parameters"] < metrics["models"]["teacher"]["parameters"]
 
 
@@ -450,18 +453,26 @@ def test_export_of_text_students_round_trips_or_refuses_in_one_line(tmp_path, te
     run_text_classification(text_recipe.model_copy(update={"baseline": False}), tmp_path / "text")
     result = export_run(tmp_path / "text", "safetensors")
     assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] == 0.0
-    assert (tmp_path / "text" / "exports" / "safetensors" / "head.safetensors").exists()
-    with pytest.raises(DistillError, match=r"int8 .*task text_classification.*text classifier.*: safetensors$"):
-        export_run(tmp_path / "text", "int8")
+    assert (tmp_path / "text" / "exports" / "safetensors" / "config.json").exists()
+    # ONNX (input_ids, attention_mask → logits) and its int8 copy, run in onnxruntime on the held-out texts
+    for fmt, minimum in (("onnx", 0.99), ("onnx-int8", 0.90)):
+        result = export_run(tmp_path / "text", fmt)
+        assert result["top1_agreement"] >= minimum and result["compared"] == 30
+        exported = tmp_path / "text" / "exports" / fmt
+        assert (exported / "model.onnx").is_file() and (exported / "tokenizer.json").is_file()
+    with pytest.raises(DistillError, match=r"gguf-f16 needs .*text classifier.*: safetensors, int8, onnx, onnx-int8$"):
+        export_run(tmp_path / "text", "gguf-f16")
     embedding = _embedding_recipe(data_dir, teacher_dir, tmp_path / "cache", {"path": str(student_dir), "train": train})
     run_embedding(embedding, tmp_path / "embed")
     result = export_run(tmp_path / "embed", "safetensors")
     assert result["top1_agreement"] == 1.0 and result["compared_unit"].startswith("texts")
     assert (tmp_path / "embed" / "exports" / "safetensors" / "projection.safetensors").exists()
+    onnx = export_run(tmp_path / "embed", "onnx")  # the embedding, cosine >= 0.999 to the student on every text
+    assert onnx["top1_agreement"] == 1.0 and onnx["compared_unit"].startswith("texts (cosine")
     from test_cli import assert_one_line_error, distill
 
-    refused = distill("export", tmp_path / "embed", "--format", "onnx")
-    assert_one_line_error(refused, "task embedding", "sentence encoder", "exported as: safetensors")
+    refused = distill("export", tmp_path / "embed", "--format", "int8")
+    assert_one_line_error(refused, "task embedding", "sentence encoder", "exported as: safetensors, onnx")
 
 
 def test_text_classification_says_when_the_teacher_is_no_better_than_the_student_alone(
@@ -503,6 +514,7 @@ def test_text_classification_auto_chooses_on_validation_and_needs_enough_of_it(t
     assert metrics["distill"]["temperature"] == best["temperature"]
     assert "## Automatic settings" in (tmp_path / "run" / "REPORT.md").read_text()
     assert metrics["teacher_probe"]["chosen_by"] == "5-fold log loss"
+    assert metrics["teacher_source"]["kind"] == "probe"
 
 
 def test_probe_c_auto_is_the_cross_validated_log_loss_minimum():
@@ -526,3 +538,121 @@ def test_probe_c_auto_is_the_cross_validated_log_loss_minimum():
     assert cross_validated_c(separable, labels, seed=0)[0] == max(PROBE_CS)
     head, record = fit_probe(separable.astype(np.float32), labels, "auto", seed=0)
     assert record["c"] == max(PROBE_CS) and set(record["log_loss"]) == set(PROBE_CS)
+
+
+def _fine_tuned_recipe(data_dir, teacher, cache, **teacher_keys) -> TextClassificationRecipe:
+    return TextClassificationRecipe.model_validate(
+        {
+            "task": "text_classification",
+            "data": {"source": "csv", "path": str(data_dir), "labeled_fraction": 0.4, "max_length": 16},
+            "teacher": {"path": str(teacher), **teacher_keys},
+            "student": {
+                "from_teacher": {"keep": 2},
+                "train": {"epochs": 6, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3},
+            },  # fmt: skip
+            "distill": {"temperature": 2.0, "cache_dir": str(cache)},
+            "baseline": False,
+            "eval": {"threads": 1, "batch_size": 8},
+        }
+    )
+
+
+def test_fine_tuned_teacher_and_a_student_that_transformers_pipeline_loads(tmp_path, teacher_dir):
+    """Issue 36: teacher.train fine-tunes the encoder with a head on the labeled texts (stage 'teacher', best
+    validation loss kept, resumable); the student folder is an HF sequence classifier that
+    ``transformers.pipeline("text-classification")`` loads and that answers as our evaluation does."""
+    from transformers import pipeline
+
+    from distill.models.encoders import is_sequence_classifier, load_sequence_classifier
+
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=150, n_test=60)
+    train = {"epochs": 10, "batch_size": 16, "lr": 3e-3, "patience": 3}
+    recipe = _fine_tuned_recipe(data_dir, teacher_dir, tmp_path / "cache", train=train)
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labeled_fraction": 1.0})})
+    metrics = run_text_classification(recipe, tmp_path / "run")
+    assert metrics["teacher_source"]["kind"] == "train" and "teacher_probe" not in metrics
+    teacher_steps = [e for e in training_log(tmp_path / "run") if e["stage"] == "teacher"]
+    assert teacher_steps, "the teacher trained as its own stage"
+    assert is_sequence_classifier(tmp_path / "run" / "teacher") and is_sequence_classifier(tmp_path / "run" / "student")
+    # it learned (a random tiny BERT's [CLS] state separates the topics slowly: > 2 in 3 of the test texts here)
+    validations = [e["validation"]["loss"] for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text()
+                   .splitlines()) if e["stage"] == "teacher" and "validation" in e]  # fmt: skip
+    assert min(validations) < 0.7 * validations[0] and metrics["models"]["teacher"]["test_accuracy"] > 0.6
+    assert metrics["models"]["student"]["agreement_with_teacher"] > 0.6
+    assert "fine-tuned with a classification head" in (tmp_path / "run" / "REPORT.md").read_text()
+    # the pipeline reads the folder alone: its labels are the data's class names, its answers our model's
+    texts = [text for text, _ in topic_texts(12, seed=5)]
+    answers = pipeline("text-classification", model=str(tmp_path / "run" / "student"), device="cpu")(texts)
+    model, tokenizer, classes = load_sequence_classifier(tmp_path / "run" / "student")
+    assert classes == ["food", "space", "sport"]
+    ours = encode(model, tokenize(tokenizer, texts, 512), 0).argmax(-1)
+    assert [answer["label"] for answer in answers] == [classes[i] for i in ours]
+    # resumed, the finished teacher is read back, not trained again: the same logits, the same scores
+    again = run_text_classification(recipe, tmp_path / "run", resume=True)
+    assert again["models"]["teacher"]["test_accuracy"] == metrics["models"]["teacher"]["test_accuracy"]
+    assert len([e for e in training_log(tmp_path / "run") if e["stage"] == "teacher"]) == len(teacher_steps)
+
+
+def test_a_sequence_classification_folder_teacher_is_read_by_its_label_names(tmp_path, bert_tok):
+    """A fine-tuned HF classifier folder is the teacher as it is: its logits are read in the data's class order by
+    the names in its id2label (here listed in another order); names that do not cover the data's are one line."""
+    from transformers import BertForSequenceClassification
+
+    from distill.models.encoders import load_sequence_classifier
+
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    order = ["sport", "food", "space"]  # the data's classes sort as food, space, sport
+    config = tiny_bert(bert_tok).config
+    config.num_labels, config.id2label = 3, dict(enumerate(order))
+    config.label2id = {name: i for i, name in enumerate(order)}
+    torch.manual_seed(0)
+    folder = tmp_path / "classifier"
+    BertForSequenceClassification(config).save_pretrained(folder)
+    bert_tok.save_pretrained(folder)
+    recipe = _fine_tuned_recipe(data_dir, folder, tmp_path / "cache")
+    recipe = recipe.model_copy(update={"student": recipe.student.model_copy(update={"train": recipe.student.train
+                                       .model_copy(update={"epochs": 1})})})  # fmt: skip
+    metrics = run_text_classification(recipe, tmp_path / "run")
+    assert metrics["teacher_source"]["kind"] == "folder" and not (tmp_path / "run" / "teacher").exists()
+    # the test accuracy, recomputed from the raw HF model: its column for each data class is found by name
+    data = load_text_data(recipe.data, recipe.seed)
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    ids, attention = pad(tokenize(bert_tok, data.test_texts, 16), 0)
+    with torch.no_grad():
+        raw = model(input_ids=ids, attention_mask=attention).logits.double()
+    predicted = [sorted(order).index(order[i]) for i in raw.argmax(-1).tolist()]
+    expected = float(np.mean(np.array(predicted) == data.test_labels))
+    assert metrics["models"]["teacher"]["test_accuracy"] == pytest.approx(expected, abs=1e-6)
+    classifier, _, labels = load_sequence_classifier(folder, data.classes)
+    assert labels == order and classifier.columns == [1, 2, 0]
+    with pytest.raises(DistillError, match=r"id2label \(sport, food, space\) does not cover the data's labels cheese"):
+        load_sequence_classifier(folder, ["cheese", "space", "sport"])
+
+
+def test_text_teacher_bad_inputs_are_one_line_and_write_nothing(tmp_path, teacher_dir, bert_tok):
+    """A plain encoder with neither train nor probe; a classifier folder asked for a probe; fine-tuning on fewer
+    labeled texts than 2 per class; fine-tuning with no validation split."""
+    from transformers import BertForSequenceClassification
+
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    cache = tmp_path / "cache"
+    with pytest.raises(DistillError, match="is an encoder with no classification head: set teacher.train"):
+        run_text_classification(_fine_tuned_recipe(data_dir, teacher_dir, cache), tmp_path / "a")
+    folder = tmp_path / "classifier"
+    config = tiny_bert(bert_tok).config
+    config.num_labels, config.id2label = 3, {0: "food", 1: "space", 2: "sport"}
+    BertForSequenceClassification(config).save_pretrained(folder)
+    bert_tok.save_pretrained(folder)
+    with pytest.raises(DistillError, match="is a classifier with its own head and labels; drop teacher.probe"):
+        run_text_classification(_fine_tuned_recipe(data_dir, folder, cache, probe=True), tmp_path / "b")
+    few = _fine_tuned_recipe(data_dir, teacher_dir, cache, train={"epochs": 1})
+    few = few.model_copy(update={"data": few.data.model_copy(update={"labeled_fraction": 0.1})})  # 6 labels, 3 val
+    with pytest.raises(DistillError, match=r"there are 3 for 3 classes \(fewer than 2 per class\)"):
+        run_text_classification(few, tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in "abc")
+    with pytest.raises(ValueError, match="teacher.train keeps the teacher's best weights on the validation split"):
+        TextClassificationRecipe.model_validate({"task": "text_classification", "data": {"validation_fraction": 0},
+                                                 "teacher": {"train": {}}})  # fmt: skip
+    with pytest.raises(ValueError, match="choose one head"):
+        TextClassificationRecipe.model_validate({"task": "text_classification",
+                                                 "teacher": {"train": {}, "probe": True}})  # fmt: skip

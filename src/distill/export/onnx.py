@@ -1,4 +1,5 @@
-"""ONNX export of a classifier ([batch, features] → logits) or a causal LM (input_ids [batch, seq] → logits),
+"""ONNX export of a classifier ([batch, features] → logits), a text encoder or classifier (input_ids and
+attention_mask [batch, seq] → logits or embeddings) or a causal LM (input_ids [batch, seq] → logits),
 dynamic int8 weight quantization of an ONNX file, and running one with onnxruntime on the CPU.
 """
 
@@ -27,37 +28,41 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, lm: bool) -> Path:
+def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, *, lm: bool) -> Path:
     """Export with the dynamo exporter (the TorchScript one cannot export transformers' masking code, e.g.
-    aten::diff); fall back to TorchScript for models torch.export cannot trace."""
+    aten::diff); fall back to TorchScript for models torch.export cannot trace. ``example`` names the inputs, in the
+    order ``model`` takes them; token inputs (integer, 2-d) get a dynamic batch and sequence, features a batch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = (LogitsOnly(model) if lm else model).eval()
-    name = "input_ids" if lm else "input"
-    axes = {0: "batch", 1: "seq"} if lm else {0: "batch"}
+    names = list(example)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    tokens = {name: tensor.dim() == 2 and not tensor.is_floating_point() for name, tensor in example.items()}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    common = {"input_names": [name], "output_names": ["logits"], "verbose": False}
+    common = {"input_names": names, "output_names": ["logits"], "verbose": False}
+    args = tuple(example.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dims = {axis: torch.export.Dim(label) for axis, label in axes.items()}
+            dims = tuple({0: batch, 1: seq} if tokens[name] else {0: batch} for name in names)
             torch.onnx.export(
                 module,
-                (example_input,),
+                args,
                 str(path),
                 dynamo=True,
-                dynamic_shapes=(dims,),
+                dynamic_shapes=dims,
                 external_data=weight_bytes > ONNX_EXTERNAL_DATA_BYTES,
                 **common,
             )
         except Exception as dynamo_error:
+            axes = {name: ({0: "batch", 1: "seq"} if tokens[name] else {0: "batch"}) for name in names}
             try:
                 torch.onnx.export(
                     module,
-                    (example_input,),
+                    args,
                     str(path),
                     dynamo=False,
-                    dynamic_axes={name: axes, "logits": axes},
+                    dynamic_axes={**axes, "logits": {0: "batch", 1: "seq"} if lm else {0: "batch"}},
                     **common,
                 )
             except Exception as exc:
@@ -88,10 +93,11 @@ def quantize_onnx_int8(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def onnx_logits(path: Path, inputs: np.ndarray) -> np.ndarray:
+def onnx_logits(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output on ``inputs`` (by input name), in onnxruntime on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the torch side
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+    return session.run(None, inputs)[0]

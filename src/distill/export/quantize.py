@@ -65,6 +65,13 @@ def load_int8(folder: Path) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    elif meta["kind"] == "text_classifier":
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from distill.models.encoders import SequenceClassifier
+
+        config = AutoConfig.from_pretrained(folder)
+        model = SequenceClassifier(AutoModelForSequenceClassification.from_config(config, dtype=torch.float32))
     else:
         from distill.models.classifiers import build_classifier
         from distill.recipe import ModelSpec

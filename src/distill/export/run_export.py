@@ -134,7 +134,8 @@ def write_export(fmt: str, s: Student, folder: Path) -> None:
         from distill.export.onnx import export_onnx, quantize_onnx_int8
 
         # batch 2: torch.export specialises a dimension whose example size is 1
-        example = torch.from_numpy(np.resize(s.inputs, (2, *s.inputs.shape[1:])))
+        example = {name: torch.from_numpy(np.resize(value, (2, *value.shape[1:]))) for name, value in
+                   onnx_inputs(s).items()}  # fmt: skip
         if fmt == "onnx":
             export_onnx(s.model, example, folder / "model.onnx", lm=lm)
         else:
@@ -146,7 +147,7 @@ def write_export(fmt: str, s: Student, folder: Path) -> None:
 
         export_gguf(s.model, s.tokenizer, folder / "model.gguf", fmt.removeprefix("gguf-"))
         return  # a GGUF file carries its tokenizer
-    if lm:  # int8 and ONNX models need the tokenizer beside them to be usable
+    if s.tokenizer is not None:  # int8 and ONNX models of texts need the tokenizer beside them to be usable
         s.tokenizer.save_pretrained(folder)
     elif s.info is not None:
         (folder / "model.json").write_text(json.dumps(s.info, indent=2))
@@ -157,7 +158,7 @@ def reload_logits(fmt: str, s: Student, folder: Path) -> np.ndarray:
     if fmt in ("onnx", "onnx-int8"):
         from distill.export.onnx import onnx_logits
 
-        return onnx_logits(folder / "model.onnx", s.inputs)
+        return onnx_logits(folder / "model.onnx", onnx_inputs(s))
     if fmt == "int8":
         from distill.export.quantize import load_int8
 
@@ -170,13 +171,25 @@ def reload_logits(fmt: str, s: Student, folder: Path) -> np.ndarray:
         return torch_logits(load_causal_lm(folder / "model.gguf", cache_dir=Path(cache))[0], s)
 
 
+TEXT_KINDS = ("text_classifier", "sentence_encoder")  # models of (input_ids, attention_mask)
+
+
+def onnx_inputs(s: Student) -> dict[str, np.ndarray]:
+    """The student's held-out inputs by the names its ONNX graph takes."""
+    if s.kind == "causal_lm":
+        return {"input_ids": s.inputs}
+    if s.kind in TEXT_KINDS:
+        return {"input_ids": s.inputs, "attention_mask": s.mask.astype(np.int64)}
+    return {"input": s.inputs}
+
+
 @torch.inference_mode()
 def torch_logits(model: nn.Module, s: Student) -> np.ndarray:
     model.eval()
     x = torch.from_numpy(s.inputs)
     if s.kind == "causal_lm":
         out = model(input_ids=x, use_cache=False).logits
-    elif s.kind in ("text_classifier", "sentence_encoder"):
+    elif s.kind in TEXT_KINDS:
         out = model(x, torch.from_numpy(s.mask).long())
     else:
         out = model(x)

@@ -1,13 +1,16 @@
 """Text encoders (BERT/MPNet-style, sentence-transformers folders) as teachers and students.
 
 A ``SentenceEncoder`` is a transformer plus the pooling its sentence-transformers folder declares
-(``modules.json``, ``1_Pooling/config.json``); ``EncoderClassifier`` puts a linear head on the pooled output.
+(``modules.json``, ``1_Pooling/config.json``); ``EncoderClassifier`` puts a linear head on the pooled output (the frozen-encoder probe teacher);
+``SequenceClassifier`` is an HF ``...ForSequenceClassification`` (fine-tuned teachers and every student: a folder
+``transformers.pipeline("text-classification")`` loads).
 Texts are tokenized once into id lists; batches are padded to their own longest row, and inference sorts
 texts by length so padding stays small.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from distill.devices import to_numpy
@@ -74,6 +83,125 @@ class EncoderClassifier(nn.Module):
         return self.head(self.dropout(self.encoder.pool(input_ids, attention_mask)))
 
 
+class SequenceClassifier(nn.Module):
+    """An HF ``...ForSequenceClassification`` as (ids, attention) → class logits, in the data's class order:
+    ``columns`` picks and orders the model's own labels (a teacher whose ``id2label`` lists them otherwise)."""
+
+    def __init__(self, model: nn.Module, columns: list[int] | None = None):
+        super().__init__()
+        self.model, self.columns = model, columns
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits if self.columns is None else logits[:, self.columns]
+
+
+def _read_config(folder: Path):
+    if not folder.is_dir():
+        raise DistillError(f"encoder {folder} does not exist; pass a local model folder (see distill fetch)")
+    if not (folder / "config.json").is_file():
+        raise DistillError(f"{folder} is not a model folder (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{folder}: unreadable config.json ({str(exc).splitlines()[0][:200]})") from None
+
+
+def is_sequence_classifier(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an HF sequence-classification model (its config names a ...ForSequenceClassification
+    architecture), i.e. a classifier with its own head and labels."""
+    config = Path(folder).expanduser() / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
+def class_names(config) -> list[str]:
+    """The labels of a sequence-classification config, in the order of its logits."""
+    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+
+
+def label_columns(teacher_classes: list[str], classes: list[str], folder: Path) -> list[int]:
+    """Where each of the data's classes sits among a teacher's labels (exact name, else the same name in another
+    case); one line naming what is missing otherwise."""
+    exact = {name: i for i, name in enumerate(teacher_classes)}
+    folded = {name.casefold(): i for i, name in enumerate(teacher_classes)}
+    columns = [exact.get(c, folded.get(str(c).casefold())) for c in classes]
+    missing = [c for c, column in zip(classes, columns, strict=True) if column is None]
+    if missing:
+        raise DistillError(
+            f"teacher {folder}: its id2label ({', '.join(teacher_classes[:8])}) does not cover the data's labels "
+            f"{', '.join(map(str, missing[:8]))}; relabel the data or the teacher's config.json id2label so the names "
+            "match"
+        )
+    return columns
+
+
+def load_sequence_classifier(
+    path: str | Path, classes: list[str] | None = None
+) -> tuple[SequenceClassifier, PreTrainedTokenizerBase, list[str]]:
+    """An HF sequence-classification folder → (classifier in eval mode, tokenizer, its labels); with ``classes``,
+    its logits come in that order (``label_columns``)."""
+    folder = Path(path).expanduser()
+    config = _read_config(folder)
+    tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, config, folder)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{folder}: cannot load the classifier ({str(exc).splitlines()[0][:200]})") from None
+    labels = class_names(model.config)
+    columns = None
+    if classes is not None:
+        columns = label_columns(labels, classes, folder)
+        columns = None if columns == list(range(len(labels))) else columns
+    return SequenceClassifier(model, columns).eval(), tokenizer, labels
+
+
+def classifier_from_encoder(transformer: nn.Module, classes: list[str], dropout: float = 0.1) -> SequenceClassifier:
+    """The sequence-classification model of ``transformer``'s architecture, with its encoder weights (the pooler
+    and the head newly initialised where the encoder has none) and ``classes`` as its labels."""
+    config = copy.deepcopy(transformer.config)
+    config.num_labels = len(classes)
+    config.id2label = dict(enumerate(map(str, classes)))
+    config.label2id = {str(name): i for i, name in enumerate(classes)}
+    config.architectures = None
+    config.classifier_dropout = dropout  # BERT, RoBERTa, ELECTRA ...; DistilBERT reads seq_classif_dropout
+    if hasattr(config, "seq_classif_dropout"):
+        config.seq_classif_dropout = dropout
+    try:
+        model = AutoModelForSequenceClassification.from_config(config)
+    except ValueError as exc:
+        raise DistillError(
+            f"{type(transformer).__name__} has no sequence-classification model in transformers "
+            f"({str(exc).splitlines()[0][:160]}); choose another encoder"
+        ) from None
+    missing, _ = model.base_model.load_state_dict(transformer.state_dict(), strict=False)
+    if [key for key in missing if not key.startswith("pooler.")]:
+        raise DistillError(
+            f"{type(transformer).__name__}'s weights do not fit {type(model).__name__} (missing {missing[0]}); "
+            "choose another encoder"
+        )
+    return SequenceClassifier(model)
+
+
+def save_sequence_classifier(model: SequenceClassifier, tokenizer, folder: Path) -> Path:
+    """The HF folder ``transformers.pipeline("text-classification", model=folder)`` loads, written atomically (a
+    teacher whose labels are read in another order keeps its own ``id2label``: ``load_sequence_classifier`` reorders
+    them again by name)."""
+    with atomic_dir(Path(folder)) as tmp:
+        model.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(folder)
+
+
 def _pooling_of(folder: Path) -> tuple[str, bool]:
     """Pooling mode and normalisation declared by a sentence-transformers folder; mean, unnormalised otherwise."""
     modules_file = folder / "modules.json"
@@ -109,14 +237,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config, folder: Path) ->
 def load_encoder(path: str | Path) -> tuple[SentenceEncoder, PreTrainedTokenizerBase]:
     """A local HF encoder or sentence-transformers folder → (encoder in eval mode, tokenizer)."""
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DistillError(f"encoder {folder} does not exist; pass a local model folder (see distill fetch)")
-    if not (folder / "config.json").is_file():
-        raise DistillError(f"{folder} is not a model folder (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise DistillError(f"{folder}: unreadable config.json ({str(exc).splitlines()[0][:200]})") from None
+    config = _read_config(folder)
     tokenizer = load_tokenizer(folder)
     check_tokenizer(tokenizer, config, folder)
     try:

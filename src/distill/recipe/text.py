@@ -18,6 +18,7 @@ from distill.recipe.common import (
     Seed,
     Strict,
     StudentTrainSpec,
+    TrainSpec,
     auto_needs_validation,
     exactly_one_of,
     patience_needs_validation,
@@ -62,6 +63,44 @@ class EncoderTeacherSpec(Strict):
     )
 
 
+class EncoderTrainSpec(TrainSpec):
+    """Fine-tuning a pretrained encoder: AdamW at a transformer's learning rate, early stop on validation."""
+
+    epochs: int = Field(default=15, gt=0, description="at most; early stop (patience) usually ends it sooner")
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(default=1e-4, gt=0.0, le=MAX_LR)
+    batch_size: int = Field(default=16, gt=0)
+    patience: int | None = Field(default=3, gt=0, description="validations (one per epoch) without a better loss")
+
+
+class ClassifierTeacherSpec(EncoderTeacherSpec):
+    """The text classifier's teacher: an HF sequence-classification folder used as it is, or an encoder given a
+    head — fine-tuned on the labeled texts (``train``) or, cheapest, a frozen-encoder probe (``probe``)."""
+
+    path: str = Field(
+        default="~/.cache/distill/all-mpnet-base-v2",
+        description="an HF sequence-classification folder (its id2label names the classes), or an HF / "
+        "sentence-transformers encoder folder with train or probe",
+    )
+    train: EncoderTrainSpec | None = Field(
+        default=None,
+        description="fine-tune the teacher (encoder + classification head) on the labeled training texts first "
+        "(stage 'teacher': best validation loss kept, early stop, checkpointed and resumable); its logits are "
+        "cached under its weights' id",
+    )
+    probe: bool = Field(
+        default=False,
+        description="the cheapest teacher: the frozen encoder's pooled outputs + a logistic-regression head fitted "
+        "on the labeled texts (C: probe_c)",
+    )
+
+    @model_validator(mode="after")
+    def _one_head(self) -> ClassifierTeacherSpec:
+        if self.train is not None and self.probe:
+            raise ValueError("teacher: choose one head, train (fine-tune the encoder) or probe (frozen encoder)")
+        return self
+
+
 class StaticSpec(Strict):
     pca_dims: int | None = Field(default=256, gt=0, description="PCA width of the token vectors; null keeps all")
     sif: float = Field(default=1e-3, gt=0.0, description="SIF weight a/(a+p(token)) from training-text counts")
@@ -104,7 +143,7 @@ class TextClassificationRecipe(Strict):
     seed: Seed = 0
     log_with: LogWith = Field(default_factory=list, description=LOG_WITH_HELP)
     data: TextDataSpec = Field(default_factory=lambda: TextDataSpec(labeled_fraction=0.1))
-    teacher: EncoderTeacherSpec = Field(default_factory=EncoderTeacherSpec)
+    teacher: ClassifierTeacherSpec = Field(default_factory=lambda: ClassifierTeacherSpec(probe=True))
     student: EncoderStudentSpec = Field(
         default_factory=lambda: EncoderStudentSpec(path="~/.cache/distill/all-minilm-l6-v2")
     )
@@ -115,6 +154,11 @@ class TextClassificationRecipe(Strict):
     @model_validator(mode="after")
     def _embedding_only_options(self) -> TextClassificationRecipe:
         auto_needs_validation(self.distill, self.student.train, self.data.validation_fraction)
+        if self.teacher.train is not None and self.data.validation_fraction == 0:
+            raise ValueError(
+                "teacher.train keeps the teacher's best weights on the validation split: set "
+                "data.validation_fraction > 0 (e.g. 0.1)"
+            )
         if self.student.static is not None:
             raise ValueError("student.static is for task: embedding; a classifier student needs path or from_teacher")
         if self.data.clauses:

@@ -68,7 +68,7 @@ TASKS: dict[str, Task] = {
         text_classification.VIEW,
         text_classification.load_student,
         text_classification.export_formats,
-        "a text classifier (encoder + linear head)",
+        "a text classifier (an HF sequence-classification folder)",
         module=text_classification,
     ),
     "embedding": Task(

@@ -387,7 +387,8 @@ def load_student(run_dir: Path, fmt: str = "safetensors") -> Student:
 
 
 def export_formats(student_folder: Path) -> list[str]:
-    return ["safetensors"]
+    """A transformer student also as ONNX (input_ids, attention_mask → embedding); a static table as safetensors."""
+    return ["safetensors", "onnx"] if (student_folder / "config.json").is_file() else ["safetensors"]
 
 
 def columns(models: dict) -> list:
