@@ -1,9 +1,9 @@
 """Text encoders (BERT/MPNet-style, sentence-transformers folders) as teachers and students.
 
 A ``SentenceEncoder`` is a transformer plus the pooling its sentence-transformers folder declares
-(``modules.json``, ``1_Pooling/config.json``); ``EncoderClassifier`` puts a linear head on the pooled output (the frozen-encoder probe teacher);
-``SequenceClassifier`` is an HF ``...ForSequenceClassification`` (fine-tuned teachers and every student: a folder
-``transformers.pipeline("text-classification")`` loads).
+(``modules.json``, ``1_Pooling/config.json``); ``EncoderClassifier`` puts a linear head on the pooled output (the
+frozen-encoder probe teacher); ``SequenceClassifier`` is an HF ``...ForSequenceClassification`` (fine-tuned teachers
+and every student: a folder ``transformers.pipeline("text-classification")`` loads).
 Texts are tokenized once into id lists; batches are padded to their own longest row, and inference sorts
 texts by length so padding stays small.
 """
