@@ -219,10 +219,16 @@ def test_every_task_can_be_planned_text_classification_and_embedding(tmp_path, t
     }
     plan = make_plan(parse_recipe(text), steps=1, out=tmp_path / "runs" / "a")
     by_name = stages(plan)
-    assert list(by_name) == ["baseline", "student"] and plan.task == "text_classification"
-    for stage in by_name.values():  # the same student, the same step budget; AdamW: two states per parameter
-        assert stage.optimizer == 2 * stage.weights and stage.activations > 0 and stage.step_seconds > 0
+    assert list(by_name) == ["baseline", "student", "int8 export"] and plan.task == "text_classification"
+    for stage in (by_name["baseline"], by_name["student"]):  # the same student, the same step budget; AdamW: two
+        assert stage.optimizer == 2 * stage.weights and stage.activations > 0 and stage.step_seconds > 0  # states
         assert stage.steps == 2 * 4 and stage.teacher > 0  # 60 texts (57 after validation) in batches of 16
+    text["teacher"] = {"path": str(teacher_dir), "train": {"epochs": 2, "batch_size": 8}}  # fine-tuned first
+    plan = make_plan(parse_recipe(text), steps=1, out=tmp_path / "runs" / "a")
+    by_name = stages(plan)
+    assert list(by_name) == ["teacher", "baseline", "student", "int8 export"]
+    teacher = by_name["teacher"]  # 27 labeled texts (30 less 3 held out) in batches of 8, 2 epochs; 4 layers, not 2
+    assert teacher.steps == 2 * 4 and teacher.weights > by_name["student"].weights and teacher.step_seconds > 0
     embedding = {
         "task": "embedding",
         "data": [{"source": "csv", "path": str(data), "max_length": 16}],

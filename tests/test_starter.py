@@ -22,7 +22,7 @@ def folders(tmp_path):
     csv = tmp_path / "texts"
     csv.mkdir()
     for split in ("train", "test"):
-        (csv / f"{split}.csv").write_text("text,label\na b,x\n")
+        (csv / f"{split}.csv").write_text("text,label\na b,x\nc d,y\n")
     (tmp_path / "teacher").mkdir()
     (tmp_path / "corpus.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     return tmp_path
@@ -86,7 +86,7 @@ def test_init_quotes_paths_so_every_folder_name_reads_back_as_itself(tmp_path, n
     for split in ("train", "test"):
         np.save(data / f"{split}_x.npy", np.zeros((4, 3), dtype=np.float32))
         np.save(data / f"{split}_y.npy", np.zeros(4, dtype=np.int64))
-        (data / f"{split}.csv").write_text("text,label\na b,x\n")
+        (data / f"{split}.csv").write_text("text,label\na b,x\nc d,y\n")
     (tmp_path / f"{name}.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     checkpoint = teacher / "model.safetensors"
     checkpoint.touch()
@@ -106,3 +106,36 @@ def test_the_lm_starter_prunes_by_importance_and_adapts_the_teacher_where_it_hel
     assert recipe.student.from_teacher is None and recipe.student.prune.params == 0.5
     assert recipe.student.prune.axes == ["depth"]
     assert recipe.teacher.train is not None and recipe.teacher.adapt == "auto" and recipe.mixed_precision == "auto"
+
+
+def test_text_init_chooses_the_teacher_from_what_it_is_and_the_labels(tmp_path, teacher_dir, bert_tok):
+    """Issue 36.2: a sequence-classification folder is used as it is; an encoder is fine-tuned when the data has
+    >= 8 labels per class on average, else probed; the comment above the teacher says which and why."""
+    from transformers import BertForSequenceClassification
+
+    from distill.tasks.text_classification import TRAIN_TEACHER_LABELS_PER_CLASS
+
+    def texts(folder, per_class):
+        folder.mkdir()
+        rows = "".join(f"text {i},{label}\n" for i in range(per_class) for label in ("x", "y"))
+        for split in ("train", "test"):
+            (folder / f"{split}.csv").write_text("text,label\n" + rows)
+        return folder
+
+    many, few = texts(tmp_path / "many", TRAIN_TEACHER_LABELS_PER_CLASS), texts(tmp_path / "few", 3)
+    fine = load_recipe(write_starter("text_classification", teacher_dir, many, tmp_path / "fine.yaml"))
+    assert fine.teacher.train is not None and not fine.teacher.probe
+    assert "# teacher: the encoder fine-tuned" in (tmp_path / "fine.yaml").read_text()
+    probe = load_recipe(write_starter("text_classification", teacher_dir, few, tmp_path / "probe.yaml"))
+    assert probe.teacher.probe and probe.teacher.train is None
+    assert "3.0 per class (< 8)" in (tmp_path / "probe.yaml").read_text()
+    classifier = tmp_path / "classifier"
+    from text_fixtures import tiny_bert
+
+    config = tiny_bert(bert_tok).config
+    config.num_labels, config.id2label = 2, {0: "x", 1: "y"}
+    BertForSequenceClassification(config).save_pretrained(classifier)
+    bert_tok.save_pretrained(classifier)
+    used = load_recipe(write_starter("text_classification", classifier, few, tmp_path / "used.yaml"))
+    assert used.teacher.train is None and not used.teacher.probe
+    assert "used as it is" in (tmp_path / "used.yaml").read_text()
