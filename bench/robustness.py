@@ -205,10 +205,35 @@ def run_one(name: str, dataset: Dataset, seed: int, prepared: tuple, out: Path, 
         row["auto"] = (metrics.get("auto") or {}).get("choice")
         row["fired"] = any(line.startswith(TEACHER_CHECK) for line in metrics.get("warnings", []))
         row["teacher_check"] = metrics.get("teacher_check")  # the paired validation lead the check read
+        row["student_vs_teacher"] = student_vs_teacher(metrics)
     except Exception as exc:  # the bench records the failure and goes on with the next run
         row["error"] = one_line(exc)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+SPEED_KEYS = ("texts_per_s", "tokens_per_s")  # the batched throughput each task reports (classifiers: throughput_*)
+
+
+def student_vs_teacher(metrics: dict) -> dict:
+    """How far the distilled student is from its teacher: quality kept (student accuracy ÷ teacher's; causal LMs:
+    teacher perplexity ÷ student's), and how many times smaller (weights on disk, parameters) and faster (batched
+    throughput) it is. A figure the run did not measure is null."""
+    teacher, student = metrics["models"]["teacher"], metrics["models"]["student"]
+
+    def ratio(a, b):
+        return round(a / b, 4) if a and b else None
+
+    quality = ("perplexity", True) if "perplexity" in student else ("test_accuracy", False)
+    kept = ratio(teacher.get(quality[0]), student.get(quality[0])) if quality[1] else ratio(
+        student.get(quality[0]), teacher.get(quality[0]))  # fmt: skip
+    speed = next((key for key in student if key in SPEED_KEYS or key.startswith("throughput_per_s")), None)
+    return {
+        "quality_kept": kept,
+        "smaller_file": ratio(teacher.get("file_bytes"), student.get("file_bytes")),
+        "fewer_parameters": ratio(teacher.get("parameters"), student.get("parameters")),
+        "faster": ratio(student.get(speed), teacher.get(speed)) if speed else None,
+    }
 
 
 def _stats(values: list) -> dict:
@@ -254,6 +279,10 @@ def summarise(dataset: Dataset, rows: list[dict], data: dict) -> dict:
         "margin": _stats(margins),
         "auto": [r["auto"] for r in rows],
         "teacher_check_fired": sum(bool(r["fired"]) for r in rows),
+        "student_vs_teacher": {
+            key: _stats([(r.get("student_vs_teacher") or {}).get(key) for r in rows])
+            for key in ("quality_kept", "smaller_file", "fewer_parameters", "faster")
+        },
         "runs": rows,
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }
@@ -287,6 +316,12 @@ def print_table(summaries: dict) -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) + "  " + line[-1])
+    print("distilled student vs its teacher (mean ± sd over seeds):")
+    for name, s in summaries.items():
+        shown = ", ".join(
+            f"{key.replace('_', ' ')} {_shown(stats, 3)}" for key, stats in s["student_vs_teacher"].items()
+        )
+        print(f"  {name}: {shown}")
 
 
 def prepare(dataset: Dataset) -> tuple[tuple | None, str | None]:
