@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -275,21 +275,13 @@ def save_encoder(encoder: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, f
 
 
 def save_classifier_head(model: EncoderClassifier, tokenizer, folder: Path, classes: list[str]) -> Path:
-    """Encoder folder plus ``head.safetensors`` and ``classes.json``: the whole classifier, reloadable."""
+    """Encoder folder plus ``head.safetensors`` and ``classes.json``: the probe teacher as the run used it."""
     save_encoder(model.encoder, tokenizer, folder)
     with atomic_path(folder / "head.safetensors") as tmp:  # umask's mode, not safetensors' 0600
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
     with atomic_path(folder / "classes.json") as tmp:
         tmp.write_text(json.dumps(classes))
     return folder
-
-
-def load_encoder_classifier(folder: Path) -> tuple[EncoderClassifier, PreTrainedTokenizerBase, list[str]]:
-    encoder, tokenizer = load_encoder(folder)
-    classes = json.loads((folder / "classes.json").read_text())
-    model = EncoderClassifier(encoder, len(classes))
-    model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
-    return model.eval(), tokenizer, classes
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
