@@ -23,6 +23,7 @@ from distill.models.encoders import encode, load_encoder, pad, save_encoder, tok
 from distill.models.probe import fit_probe
 from distill.models.static import StaticEncoder, build_static, load_static, sif_weights
 from distill.recipe import EmbeddingRecipe, TextClassificationRecipe, TextDataSpec
+from distill.recipe.text import EncoderTrainSpec
 from distill.tasks import export_run
 from distill.tasks.auto import AUTO_LRS
 from distill.tasks.embedding import run as run_embedding
@@ -625,6 +626,13 @@ def test_a_sequence_classification_folder_teacher_is_read_by_its_label_names(tmp
     assert metrics["models"]["teacher"]["test_accuracy"] == pytest.approx(expected, abs=1e-6)
     classifier, _, labels = load_sequence_classifier(folder, data.classes)
     assert labels == order and classifier.columns == [1, 2, 0]
+    # fine-tuned further (teacher.train on a classifier folder): saved with its own id2label, read back by name
+    further = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"train": EncoderTrainSpec(
+        epochs=1, batch_size=8)})})  # fmt: skip
+    metrics = run_text_classification(further, tmp_path / "further")
+    assert metrics["teacher_source"]["kind"] == "train"
+    tuned, _, labels = load_sequence_classifier(tmp_path / "further" / "teacher", data.classes)
+    assert labels == order and tuned.columns == [1, 2, 0]
     with pytest.raises(DistillError, match=r"id2label \(sport, food, space\) does not cover the data's labels cheese"):
         load_sequence_classifier(folder, ["cheese", "space", "sport"])
 
