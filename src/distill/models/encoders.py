@@ -111,6 +111,20 @@ def _read_config(folder: Path):
         raise DistillError(f"{folder}: unreadable config.json ({str(exc).splitlines()[0][:200]})") from None
 
 
+def _load_pretrained(path: str | Path, auto_class, what: str):
+    """A local HF folder's model (float32, by ``auto_class``), its tokenizer (checked against the model's vocabulary)
+    and the folder; one line for each thing that is wrong."""
+    folder = Path(path).expanduser()
+    config = _read_config(folder)
+    tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, config, folder)
+    try:
+        model = auto_class.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{folder}: cannot load {what} ({str(exc).splitlines()[0][:200]})") from None
+    return model, tokenizer, folder
+
+
 def is_sequence_classifier(folder: str | Path) -> bool:
     """Whether ``folder`` holds an HF sequence-classification model (its config names a ...ForSequenceClassification
     architecture), i.e. a classifier with its own head and labels."""
@@ -149,14 +163,7 @@ def load_sequence_classifier(
 ) -> tuple[SequenceClassifier, PreTrainedTokenizerBase, list[str]]:
     """An HF sequence-classification folder → (classifier in eval mode, tokenizer, its labels); with ``classes``,
     its logits come in that order (``label_columns``)."""
-    folder = Path(path).expanduser()
-    config = _read_config(folder)
-    tokenizer = load_tokenizer(folder)
-    check_tokenizer(tokenizer, config, folder)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise DistillError(f"{folder}: cannot load the classifier ({str(exc).splitlines()[0][:200]})") from None
+    model, tokenizer, folder = _load_pretrained(path, AutoModelForSequenceClassification, "the classifier")
     labels = class_names(model.config)
     columns = None
     if classes is not None:
@@ -236,14 +243,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config, folder: Path) ->
 
 def load_encoder(path: str | Path) -> tuple[SentenceEncoder, PreTrainedTokenizerBase]:
     """A local HF encoder or sentence-transformers folder → (encoder in eval mode, tokenizer)."""
-    folder = Path(path).expanduser()
-    config = _read_config(folder)
-    tokenizer = load_tokenizer(folder)
-    check_tokenizer(tokenizer, config, folder)
-    try:
-        transformer = AutoModel.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise DistillError(f"{folder}: cannot load the model weights ({str(exc).splitlines()[0][:200]})") from None
+    transformer, tokenizer, folder = _load_pretrained(path, AutoModel, "the model weights")
     pooling, normalize = _pooling_of(folder)
     return SentenceEncoder(transformer, pooling, normalize).eval(), tokenizer
 

@@ -163,8 +163,10 @@ def teacher(ctx: Setup, run: Run, trained: SequenceClassifier | None) -> list[st
     elif ctx.teacher_kind == "folder":
         ctx.teacher_id = _classifier_id(ctx.teacher_path, ctx.teacher)
     else:
-        _fit_probe(ctx, run)
-    ctx.train_logits = _teacher_logits(ctx, run, data.train_texts)
+        ctx.teacher_id = encoder_id(ctx.teacher_path)  # hashed once: every feature cache is keyed by it
+        ctx.train_logits = _fit_probe(ctx, run)
+    if ctx.train_logits is None:  # a classifier teacher: its outputs, cached
+        ctx.train_logits = _teacher_logits(ctx, run, data.train_texts)
     ctx.test_logits = torch.from_numpy(_teacher_logits(ctx, run, data.test_texts))
     max_length = recipe.data.max_length
     if data.val_texts:  # the students are validated, and the teacher checked, on held-out labeled texts
@@ -198,8 +200,9 @@ def initial_student(ctx: Setup, recipe: TextClassificationRecipe) -> SequenceCla
     return classifier_from_encoder(ctx.base_encoder.transformer, ctx.data.classes, spec.dropout)
 
 
-def _fit_probe(ctx: Setup, run: Run) -> None:
-    """The probe teacher: frozen encoder → pooled features (cached) → logistic regression on the labeled part."""
+def _fit_probe(ctx: Setup, run: Run) -> np.ndarray:
+    """The probe teacher: frozen encoder → pooled features (cached) → logistic regression on the labeled part; the
+    training texts' logits, from the features it was fitted on."""
     recipe, data = run.recipe, ctx.data
     features = _probe_features(ctx, run, data.train_texts)
     labeled = data.train_labels != IGNORE_INDEX
@@ -209,11 +212,13 @@ def _fit_probe(ctx: Setup, run: Run) -> None:
     ctx.teacher.eval()
     if not (run.out / "teacher" / "head.safetensors").exists():
         save_classifier_head(ctx.teacher, ctx.teacher_tok, run.out / "teacher", data.classes)
+    with torch.no_grad():
+        return to_numpy(head(torch.from_numpy(features)))
 
 
 def _probe_features(ctx: Setup, run: Run, texts: list[str]) -> np.ndarray:
     return teacher_features(ctx.teacher_encoder, ctx.teacher_tok, texts, run.recipe.data.max_length,
-                            cache_root(run.recipe.distill, run.out), encoder_id(ctx.teacher_path))  # fmt: skip
+                            cache_root(run.recipe.distill, run.out), ctx.teacher_id)  # fmt: skip
 
 
 def _teacher_logits(ctx: Setup, run: Run, texts: list[str]) -> np.ndarray:
