@@ -30,8 +30,12 @@ $(STAMP): pyproject.toml
 # Opt-in: llama.cpp's Python bindings and server (GGUF runs in llama.cpp itself, the served-teacher integration
 # test) and reasoning-gym (its scorers, the SmolLM2 part of bench/reasoning.py). Where pip finds no binary wheel
 # it builds llama.cpp from source (cmake and a C++ compiler, minutes); the tests that need them skip without.
+# Built without AMX: llama.cpp 0.3.36's AMX path crashed (segfault in decode) on every quantized GGUF on our Xeon,
+# SmolLM2's own Q4_1 file included; -mno-amx-* changes nothing on a CPU without AMX.
+LLAMA_CPP_CMAKE := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+	-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 llama-cpp: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check '.[serve]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/pip install --quiet --disable-pip-version-check '.[serve]'
 
 # Headless Chromium (Debian's package) renders report.html in a test; without root or apt it is skipped.
 browser:

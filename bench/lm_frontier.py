@@ -40,10 +40,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from lm_students import curve, steps_to_reach
@@ -61,7 +65,14 @@ SCALES = {  # blocks, epochs, teacher epochs, QAD steps, budget minutes
     # every block of the corpus (~10,000 of 128 tokens: Shakespeare holds no more) × 20 epochs ≈ 400× the cpu tokens
     "gpu": {"blocks": 1_000_000, "epochs": 20, "teacher_epochs": 2, "qad_steps": 2048, "budget_minutes": 600},
 }
-BARS = {"ppl_over_teacher": 1.10, "speedup": 1.25, "qad_over_f16": 1.03, "gap_closed": 0.5, "smaller": 4.0}
+BARS = {
+    "ppl_over_teacher": 1.10,
+    "speedup": 1.25,
+    "qad_over_f16": 1.03,
+    "gap_closed": 0.5,
+    "smaller": 4.0,
+    "llama_agreement": 0.95,
+}
 
 
 def half_size(out: Path, adapted: list[str]) -> dict:
@@ -81,6 +92,96 @@ def half_size(out: Path, adapted: list[str]) -> dict:
         "kd_over_ce_steps": None if reach is None else reach / ce[-1][0],
         "curve": {"ce": ce, "kd": kd},
     }
+
+
+LLAMA_THREADS = 2  # the machine's cores, as our own speed figures use
+DECODE_TOKENS = 32  # greedy tokens generated one at a time after each block's first half, for the decode speed
+
+
+def llama_cpp(out: Path, heldout, chosen_file: Path | None) -> dict | str:
+    """llama.cpp (llama-cpp-python) on the files we write: the ¾ student's QAD q4_0 GGUF (exported from the trained
+    grid) read on the held-out blocks, its top-1 next token at every position against our own float32 forward of the
+    same weights; and the speed of the adapted teacher's f16 GGUF, the q4_0 file and the frontier's chosen file
+    (prompt: a whole block in one batch; decode: ``DECODE_TOKENS`` greedy tokens one at a time), ``LLAMA_THREADS``
+    threads. llama.cpp runs in a child process, so a crash is a figure ("not measured: …"), not the bench's end; when
+    it crashes with its weight repacking on (extra buffer types: seen on a CPU with AMX), it is run once more with
+    them off, and the figures say so. A string ("not measured …") where llama-cpp-python is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "not measured (llama-cpp-python is not installed: pip install llama-cpp-python, it builds llama.cpp)"
+    import torch
+
+    from distill.export.gguf import export_gguf
+
+    folder = out / "llama_cpp"
+    folder.mkdir(exist_ok=True)
+    qad, tokenizer = load_causal_lm(out / "three-quarters" / "quantized")
+    files = {"three_quarters_q4_0": export_gguf(qad, tokenizer, folder / "three-quarters-qad-q4_0.gguf", "q4_0")}
+    teacher, teacher_tokenizer = load_causal_lm(out / "adapt" / "teacher")
+    files["teacher_f16"] = export_gguf(teacher, teacher_tokenizer, folder / "teacher-f16.gguf", "f16")
+    del teacher
+    if chosen_file is not None:
+        files["chosen"] = chosen_file
+    rows = zip(heldout.input_ids, heldout.attention_mask, strict=True)
+    blocks = [row[mask.astype(bool)].tolist() for row, mask in rows]
+    with torch.no_grad():
+        ours = [qad(torch.tensor([block])).logits[0].argmax(-1).numpy() for block in blocks]
+    figures, repacking = None, True
+    for repacking in (True, False):
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                runs = {name: pool.submit(_llama_run, path, blocks, name == "three_quarters_q4_0", repacking)
+                        for name, path in files.items()}  # fmt: skip
+                figures = {name: run.result() for name, run in runs.items()}
+            break
+        except BrokenProcessPool:
+            print(f"llama.cpp crashed (weight repacking {'on' if repacking else 'off'})", flush=True)
+    if figures is None:
+        return "not measured (llama.cpp crashed on our files, with its weight repacking on and off)"
+    theirs = figures["three_quarters_q4_0"].pop("top1")
+    same = sum(int((a == b).sum()) for a, b in zip(ours, theirs, strict=True))
+    return {"agreement_with_ours": same / sum(map(len, blocks)), "tokens": sum(map(len, blocks)),
+            "weight_repacking": repacking, **figures}  # fmt: skip
+
+
+def _llama_run(path: Path, blocks: list[list[int]], logits: bool, repacking: bool) -> dict:
+    """One GGUF file in llama.cpp: prompt and decode tokens/s over ``blocks`` (see ``llama_cpp``), and with
+    ``logits`` the top-1 next token at every position of each block."""
+    import llama_cpp
+    import numpy as np
+
+    longest = max(map(len, blocks))
+    defaults = llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = repacking
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params  # the one switch Llama() does not take
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + DECODE_TOKENS, n_batch=longest, logits_all=logits,
+                          n_threads=LLAMA_THREADS, n_threads_batch=LLAMA_THREADS, verbose=False)  # fmt: skip
+    top1, prompt_s, decode_s = [], 0.0, 0.0
+    for block in blocks:
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(block)
+        prompt_s += time.perf_counter() - started
+        if logits:
+            top1.append(np.asarray(llm.scores[: len(block)]).argmax(-1))
+        llm.reset()  # decode: greedy tokens one at a time after the block's first half (the first one timed apart)
+        tokens = llm.generate(block[: len(block) // 2], top_k=1)
+        next(tokens)
+        started = time.perf_counter()
+        for _ in itertools.islice(tokens, DECODE_TOKENS):
+            pass
+        decode_s += time.perf_counter() - started
+    figures = {
+        "prompt_tokens_per_s": sum(map(len, blocks)) / prompt_s,
+        "decode_tokens_per_s": DECODE_TOKENS * len(blocks) / decode_s,
+        "file_bytes": Path(path).stat().st_size,
+    }
+    return figures | ({"top1": top1} if logits else {})
 
 
 def main() -> int:
@@ -143,7 +244,7 @@ def main() -> int:
 
     # 3. the frontier on what is left of the budget
     left = settings["budget_minutes"] * 60 - (time.perf_counter() - started)
-    frontier, chosen = None, None
+    frontier, chosen, chosen_export = None, None, None
     try:
         found = search(load_recipe(RECIPE, adapted), out / "frontier", keep=0.90, budget=left,
                        shares=(0.75, 0.5, 0.35, 0.25), types=("f16", "q8_0", "q4_0"))  # fmt: skip
@@ -153,16 +254,16 @@ def main() -> int:
             "stopped": found.stopped,
             "seconds": found.seconds,
         }
-        chosen = found.chosen
+        chosen, chosen_export = found.chosen, found.export
     except Exception as exc:  # noqa: BLE001 — a search that could not run leaves its bar unmeasured, failed
         print(f"frontier: not measured ({exc})")
     smaller = f32_smaller = None
     if chosen is not None:
         smaller = frontier["teacher"]["f16_bytes"] / chosen.file_bytes
         f32_smaller = frontier["teacher"]["f32_bytes"] / chosen.file_bytes
-    llama = "not measured (llama-cpp-python is not installed)" if importlib.util.find_spec("llama_cpp") is None else (
-        "not measured (the llama.cpp comparison is not written yet)"
-    )  # fmt: skip
+    llama = llama_cpp(out, s.heldout, Path(chosen_export["path"]) / "model.gguf" if chosen_export else None)
+    if isinstance(llama, dict):
+        print(json.dumps({"llama_cpp": llama}), flush=True)
 
     ratio = quarter["perplexity"] / quarter["teacher_perplexity"]
     speedup = quarter["tokens_per_s"] / quarter["teacher_tokens_per_s"]
@@ -173,7 +274,9 @@ def main() -> int:
         "qad_q4_0_within_3pct_of_f16": qad_over_f16 <= BARS["qad_over_f16"],
         "qad_closes_half_the_rounding_gap": quarter["gap_closed"] is not None and quarter["gap_closed"] >= 0.5,
         "chosen_at_keep_0.90_4x_smaller_than_teacher_f16": smaller is not None and smaller >= BARS["smaller"],
-        "llama_cpp_agreement_and_speed": llama,
+        "llama_cpp_agreement_and_speed": llama
+        if isinstance(llama, str)
+        else (llama["agreement_with_ours"] >= BARS["llama_agreement"]),  # fmt: skip
     }
     if half is not None:
         bars["half_within_1.10x_teacher"] = half["over_teacher"] <= BARS["ppl_over_teacher"]
@@ -192,6 +295,11 @@ def main() -> int:
               "weights")  # fmt: skip
     else:
         print("frontier at keep 0.90: no candidate kept the quality (or it did not run)")
+    if isinstance(llama, dict):
+        speeds = ", ".join(f"{name} {f['prompt_tokens_per_s']:.0f} / {f['decode_tokens_per_s']:.1f}"
+                           for name, f in llama.items() if isinstance(f, dict))  # fmt: skip
+        print(f"llama.cpp: q4_0 file's top-1 agrees with our forward on {llama['agreement_with_ours']:.4f} of "
+              f"{llama['tokens']} tokens; tokens/s prompt / decode, {LLAMA_THREADS} threads: {speeds}")  # fmt: skip
     for bar, met in bars.items():
         print(f"bar {bar}: {'pass' if met is True else 'FAIL' if met is False else met}")
     figures = {
@@ -203,6 +311,7 @@ def main() -> int:
         "half": half,
         "frontier": frontier,
         "chosen": None if chosen is None else vars(chosen),
+        "llama_cpp": llama,
         "chosen_smaller_than_teacher_f16": smaller,
         "chosen_smaller_than_teacher_f32": f32_smaller,
         "bars": bars,
