@@ -18,8 +18,13 @@ Bars (issue 35):
 - its QAD q4_0 GGUF: perplexity within 3 % of its own f16, and closes ≥ 50 % of the gap rounding after training opens;
 - the file the frontier chooses at --keep 0.90: ≥ 4× smaller than the teacher's f16 GGUF (its ratio to the teacher's
   float32 weights is printed too);
-- llama.cpp (opt-in, where llama-cpp-python is installed): the q4_0 file's top-1 agreement with our evaluation ≥ 0.95
-  and tokens/s of teacher f16 vs the chosen file — "not measured" here when it is not installed.
+- llama.cpp (opt-in, where llama-cpp-python is installed: `make llama-cpp`): the QAD q4_0 file, as `distill export`
+  writes it, read by llama.cpp on the held-out blocks, its top-1 next token agreeing with our float32 forward of the
+  same weights at ≥ 0.95 of the positions; tokens/s in llama.cpp (2 threads; prompt: a block in one batch, decode:
+  greedy tokens one at a time) of the teacher's f16 GGUF, the q4_0 file and the frontier's chosen file, reported
+  beside each other (no bar on them). "not measured" when it is not installed, or when llama.cpp crashed on our
+  files with its weight repacking on and off (it runs in a child process; a crash with repacking on is retried once
+  with it off, and the figures say which).
 A figure that was not measured fails its bar. Cuts (≤ 60 min on 2 cores): block 128 tokens, `--blocks` training
 blocks, `--epochs` for the students and `--teacher-epochs` for the teacher, 16 held-out blocks, training in the
 recipe's precision (`auto`: bf16 on a CPU with native bf16), evaluation in float32. Ends with one JSON line; exits 1
@@ -53,8 +58,9 @@ from pathlib import Path
 from lm_students import curve, steps_to_reach
 
 from distill.evaluate import lm_validation
-from distill.frontier import rounded, search
+from distill.frontier import search
 from distill.models.causal_lm import load_causal_lm
+from distill.models.gguf_grid import rounded
 from distill.tasks import load_recipe, run_recipe
 from distill.tasks.causal_lm import build_cache, setup
 

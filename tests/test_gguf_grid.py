@@ -10,6 +10,7 @@ import pytest
 import torch
 from gguf.quants import dequantize, quantize
 from lm_fixtures import tiny_llama
+from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from distill.errors import DistillError
@@ -23,6 +24,7 @@ from distill.models.gguf_grid import (
     grid_types,
     project,
     quantizable,
+    rounded,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -272,3 +274,21 @@ def test_a_4_bit_export_refuses_rows_that_are_not_a_multiple_of_32(tok, tmp_path
         export_gguf(model, tok, tmp_path / "odd.gguf", qtype="q4_0")
     assert "\n" not in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_rounded_is_the_file_and_leaves_the_model_alone(tok, tmp_path):
+    """``rounded`` is what rounding after training gives: a GGUF of that type holds exactly its weights (f16 too),
+    ``file_bytes`` counts that file's tensor bytes, and the model it was given is not changed."""
+    model = _tied_llama(tok)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for qtype in ("f16", "q4_0"):
+        on_file = rounded(model, qtype)
+        path = export_gguf(model, tok, tmp_path / f"rtn-{qtype}.gguf", qtype=qtype)
+        tensors, _, n_bytes = _read_back(path, on_file)
+        state = on_file.state_dict()
+        for name, tensor in tensors.items():
+            assert np.array_equal(_bits(tensor), _bits(state[name])), (qtype, name)
+        assert n_bytes == file_bytes(on_file, qtype)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())

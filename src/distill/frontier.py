@@ -13,14 +13,11 @@ the time it is expected to take (the last one's, or the plan's for the first) st
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from distill.errors import DistillError
 from distill.evaluate import lm_validation, side_by_side
@@ -103,32 +100,6 @@ def candidate_recipe(recipe: LMRecipe, share: float, out: Path, teacher: Path | 
     return recipe.model_copy(update=update)
 
 
-def rounded(model: torch.nn.Module, qtype: str) -> torch.nn.Module:
-    """A copy of ``model`` with its weights as a GGUF of ``qtype`` holds them (f16: matrices in float16)."""
-    model = copy.deepcopy(model)
-    if qtype == "f16":
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.ndim > 1:
-                    parameter.copy_(parameter.half().float())
-        return model
-    return gguf_grid.detach(gguf_grid.attach(model, qtype))
-
-
-def f16_bytes(model: torch.nn.Module) -> int:
-    """A GGUF f16 file's tensor bytes: matrices in float16, vectors in float32, a tied head once."""
-    seen, total = set(), 0
-    for parameter in model.parameters():  # parameters() lists a tied tensor once
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
-            total += parameter.numel() * (2 if parameter.ndim > 1 else 4)
-    return total
-
-
-def file_bytes(model: torch.nn.Module, qtype: str) -> int:
-    return f16_bytes(model) if qtype == "f16" else gguf_grid.file_bytes(model, qtype)
-
-
 def pareto(candidates: list[Candidate]) -> None:
     """Mark the candidates no other beats on both file size and validation perplexity."""
     for c in candidates:
@@ -187,7 +158,7 @@ def search(
     frontier.teacher = {
         "validation_perplexity": teacher_ppl,
         "heldout_perplexity": math.exp(lm_validation(s.teacher, None, s.heldout, **size)["loss"]),
-        "f16_bytes": f16_bytes(s.teacher),
+        "f16_bytes": gguf_grid.file_bytes(s.teacher, "f16"),
         "f32_bytes": sum(p.numel() for p in s.teacher.parameters()) * 4,
     }
     prompts = {"prompts": min(3, recipe.eval.generations or 3), "new_tokens": recipe.eval.generation_tokens,
@@ -209,12 +180,13 @@ def search(
         student = load_causal_lm(run_dir / "student")[0].eval()
         row = []
         for qtype in types:
-            model = rounded(student, qtype)
+            model = gguf_grid.rounded(student, qtype)
             scores = lm_validation(model, s.teacher, s.validation, **size)
             ppl = math.exp(scores["loss"])
+            student_row = metrics["models"]["student"]
             row.append(Candidate(
-                share, qtype, str(run_dir), metrics["models"]["student"]["parameters"], file_bytes(model, qtype),
-                metrics["models"]["student"].get("tokens_per_s"), ppl, scores.get("agreement", float("nan")),
+                share, qtype, str(run_dir), student_row["parameters"], gguf_grid.file_bytes(model, qtype),
+                student_row.get("tokens_per_s"), ppl, scores.get("agreement", float("nan")),
                 math.exp(lm_validation(model, None, s.heldout, **size)["loss"]), teacher_ppl / ppl,
             ))  # fmt: skip
             name = f"{share:g}/{qtype}"

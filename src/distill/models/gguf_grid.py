@@ -13,6 +13,8 @@ rebuilt from the float16 one, as in gguf-py and llama.cpp's reference ``quantize
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -190,11 +192,25 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def rounded(model: nn.Module, qtype: str) -> nn.Module:
+    """A copy of ``model`` with its weights as a GGUF of ``qtype`` holds them: on its grid (``attach``, then
+    ``detach``), or for ``f16`` its matrices rounded to float16. What llama.cpp's quantize does for these types
+    without an importance matrix, i.e. rounding after training."""
+    model = copy.deepcopy(model)
+    if qtype != "f16":
+        return detach(attach(model, qtype))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim > 1:
+                parameter.copy_(parameter.half().float())
+    return model
+
+
 def file_bytes(model: nn.Module, qtype: str) -> int:
-    """Bytes of tensor data in a GGUF export of ``model`` at ``qtype``: grid weights in their block types, 1-D
-    tensors in F32, any other matrix (or a q8_0 matrix whose rows q8_0 cannot pack) in F16; a tied head once.
-    Metadata, the tokenizer and alignment padding are not counted."""
-    types = grid_types(model, qtype)
+    """Bytes of tensor data in a GGUF export of ``model`` at ``qtype`` (a grid type, or ``f16``): grid weights in
+    their block types, 1-D tensors in F32, any other matrix (or a q8_0 matrix whose rows q8_0 cannot pack) in F16; a
+    tied head once. Metadata, the tokenizer and alignment padding are not counted."""
+    types = {} if qtype == "f16" else grid_types(model, qtype)
     total = 0
     for name, param in _named_weights(model):  # a tied head is the embedding's Parameter: yielded once
         n = param.numel()

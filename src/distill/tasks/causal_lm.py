@@ -391,7 +391,7 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
     quantize = recipe.student.quantize
     if quantize is not None:  # trained through the rounding, beside the same student rounded after training
         models["student_qad"] = trained["quantized"]
-        models["student_rtn"] = gguf_grid.detach(gguf_grid.attach(copy.deepcopy(trained["student"]), quantize.type))
+        models["student_rtn"] = gguf_grid.rounded(trained["student"], quantize.type)
     results = lm_metrics(
         models, s.heldout, vocab_size=s.vocab_size, batch_size=recipe.eval.batch_size, threads=recipe.eval.threads
     )
