@@ -3,6 +3,9 @@
 exports write exactly the projected weights (read back with gguf-py and with transformers)."""
 
 import copy
+import importlib.util
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -292,3 +295,40 @@ def test_rounded_is_the_file_and_leaves_the_model_alone(tok, tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+LLAMA_READ = """
+import sys, numpy as np, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+ids = [int(i) for i in sys.argv[3].split(",")]
+llm.eval(ids)
+np.save(sys.argv[2], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (make llama-cpp)")
+def test_llama_cpp_reads_a_qad_export_as_our_forward(tok, tmp_path):
+    """The file a QAD run exports, read by llama.cpp itself (in a child process: a crash there is a failure here, not
+    the end of the test run): its next-token logits are ours, to llama.cpp's own rounding of the activations (it
+    multiplies q4_0 weights by q8_0-rounded inputs), and its top-1 token is ours (15 of 16 positions at least).
+    bench/lm_frontier.py measures the agreement on a trained student's held-out text."""
+    model = tiny_llama(tok, layers=2, seed=4)
+    with torch.no_grad():  # peaked logits, so the top-1 token is not decided by rounding noise; peaked attention,
+        model.lm_head.weight.mul_(40)  # so a wrong order of q/k rows (llama.cpp's rotary layout) shows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    model = detach(attach(model, "q4_0"))
+    path = export_gguf(model, tok, tmp_path / "qad.gguf", qtype="q4_0")
+    ids = _ids(tok)[0].tolist()
+    out = tmp_path / "logits.npy"
+    done = subprocess.run([sys.executable, "-c", LLAMA_READ, str(path), str(out), ",".join(map(str, ids))],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, f"llama.cpp failed (exit {done.returncode}): {done.stderr[-500:]}"
+    theirs = np.load(out)[:, : model.config.vocab_size]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    gap = np.abs(theirs - ours)  # measured: mean 1.3 % of the mean |logit|, max 3.6 % of the max; a file with
+    assert gap.mean() < 0.05 * np.abs(ours).mean()  # its k rows in HF's order instead of llama.cpp's: 76 % and 100 %
+    assert gap.max() < 0.08 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 15 / 16
