@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import zipfile
@@ -664,3 +665,39 @@ def test_text_teacher_bad_inputs_are_one_line_and_write_nothing(tmp_path, teache
     with pytest.raises(ValueError, match="choose one head"):
         TextClassificationRecipe.model_validate({"task": "text_classification",
                                                  "teacher": {"train": {}, "probe": True}})  # fmt: skip
+
+
+def test_the_baseline_starts_without_the_teacher_and_the_student_from_it(tmp_path, teacher_dir):
+    """With a fine-tuned teacher the distilled student starts from the teacher's kept layers, pooler and head
+    (DistilBERT's start), while the baseline — the student trained without the teacher — starts from the same
+    layers of the encoder as it came, with a new head: nothing the teacher learned reaches it."""
+    from distill.models.encoders import classifier_from_encoder, save_sequence_classifier
+    from distill.tasks import text_classification as task
+    from distill.tasks.skeleton import Run
+    from distill.train import make_accelerator
+
+    data_dir = write_topic_csv(tmp_path / "topics", n_train=60, n_test=30)
+    recipe = _fine_tuned_recipe(data_dir, teacher_dir, tmp_path / "cache", train={"epochs": 1})
+    ctx = task.setup(recipe)
+    pretrained = {k: v.clone() for k, v in ctx.teacher_encoder.transformer.state_dict().items()}
+    trained = classifier_from_encoder(copy.deepcopy(ctx.teacher_encoder.transformer), ctx.data.classes, 0.1)
+    with torch.no_grad():  # stands for the fine-tuning: every weight of the teacher moves
+        for parameter in trained.parameters():
+            parameter.add_(0.5)
+    save_sequence_classifier(trained, ctx.teacher_tok, tmp_path / "run" / "teacher")  # as the teacher stage leaves it
+    run = Run(recipe, tmp_path / "run", False, None, make_accelerator())
+    task.teacher(ctx, run, trained.eval())
+
+    def layer0(state: dict) -> dict:  # the first encoder layer's tensors, by their names inside the layer
+        return {k.split("layer.0.", 1)[1]: v for k, v in state.items() if "layer.0." in k}
+
+    taught, untaught = layer0(trained.state_dict()), layer0(pretrained)
+    prepared = {name: task.prepare(ctx, run, name, settings, recipe.student.train)[0]
+                for name, settings in (("student", recipe.distill), ("baseline", None))}  # fmt: skip
+    student, baseline = layer0(prepared["student"].state_dict()), layer0(prepared["baseline"].state_dict())
+    assert student and set(student) == set(taught) == set(baseline) == set(untaught)
+    for name in student:
+        assert torch.equal(student[name], taught[name]), name
+        assert torch.equal(baseline[name], untaught[name]), name
+    assert torch.equal(prepared["student"].model.classifier.weight, trained.model.classifier.weight)
+    assert not torch.equal(prepared["baseline"].model.classifier.weight, trained.model.classifier.weight)

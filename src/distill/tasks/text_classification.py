@@ -115,7 +115,8 @@ class Setup:
     val_logits: torch.Tensor | None = None
     val_rows: list | None = None
     check: Validator | None = None
-    base: SequenceClassifier | None = None  # the initial student: both students start from a copy of it
+    base: SequenceClassifier | None = None  # the initial student: the distilled student starts from a copy of it
+    alone: SequenceClassifier | None = None  # where the baseline starts: the student trained without the teacher
     rows: list | None = None  # the training texts, tokenized for the student
     steps_per_epoch: int = 0
 
@@ -179,25 +180,34 @@ def teacher(ctx: Setup, run: Run, trained: SequenceClassifier | None) -> list[st
             return validation_scores(logits, val_labels, ctx.val_logits)
 
         ctx.check = check
-    torch.manual_seed(recipe.seed + HEAD_SEED)  # the same head initialisation for baseline and student
+    torch.manual_seed(recipe.seed + HEAD_SEED)  # one new head: the baseline's, and the student's unless it has one
+    ctx.alone = baseline_start(ctx, recipe)
     ctx.base = initial_student(ctx, recipe)
-    ctx.base.pad_id = pad_id_of(ctx.student_tok)
+    ctx.base.pad_id = ctx.alone.pad_id = pad_id_of(ctx.student_tok)
     ctx.rows = tokenize(ctx.student_tok, data.train_texts, max_length)
     ctx.steps_per_epoch = math.ceil(len(ctx.rows) / recipe.student.train.batch_size)
     return []
 
 
 def initial_student(ctx: Setup, recipe: TextClassificationRecipe) -> SequenceClassifier:
-    """What baseline and student both start from. Cut from a classifier teacher (fine-tuned here, or a folder), the
+    """What the distilled student starts from. Cut from a classifier teacher (fine-tuned here, or a folder), the
     student keeps the teacher's chosen layers *and* its pooler and head, as DistilBERT started from BERT: a new head on
     a [CLS] pooler learns slowly (Reuters R8, 2 of MiniLM-L6's layers, 138 steps: distilled 66 test errors from the
     pretrained encoder's layers, 47 from the fine-tuned teacher's, both at lr 1e-3 and T 1). Otherwise: the student
-    encoder and a new head."""
+    encoder and the baseline's new head (``baseline_start``)."""
     spec = recipe.student
     if spec.from_teacher is not None and isinstance(ctx.teacher, SequenceClassifier):
         return SequenceClassifier(student_from_teacher(ctx.teacher.model, **spec.from_teacher.model_dump()),
                                   ctx.teacher.columns)  # fmt: skip
-    return classifier_from_encoder(ctx.base_encoder.transformer, ctx.data.classes, spec.dropout)
+    return copy.deepcopy(ctx.alone)
+
+
+def baseline_start(ctx: Setup, recipe: TextClassificationRecipe) -> SequenceClassifier:
+    """Where the baseline starts: the student encoder as it is before any teacher (``student.path``'s, or the layers
+    cut from the teacher's encoder as it came) and a new head, so the baseline is the student trained without the
+    teacher. A fine-tuned teacher's layers and head would carry what it learned into the baseline. A classifier
+    folder used as it is has no other encoder: its layers, with a new head, are the closest start."""
+    return classifier_from_encoder(ctx.base_encoder.transformer, ctx.data.classes, recipe.student.dropout)
 
 
 def _fit_probe(ctx: Setup, run: Run) -> np.ndarray:
@@ -266,7 +276,7 @@ def prepare(ctx: Setup, run: Run, name: str, settings: DistillSpec | None, spec:
     data = ctx.data
     keep = np.ones(len(ctx.rows), dtype=bool) if settings else data.train_labels != IGNORE_INDEX
     ids = np.flatnonzero(keep)
-    model = copy.deepcopy(ctx.base)
+    model = copy.deepcopy(ctx.base if settings else ctx.alone)
     spec = in_steps(ctx, spec)
     stage = Stage(name, model, spec, distill=settings)
     batches = TextBatches(
