@@ -132,7 +132,7 @@ def llama_cpp(out: Path, heldout, chosen_file: Path | None) -> dict | str:
     blocks = [row[mask.astype(bool)].tolist() for row, mask in rows]
     with torch.no_grad():
         ours = [qad(torch.tensor([block])).logits[0].argmax(-1).numpy() for block in blocks]
-    figures, repacking = None, True
+    figures = None
     for repacking in (True, False):
         context = multiprocessing.get_context("spawn")
         try:

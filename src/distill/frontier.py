@@ -178,12 +178,11 @@ def search(
         run_dir = out / f"share-{share:g}"
         metrics = run_recipe(candidate_recipe(recipe, share, out, teacher_folder), run_dir, resume=run_dir.exists())
         student = load_causal_lm(run_dir / "student")[0].eval()
-        row = []
+        row, student_row = [], metrics["models"]["student"]
         for qtype in types:
             model = gguf_grid.rounded(student, qtype)
             scores = lm_validation(model, s.teacher, s.validation, **size)
             ppl = math.exp(scores["loss"])
-            student_row = metrics["models"]["student"]
             row.append(Candidate(
                 share, qtype, str(run_dir), student_row["parameters"], gguf_grid.file_bytes(model, qtype),
                 student_row.get("tokens_per_s"), ppl, scores.get("agreement", float("nan")),
