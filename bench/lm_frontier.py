@@ -6,7 +6,8 @@ Protocol, all through the library (recipes/smollm2-shakespeare.yaml, cut as belo
 1. the teacher adapted once (`distill cache`: `teacher.train`, kept only where it beats itself as it came) and its
    cache built; every later run names the adapted folder as its teacher and reads one shared cache;
 2. the ¾ run: `student.prune: {params: 0.75, axes: [depth]}`, distilled (sampled cache, α 0.5), then
-   `student.quantize: {type: q4_0}` (the stage `quantized`, `--qad-steps` steps at a tenth of the student's lr);
+   `student.quantize: {type: q4_0}` (the stage `quantized`: `--qad-steps` steps at a fifth of the student's lr,
+   learning from the student's own float weights, the default `target`);
    the report's rows give the float student, the QAD student and the same student rounded to nearest into q4_0
    (what llama.cpp's quantize does for q4_0 without an importance matrix), same file size; its f16 perplexity is
    the float student's weights rounded to float16 (as a GGUF f16 holds them);
@@ -217,7 +218,7 @@ def main() -> int:
     print(f"teacher adapted and cached: {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
     # 2. the ¾ student, distilled, then trained through q4_0's rounding, beside rounding after training
-    qad_train = f"{{max_steps: {settings['qad_steps']}, batch_size: 8, optimizer: adamw, lr: 5.0e-5}}"
+    qad_train = f"{{max_steps: {settings['qad_steps']}, batch_size: 8, optimizer: adamw, lr: 1.0e-4}}"
     qad = f"student.quantize={{type: q4_0, train: {qad_train}}}"
     recipe = load_recipe(RECIPE, [*adapted, "student.prune={params: 0.75, axes: [depth]}", qad, "name=three-quarters"])
     metrics = run_recipe(recipe, out / "three-quarters", resume=(out / "three-quarters").exists())

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from distill.errors import DistillError
 from distill.export.gguf import export_gguf
+from distill.models import gguf_grid
 from distill.models.gguf_grid import (
     QTYPES,
     attach,
@@ -79,6 +80,18 @@ def test_project_is_gguf_py_quantize_then_dequantize_bit_for_bit(qtype):
         got = project(torch.from_numpy(w), qtype)
         assert got.dtype == torch.float32 and got.shape == w.shape
         assert np.array_equal(_bits(got), _bits(_reference(w, qtype))), case
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_project_rounds_chunk_by_chunk_as_gguf_py_rounds_the_whole(qtype, monkeypatch):
+    """``project`` rounds ``CHUNK_BLOCKS`` blocks at a time in place: chunk edges (a last short chunk too) change
+    no bit, and the weight given is not written to."""
+    monkeypatch.setattr(gguf_grid, "CHUNK_BLOCKS", 3)
+    w = np.concatenate([case.astype(np.float32).reshape(-1, 32) for case in _cases().values()])  # 89 blocks
+    given = torch.from_numpy(w.copy())
+    got = project(given, qtype)
+    assert np.array_equal(_bits(got), _bits(_reference(w, qtype)))
+    assert np.array_equal(_bits(given), _bits(w))
 
 
 def test_project_reads_other_dtypes_as_float32_and_refuses_ragged_rows():

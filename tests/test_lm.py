@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -595,3 +596,58 @@ def test_quantization_aware_distillation_trains_on_the_gguf_grid(tok, tmp_path):
         assert np.array_equal(_bits(tensors[name]), _bits(tensor)), name
     assert types_in_file == {n: types[n].upper() if n in types else "F32" for n in state}
     assert result["top1_agreement"] == 1.0  # the reloaded file computes what the trained weights compute
+
+
+@pytest.mark.parametrize("target", ["teacher", "student"])
+def test_the_student_on_the_grid_learns_from_the_teacher_or_its_own_float_weights(tok, tmp_path, target):
+    """Issue 35.2, ``quantize.target``: the KD term of the stage ``quantized`` is the forward KL from the teacher (the
+    default) or from the distilled student's own float weights (frozen) to the student on the grid, over the whole
+    vocabulary, per target token, with no hard labels — checked against a float64 reference."""
+    from distill.models import gguf_grid
+    from distill.tasks.causal_lm import quantized_batches, quantized_start
+    from distill.tasks.skeleton import Run
+
+    path, raw = write_recipe(tmp_path, tok, "cache", baseline=False, mixed_precision="no")
+    raw["student"]["quantize"] = {"type": "q4_0", "train": {"max_steps": 1, "batch_size": 8, "optimizer": "adamw",
+                                                           "lr": 1e-3}}  # fmt: skip
+    if target == "student":
+        raw["student"]["quantize"]["target"] = "student"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    assert recipe.student.quantize.target == target
+    run_lm(recipe, tmp_path / "run")
+    s = with_student(setup(recipe), recipe)
+    run = Run(recipe, tmp_path / "run", True, None, make_accelerator("no"))
+    batches = quantized_batches(s, run)
+    assert isinstance(batches.signal, LiveLMSignal) and batches.distill.alpha == 0.0
+    student = load_causal_lm(tmp_path / "run" / "student")[0]
+    reference = s.teacher if target == "teacher" else student
+    for name, tensor in batches.signal.model.state_dict().items():
+        assert torch.equal(tensor, reference.state_dict()[name]), name
+    assert not any(p.requires_grad for p in batches.signal.model.parameters())
+    terms = batches.loss(quantized_start(s, run), torch.tensor([0, 1]), torch.device("cpu"))
+    assert set(terms) == {"loss", "kd"} and torch.equal(terms["loss"], terms["kd"])
+
+    ids = torch.from_numpy(s.train.input_ids[[0, 1]]).long()
+    mask = torch.from_numpy(s.train.labels[[0, 1]][:, 1:] != -100)
+    vocab = s.vocab_size  # the tokenizer's: a head's rows past it are padding and get no probability
+    with torch.no_grad():
+        p = torch.log_softmax(copy.deepcopy(reference).double()(input_ids=ids).logits[:, :-1, :vocab], -1)
+        q = torch.log_softmax(gguf_grid.rounded(student, "q4_0").double()(input_ids=ids).logits[:, :-1, :vocab], -1)
+    kl = ((p.exp() * (p - q)).sum(-1)[mask]).mean()
+    assert kl > 1e-5  # even rounding alone moves the tiny model's near-uniform outputs: the term is not 0
+    # float32 log-probabilities of a 512-token vocabulary hold ~3e-7 absolute: the KL within that
+    assert terms["kd"].item() == pytest.approx(kl.item(), abs=5e-7)
+
+
+def test_a_cross_tokenizer_teacher_cannot_be_the_grid_students_target(tok, tmp_path):
+    path, raw = write_recipe(tmp_path, tok, "cache")
+    raw["student"]["quantize"] = {"type": "q4_0"}
+    raw["distill"]["cross_tokenizer"] = "uld"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DistillError, match="set student.quantize.target: student") as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value)
+    raw["student"]["quantize"]["target"] = "student"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_recipe(path).student.quantize.target == "student"

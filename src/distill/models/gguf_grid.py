@@ -26,6 +26,9 @@ BLOCK = 32
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}  # per block of 32 values in the file
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDING_TYPE = "q8_0"
+# Blocks rounded at a time (512 Ki values, 2 MiB in float32): each of the dozen elementwise steps then runs in cache
+# on a buffer it reuses, instead of allocating and streaming a full-size tensor through memory per step.
+CHUNK_BLOCKS = 16_384
 
 
 def project(weight: Tensor, qtype: str) -> Tensor:
@@ -43,23 +46,31 @@ def project(weight: Tensor, qtype: str) -> Tensor:
             f"cannot round a tensor of shape {tuple(weight.shape)} to {qtype}: rows must be a multiple of 32 values"
         )
     x = weight.detach().to(torch.float32).reshape(-1, BLOCK)
+    out = torch.empty_like(x)
+    for start in range(0, len(x), CHUNK_BLOCKS):
+        rows = slice(start, start + CHUNK_BLOCKS)
+        _project_blocks(x[rows], qtype, out[rows])
+    return out.reshape(weight.shape)
+
+
+def _project_blocks(x: Tensor, qtype: str, out: Tensor) -> None:
+    """``x``'s blocks (rows of 32) on the grid, written into ``out``: gguf-py's steps in its order, in place."""
     if qtype == "q8_0":
         d = x.abs().amax(-1, keepdim=True) / 127
-        q = _integer(_round_half_away(x * _inverse(d)))
-        out = q * _half(d)
+        _round_half_away(torch.mul(x, _inverse(d), out=out))
+        _integer(out).mul_(_half(d))
     elif qtype in ("q4_0", "q5_0"):
         mid = 8 if qtype == "q4_0" else 16
         peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # signed; the first on a tie of |max|, as numpy
         d = peak / -mid  # the peak gets code 0, so the grid reaches -mid*d exactly on the peak's side
-        q = _integer(torch.trunc(x * _inverse(d) + (mid + 0.5))).clamp(0, 2 * mid - 1)
-        out = _half(d) * (q - mid)
+        _integer(torch.mul(x, _inverse(d), out=out).add_(mid + 0.5).trunc_()).clamp_(0, 2 * mid - 1)
+        out.sub_(mid).mul_(_half(d))
     else:
         top = 15 if qtype == "q4_1" else 31
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
         d = (hi - lo) / top
-        q = _integer(torch.trunc((x - lo) * _inverse(d) + 0.5)).clamp(0, top)
-        out = _half(d) * q + _half(lo)
-    return out.reshape(weight.shape)
+        _integer(torch.sub(x, lo, out=out).mul_(_inverse(d)).add_(0.5).trunc_()).clamp_(0, top)
+        out.mul_(_half(d)).add_(_half(lo))
 
 
 def _inverse(d: Tensor) -> Tensor:
@@ -72,16 +83,17 @@ def _half(x: Tensor) -> Tensor:
 
 
 def _round_half_away(x: Tensor) -> Tensor:
-    """gguf-py's ``np_roundf`` (C's roundf), step for step: torch.round would round halves to even."""
+    """gguf-py's ``np_roundf`` (C's roundf), step for step, in place: torch.round would round halves to even."""
     a = x.abs()
     floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+    a.sub_(floored).mul_(2).floor_().add_(floored)  # floored + floor(2 * (a - floored))
+    return x.sign_().mul_(a)
 
 
 def _integer(q: Tensor) -> Tensor:
-    """Codes as gguf-py's cast to an integer type leaves them: no negative zero, and a non-finite value (a block
-    whose scale is below float32's normal range, so 1/d overflows) becomes 0, as numpy's cast does on x86."""
-    return torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0) + 0.0
+    """Codes as gguf-py's cast to an integer type leaves them, in place: no negative zero, and a non-finite value (a
+    block whose scale is below float32's normal range, so 1/d overflows) becomes 0, as numpy's cast does on x86."""
+    return torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0).add_(0.0)
 
 
 class _RoundThrough(torch.autograd.Function):

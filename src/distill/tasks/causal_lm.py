@@ -311,13 +311,14 @@ def teacher(s: LMSetup, run: Run, trained: nn.Module | None) -> list[str]:
     return said + (memorised_teacher_warnings(s.fit) if s.fit and kept else [])
 
 
-def quantization_summary(results: dict, qtype: str) -> dict:
+def quantization_summary(results: dict, qtype: str, target: str) -> dict:
     """QAD against rounding after training, same student and file: the perplexity each adds to the float student's,
     and the share of rounding's gap that training through the grid closed (None when rounding opened none)."""
     float_ppl, qad, rtn = (results[name]["perplexity"] for name in ("student", "student_qad", "student_rtn"))
     gap = rtn - float_ppl
     return {
         "type": qtype,
+        "target": target,
         "file_bytes": results["student_qad"]["file_bytes"],
         "perplexity": {"float": float_ppl, "qad": qad, "rtn": rtn},
         "gap_closed": (rtn - qad) / gap if gap > 0 else None,
@@ -351,15 +352,40 @@ def prepare(s: LMSetup, run: Run, name: str, settings: LMDistillSpec | None, spe
     if name == "teacher":
         model = copy.deepcopy(s.teacher).float().requires_grad_(True)
         return model, spec, LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size), validator(s, recipe, None)
+    if name == "quantized":
+        return quantized_start(s, run), spec, quantized_batches(s, run), s.check
     if settings is None:
         batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
     else:
         batches = student_batches(recipe, run.out, s, run.accelerator)
-    if name == "quantized":  # from the distilled student (as saved; `distill plan` has none yet: its shapes)
-        trained = run.out / "student"
-        start = load(s, run, "student", trained) if (trained / STAGE_DONE).exists() else copy.deepcopy(s.student_init)
-        return gguf_grid.attach(start, recipe.student.quantize.type), spec, batches, s.check
     return copy.deepcopy(s.student_init), spec, batches, s.check
+
+
+def distilled_student(s: LMSetup, run: Run) -> nn.Module:
+    """The distilled student as its stage saved it (`distill plan` has none yet: its shapes, as it starts)."""
+    trained = run.out / "student"
+    return load(s, run, "student", trained) if (trained / STAGE_DONE).exists() else copy.deepcopy(s.student_init)
+
+
+def quantized_start(s: LMSetup, run: Run) -> nn.Module:
+    """The ``quantized`` stage's model: the distilled student, its weights read through their GGUF grid."""
+    return gguf_grid.attach(distilled_student(s, run), run.recipe.student.quantize.type)
+
+
+def quantized_batches(s: LMSetup, run: Run) -> LMBatches:
+    """What the student on the grid learns from (``quantize.target``), live, by forward KL over the whole vocabulary
+    at temperature 1, without hard labels: the teacher (default), or the student's own float weights as distilled,
+    frozen (what rounding took, given back). Dense and live rather than the student stage's signal: on the validation
+    split of bench/lm_frontier.py's ¾ student (q4_0, 120 steps at lr 1e-4; BENCHMARKS.md, stop 42) the teacher so
+    gave perplexity 39.41 and its own weights 40.97, against 41.89 from the teacher's sampled top-16 cache at α 0.5
+    (the float student: 40.29)."""
+    recipe = run.recipe
+    if recipe.student.quantize.target == "teacher":
+        reference = live_teacher(recipe, s, run.accelerator)
+    else:
+        reference = distilled_student(s, run).eval().requires_grad_(False).to(run.accelerator.device)
+    distill = recipe.distill.model_copy(update={"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0})
+    return LMBatches(s.train, s.vocab_size, distill.chunk_size, distill=distill, signal=LiveLMSignal(reference))
 
 
 def load(s: LMSetup, run: Run, name: str, folder: Path) -> nn.Module:
@@ -414,7 +440,7 @@ def evaluate(s: LMSetup, run: Run, trained: dict, distill: LMDistillSpec, int8) 
     if s.adaptation is not None:
         extra["teacher_adaptation"] = s.adaptation
     if quantize is not None:
-        extra["quantize"] = quantization_summary(results, quantize.type)
+        extra["quantize"] = quantization_summary(results, quantize.type, quantize.target)
     if s.pruning is not None:  # the whole record in the run folder, the gist in metrics.json
         write_json(out / "prune.json", s.pruning)
         extra["pruning"] = {key: s.pruning[key] for key in ("share", "axes", "kept", "teacher", "blocks_removed")}
