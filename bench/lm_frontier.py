@@ -6,8 +6,8 @@ Protocol, all through the library (recipes/smollm2-shakespeare.yaml, cut as belo
 1. the teacher adapted once (`distill cache`: `teacher.train`, kept only where it beats itself as it came) and its
    cache built; every later run names the adapted folder as its teacher and reads one shared cache;
 2. the ¾ run: `student.prune: {params: 0.75, axes: [depth]}`, distilled (sampled cache, α 0.5), then
-   `student.quantize: {type: q4_0}` (the stage `quantized`: `--qad-steps` steps at a fifth of the student's lr,
-   learning from the student's own float weights, the default `target`);
+   `student.quantize: {type: q4_0}` (the stage `quantized`: `--qad-steps` steps at lr 1e-4, a fifth of the
+   student's, learning from the teacher live and dense: the default `target`);
    the report's rows give the float student, the QAD student and the same student rounded to nearest into q4_0
    (what llama.cpp's quantize does for q4_0 without an importance matrix), same file size; its f16 perplexity is
    the float student's weights rounded to float16 (as a GGUF f16 holds them);

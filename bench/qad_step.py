@@ -9,7 +9,9 @@ bench/lm_frontier.py; random weights, only the shapes set the cost):
   streaming each step through memory: what the chunking saves);
 - `step`: forward, next-token cross-entropy, backward and AdamW over one batch (8 × 128 tokens) of the float student
   and of the same student under ``gguf_grid.attach`` (what the ``quantized`` stage trains), in the precision a run
-  picks here (``mixed_precision: auto``: bf16 autocast on a CPU with native bf16 matmul), interleaved.
+  picks here (``mixed_precision: auto``: bf16 autocast on a CPU with native bf16 matmul), interleaved. The ratio is
+  what the grid adds to a step; the stage's own step also runs its target's forward (the teacher, live) and a dense
+  KL, which this does not time.
 Median seconds over ``--repeats`` after a warm-up. No bar is named by the issue: it reports, and exits 1 only when a
 figure could not be measured. Ends with one JSON line.
 

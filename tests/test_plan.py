@@ -249,3 +249,8 @@ def test_a_quantization_aware_stage_is_planned_after_the_student_with_one_cache(
     by_name = stages(make_plan(parse_recipe(raw), steps=1))
     assert list(by_name) == ["baseline", "teacher cache", "student", "quantized", "int8 export", "evaluation"]
     assert by_name["quantized"].parameters == by_name["student"].parameters and by_name["quantized"].step_seconds > 0
+    # it reads the teacher live (target: teacher): its hidden states beside the weights the cached student stage has
+    assert by_name["quantized"].teacher > by_name["student"].teacher
+    raw = raw | {"student": raw["student"] | {"quantize": {"type": "q4_0", "target": "student"}}}
+    own = stages(make_plan(parse_recipe(raw), steps=1))["quantized"]
+    assert own.teacher > by_name["quantized"].teacher  # a frozen float copy of the student, and its hidden states

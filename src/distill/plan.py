@@ -348,7 +348,11 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
             stages.append(cache_stage(ctx, recipe, teacher_bytes(ctx), held(ctx, kept), accelerator, scratch))
         model, spec, batches, check = prepared(task, ctx, run, stage, spec)
         beside = teacher_bytes(ctx)
-        if stage.signal == "teacher" and lm_task and (recipe.distill.signal == "live" or recipe.distill.onpolicy):
+        if stage.name == "quantized":  # it reads a model live (the teacher, or a frozen copy of the student)
+            reference = batches.signal.model
+            beside += teacher_hidden_bytes(reference, spec, ctx.train.input_ids.shape[1])
+            beside += 0 if reference is ctx.teacher else weight_bytes(reference)
+        elif stage.signal == "teacher" and lm_task and (recipe.distill.signal == "live" or recipe.distill.onpolicy):
             beside += teacher_hidden_bytes(ctx.teacher, spec, ctx.train.input_ids.shape[1])
         stages.append(stage_plan(stage.name, model, spec, batches, check, ctx, recipe, steps, accelerator, scratch,
                                  teacher=beside, resident=held(ctx, kept)))  # fmt: skip
@@ -384,11 +388,13 @@ def walk_stages(task, recipe, steps: int, scratch: Path) -> Plan:
 def prepared(task, ctx, run: Run, stage, spec: TrainSpec):
     """``task.prepare`` of ``stage``, seeded as the run seeds it. An LM student on a cache reads stand-in lookups of
     the cache's shape and dtype, drawn at random (the loss costs the same whatever the ids): building the whole
-    cache is the run's work, its time is the ``teacher cache`` stage's."""
+    cache is the run's work, its time is the ``teacher cache`` stage's. The LM stage ``quantized`` reads a model live
+    whatever the signal: it is timed as it runs."""
     recipe = run.recipe
     if stage.build_seed is not None:
         torch.manual_seed(recipe.seed + stage.build_seed)
-    if not (stage.signal == "teacher" and isinstance(ctx, lm.LMSetup) and recipe.distill.signal == "cache"):
+    on_cache = stage.signal == "teacher" and isinstance(ctx, lm.LMSetup) and recipe.distill.signal == "cache"
+    if not on_cache or stage.name == "quantized":
         return task.prepare(ctx, run, stage.name, recipe.distill if stage.signal == "teacher" else None, spec)
     model, spec, _, check = task.prepare(ctx, run, stage.name, None, spec)
     d, seq = recipe.distill, ctx.train.input_ids.shape[1]
