@@ -604,7 +604,7 @@ def test_the_student_on_the_grid_learns_from_the_teacher_or_its_own_float_weight
     default) or from the distilled student's own float weights (frozen) to the student on the grid, over the whole
     vocabulary, per target token, with no hard labels — checked against a float64 reference."""
     from distill.models import gguf_grid
-    from distill.tasks.causal_lm import quantized_batches, quantized_start
+    from distill.tasks.causal_lm import distilled_student, quantized_batches
     from distill.tasks.skeleton import Run
 
     path, raw = write_recipe(tmp_path, tok, "cache", baseline=False, mixed_precision="no")
@@ -618,14 +618,17 @@ def test_the_student_on_the_grid_learns_from_the_teacher_or_its_own_float_weight
     run_lm(recipe, tmp_path / "run")
     s = with_student(setup(recipe), recipe)
     run = Run(recipe, tmp_path / "run", True, None, make_accelerator("no"))
-    batches = quantized_batches(s, run)
+    distilled = distilled_student(s, run)
+    batches = quantized_batches(s, run, distilled)
     assert isinstance(batches.signal, LiveLMSignal) and batches.distill.alpha == 0.0
     student = load_causal_lm(tmp_path / "run" / "student")[0]
     reference = s.teacher if target == "teacher" else student
     for name, tensor in batches.signal.model.state_dict().items():
         assert torch.equal(tensor, reference.state_dict()[name]), name
     assert not any(p.requires_grad for p in batches.signal.model.parameters())
-    terms = batches.loss(quantized_start(s, run), torch.tensor([0, 1]), torch.device("cpu"))
+    assert batches.signal.model is not distilled  # a student target copies the float weights it is given
+    on_grid = gguf_grid.attach(distilled, "q4_0")  # as the stage's prepare makes it
+    terms = batches.loss(on_grid, torch.tensor([0, 1]), torch.device("cpu"))
     assert set(terms) == {"loss", "kd"} and torch.equal(terms["loss"], terms["kd"])
 
     ids = torch.from_numpy(s.train.input_ids[[0, 1]]).long()

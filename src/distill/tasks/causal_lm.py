@@ -352,8 +352,10 @@ def prepare(s: LMSetup, run: Run, name: str, settings: LMDistillSpec | None, spe
     if name == "teacher":
         model = copy.deepcopy(s.teacher).float().requires_grad_(True)
         return model, spec, LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size), validator(s, recipe, None)
-    if name == "quantized":
-        return quantized_start(s, run), spec, quantized_batches(s, run), s.check
+    if name == "quantized":  # the distilled student, its weights read through their GGUF grid
+        start = distilled_student(s, run)
+        batches = quantized_batches(s, run, start)  # before attach: a `student` target copies the float weights
+        return gguf_grid.attach(start, recipe.student.quantize.type), spec, batches, s.check
     if settings is None:
         batches = LMBatches(s.train, s.vocab_size, recipe.distill.chunk_size)
     else:
@@ -367,23 +369,18 @@ def distilled_student(s: LMSetup, run: Run) -> nn.Module:
     return load(s, run, "student", trained) if (trained / STAGE_DONE).exists() else copy.deepcopy(s.student_init)
 
 
-def quantized_start(s: LMSetup, run: Run) -> nn.Module:
-    """The ``quantized`` stage's model: the distilled student, its weights read through their GGUF grid."""
-    return gguf_grid.attach(distilled_student(s, run), run.recipe.student.quantize.type)
-
-
-def quantized_batches(s: LMSetup, run: Run) -> LMBatches:
+def quantized_batches(s: LMSetup, run: Run, distilled: nn.Module) -> LMBatches:
     """What the student on the grid learns from (``quantize.target``), live, by forward KL over the whole vocabulary
     at temperature 1, without hard labels: the teacher (default), or the student's own float weights as distilled,
     frozen (what rounding took, given back). Dense and live rather than the student stage's signal: on the validation
     split of bench/lm_frontier.py's ¾ student (q4_0, 120 steps at lr 1e-4; BENCHMARKS.md, stop 42) the teacher so
     gave perplexity 39.41 and its own weights 40.97, against 41.89 from the teacher's sampled top-16 cache at α 0.5
-    (the float student: 40.29)."""
+    (the float student: 40.29). ``distilled``: the float student, copied for a ``student`` target, not changed."""
     recipe = run.recipe
     if recipe.student.quantize.target == "teacher":
         reference = live_teacher(recipe, s, run.accelerator)
     else:
-        reference = distilled_student(s, run).eval().requires_grad_(False).to(run.accelerator.device)
+        reference = copy.deepcopy(distilled).eval().requires_grad_(False).to(run.accelerator.device)
     distill = recipe.distill.model_copy(update={"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0})
     return LMBatches(s.train, s.vocab_size, distill.chunk_size, distill=distill, signal=LiveLMSignal(reference))
 
